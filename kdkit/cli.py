@@ -1,0 +1,165 @@
+"""The ``kdkit`` command line.
+
+    kdkit train CONFIG [key=value ...]          train one model (teachers, students alone)
+    kdkit distill CONFIG [key=value ...]        distill a student from a teacher (method.name picks how)
+    kdkit train|distill --resume RUN_DIR        continue an interrupted run to the same result
+    kdkit eval --checkpoint PATH [--data NAME --root DIR]
+    kdkit models [NAME]                         the zoo, or one model's layer paths and parts
+    kdkit demo                                  teacher, student alone and KD on digits, in a table
+
+Every user error prints one line ``kdkit: error: ...`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import KdkitError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kdkit", description="Knowledge distillation for any PyTorch model, with whatever data you have.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Overrides use dotted keys: kdkit distill configs/mnist/kd.yaml train.epochs=3 "
+               "data.root=../shared/data/mnist\nMulti-process: torchrun --nproc_per_node 2 -m kdkit distill CONFIG",
+    )
+    p.add_argument("--version", action="version", version=f"kdkit {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    for name, text in (("train", "train one model with cross-entropy (config section 'model')"),
+                       ("distill", "distill a student from a teacher (sections 'student', 'teacher', 'method')")):
+        s = sub.add_parser(name, help=text, description=text)
+        s.add_argument("config", nargs="?", help="YAML recipe (e.g. configs/mnist/kd.yaml)")
+        s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
+        s.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR")
+
+    e = sub.add_parser("eval", help="accuracy of a model file on a dataset (prints JSON)")
+    e.add_argument("--checkpoint", required=True, help="a model.pt written by kdkit")
+    e.add_argument("--data", help="dataset name (default: the one the model was trained on)")
+    e.add_argument("--root", help="dataset folder (data.root)")
+    e.add_argument("--split", default="test", choices=("test", "val", "train"))
+    e.add_argument("--batch-size", type=int, default=512)
+
+    m = sub.add_parser("models", help="list the model zoo, or show one model's layer paths")
+    m.add_argument("name", nargs="?", help="a zoo model: print its stages, classifier and module paths")
+    m.add_argument("--num-classes", type=int, default=10)
+    m.add_argument("--in-channels", type=int, default=3)
+
+    d = sub.add_parser("demo", help="teacher, student alone and KD on the bundled digits data (a few minutes)")
+    d.add_argument("--output-dir", default=None, help="where the three runs go (default runs/demo-<time>)")
+    d.add_argument("--epochs", type=int, default=None, help="override every run's epochs (for a quick look)")
+    return p
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
+    from .config import load_config
+    from .run import execute
+
+    overrides = list(args.overrides)
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        overrides.insert(0, args.config)  # `kdkit train model.arch=mlp ...` with no recipe file
+        args.config = None
+    resume = args.resume is not None
+    if resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise KdkitError(f"--resume {run_dir}: no config.yaml there; give the folder of an earlier run")
+        if args.config is None and overrides:
+            raise KdkitError("--resume continues a run as it was configured; overrides are not allowed")
+        cfg = load_config(args.config or run_dir / "config.yaml", overrides)
+        cfg.output_dir = str(run_dir)
+    else:
+        if args.config is None and not overrides:
+            raise KdkitError(f"kdkit {command} needs a CONFIG file (see configs/) or key=value settings")
+        cfg = load_config(args.config, overrides, default_method="supervised" if command == "train" else "kd")
+    result = execute(cfg, command, resume=resume)
+    s = result.summary
+    print(json.dumps({k: s[k] for k in ("test_accuracy", "val_accuracy", "params", "wall_time_s")}
+                     | {"run_dir": str(result.run_dir)}))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .config import DataConfig
+    from .data import BatchLoader, load_data
+    from .engine import evaluate
+    from .modelfile import check_compatible, load
+
+    model = load(args.checkpoint)
+    mf = model.kdkit_info
+    name = args.data or mf.info.name
+    size = mf.info.input_shape[1]
+    cfg = DataConfig(name=name, root=args.root, val_split=0.1 if args.split == "val" else 0.0)
+    cfg.validate("--data")
+    bundle = load_data(cfg)
+    if bundle.info.input_shape[1:] != tuple(mf.info.input_shape[1:]):
+        cfg.image_size = size
+        bundle = load_data(cfg)
+    check_compatible(mf, bundle.info, "model", args.checkpoint)
+    loader = BatchLoader(bundle.split(args.split), args.batch_size, shuffle=False, drop_last=False,
+                         mean=mf.info.mean, std=mf.info.std)
+    res = evaluate(model, loader)
+    print(json.dumps({"checkpoint": args.checkpoint, "model": mf.label, "data": name, "split": args.split,
+                      "accuracy": res["accuracy"], "loss": res["loss"], "count": res["count"]}))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .measure import count_params
+    from .models import create, entry, model_parts, zoo_names
+
+    if args.name:
+        e = entry(args.name)
+        model = create(args.name, num_classes=args.num_classes, in_channels=args.in_channels)
+        parts = model_parts(model)
+        print(f"{args.name}: {e.summary}; {count_params(model):,} parameters "
+              f"({args.in_channels}x{e.default_input_size}x{e.default_input_size} input, {args.num_classes} classes)")
+        print(f"stages:     {', '.join(parts.stages)}")
+        print(f"classifier: {parts.classifier}   embedding: {parts.embedding}")
+        print("module paths (for taps and layer pairs):")
+        for n, mod in model.named_modules():
+            if n:
+                print(f"  {n:<40} {type(mod).__name__}")
+        return 0
+    print(f"{'model':<14} {'params':>12}  description (params for 10 classes, 3x32x32 input)")
+    for n in zoo_names():
+        e = entry(n)
+        c = 1 if n.startswith("lenet") or n == "mlp" else 3
+        params = count_params(create(n, num_classes=10, in_channels=c))
+        print(f"{n:<14} {params:>12,}  {e.summary}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .engine import Interrupted
+
+    try:
+        if args.command in ("train", "distill"):
+            return _run(args, args.command)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "models":
+            return _models(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args.output_dir, args.epochs)
+            return 0
+    except KdkitError as e:
+        print(f"kdkit: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"kdkit: {e}; continue with --resume", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2

@@ -1,0 +1,275 @@
+"""Run configuration: YAML recipes, dotted ``key=value`` overrides, typed validation.
+
+A config has the sections ``model`` (for ``kdkit train``), ``teacher`` and ``student`` (for
+``kdkit distill``), ``data``, ``method``, ``train``, plus ``name``, ``seed`` and ``output_dir``.
+Everything is validated before any work starts: unknown keys get a did-you-mean, values are checked
+against their types and bounds, model arguments against the model factory's signature and method
+options against the method's own options dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+from .schema import opt, parse, to_dict
+
+
+@dataclass
+class ModelConfig:
+    """A model: a zoo ``arch`` or a user ``module: package.module:factory``, its arguments, a checkpoint.
+
+    Any key other than ``arch``, ``module`` and ``checkpoint`` is an argument of the model factory
+    (``width: 0.5``, ``depth: 16``...). ``num_classes``, ``in_channels`` and ``input_size`` are filled
+    in from the data when not given.
+    """
+
+    arch: str | None = None
+    module: str | None = None
+    checkpoint: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        if self.arch and self.module:
+            raise ConfigError(f"{where}: give either 'arch' (zoo model) or 'module' (your factory), not both")
+        if not (self.arch or self.module or self.checkpoint):
+            raise ConfigError(
+                f"{where}: needs 'arch' (a zoo model, see `kdkit models`), "
+                f"'module: package.module:factory', or a 'checkpoint' written by kdkit"
+            )
+        if self.module and ":" not in self.module:
+            raise ConfigError(f"{where}.module: expected 'package.module:factory', got {self.module!r}")
+
+    @property
+    def label(self) -> str:
+        return self.arch or self.module or Path(self.checkpoint or "?").name
+
+
+def parse_model(data: Any, where: str) -> ModelConfig | None:
+    """ModelConfig from a mapping whose non-reserved keys are factory arguments."""
+    if data is None:
+        return None
+    if isinstance(data, str):  # `student: lenet5_half` shorthand
+        data = {"arch": data}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping with 'arch' or 'module', got {data!r}")
+    reserved = {f.name for f in dataclasses.fields(ModelConfig)} - {"args"}
+    base = {k: v for k, v in data.items() if k in reserved}
+    args = dict(data.get("args") or {})
+    args.update({k: v for k, v in data.items() if k not in reserved and k != "args"})
+    cfg = parse(ModelConfig, base, where)
+    cfg.args = args
+    cfg.validate(where)
+    if cfg.arch or cfg.module:
+        from .models import check_factory_args
+
+        check_factory_args(cfg, where)
+    return cfg
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = opt(0, "random crop with this much zero padding (0: off)", ge=0)
+    hflip: bool = opt(False, "random horizontal flip")
+
+
+@dataclass
+class DataConfig:
+    name: str = opt("digits", "dataset: digits, mnist, fashion-mnist, kmnist, cifar10, cifar100, imagefolder")
+    root: str | None = opt(None, "folder holding the dataset's files (not needed for digits)")
+    image_size: int | None = opt(None, "resize images to this square size once, at load time", gt=0)
+    channels: int | None = opt(None, "imagefolder: 1 (grayscale) or 3 (RGB); default from the images", ge=1)
+    val_split: float = opt(0.1, "validation split carved from the training set: fraction (<1) or count", ge=0)
+    test_split: float = opt(0.2, "test split for datasets without one (digits, flat imagefolder)", gt=0, lt=1)
+    split_seed: int = opt(0, "seed of the validation/test split (fixed across training seeds)")
+    train_subset: int | None = opt(None, "keep only this many labeled training images per class", gt=0)
+    shots_per_class: int | None = opt(None, "few-shot methods: images per class (N-shot contains smaller)", gt=0)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    normalize: bool = opt(True, "normalise with the training set's per-channel mean and std")
+
+    def validate(self, where: str) -> None:
+        from .data import DATASETS
+
+        if self.name not in DATASETS:
+            from .errors import did_you_mean
+
+            raise ConfigError(
+                f"{where}.name: unknown dataset {self.name!r}{did_you_mean(self.name, DATASETS)}; "
+                f"available: {', '.join(sorted(DATASETS))}"
+            )
+        if self.val_split >= 1 and not float(self.val_split).is_integer():
+            raise ConfigError(f"{where}.val_split: a fraction below 1 or a whole count, got {self.val_split}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(10, "epochs (per stage, unless the method sets its own budgets)", ge=0)
+    batch_size: int = opt(128, "global batch size (split across torchrun processes)", gt=0)
+    eval_batch_size: int = opt(512, "batch size for evaluation", gt=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = opt("sgd", "optimizer")
+    lr: float = opt(0.05, "learning rate", gt=0)
+    momentum: float = opt(0.9, "SGD momentum", ge=0, lt=1)
+    nesterov: bool = opt(False, "SGD Nesterov momentum")
+    betas: list[float] = opt([0.9, 0.999], "Adam/AdamW betas")
+    weight_decay: float = opt(5e-4, "weight decay", ge=0)
+    schedule: Literal["cosine", "step", "constant"] = opt("cosine", "learning-rate schedule")
+    milestones: list[float] = opt([], "step schedule: epochs (or fractions of the budget if < 1)")
+    gamma: float = opt(0.1, "step schedule: factor at each milestone", gt=0)
+    warmup_epochs: float = opt(0.0, "linear warm-up length in epochs", ge=0)
+    grad_clip: float | None = opt(None, "clip the gradient norm to this value", gt=0)
+    amp: bool = opt(False, "mixed precision (bfloat16 on CPU, float16 on CUDA)")
+    deterministic: bool = opt(False, "deterministic algorithms (bit-identical reruns, slower on GPU)")
+    select: Literal["best_val", "last"] = opt("best_val", "final model: best validation accuracy, or last")
+    eval_every: int = opt(1, "evaluate on the validation split every N epochs", ge=1)
+    checkpoint_every: int = opt(0, "also checkpoint every N steps inside an epoch (0: per epoch only)", ge=0)
+    log_every: int = opt(50, "log training losses every N steps", ge=1)
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    threads: int | None = opt(None, "CPU threads for torch (default: torch's choice)", gt=0)
+    progress: Literal["auto", "bar", "lines", "none"] = opt("auto", "progress bar on a terminal, else lines")
+
+    def validate(self, where: str) -> None:
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{where}.betas: expected two numbers in [0, 1), got {self.betas}")
+        if sorted(self.milestones) != list(self.milestones):
+            raise ConfigError(f"{where}.milestones: must be increasing, got {self.milestones}")
+
+
+@dataclass
+class MethodConfig:
+    """``name`` picks the method; the other keys are its options (validated by the method)."""
+
+    name: str = "kd"
+    options: Any = None
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    output_dir: str | None = None
+    model: ModelConfig | None = None
+    teacher: ModelConfig | None = None
+    student: ModelConfig | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config, as written to ``config.yaml``; loading it gives this config back."""
+        out: dict[str, Any] = {"name": self.name, "seed": self.seed, "output_dir": self.output_dir}
+        for key in ("model", "teacher", "student"):
+            m: ModelConfig | None = getattr(self, key)
+            if m is not None:
+                d = {k: v for k, v in (("arch", m.arch), ("module", m.module), ("checkpoint", m.checkpoint)) if v}
+                d.update(m.args)
+                out[key] = d
+        out["data"] = to_dict(self.data)
+        out["method"] = {"name": self.method.name, **to_dict(self.method.options or {})}
+        out["train"] = to_dict(self.train)
+        return out
+
+
+TOP_KEYS = ("name", "seed", "output_dir", "model", "teacher", "student", "data", "method", "train")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line override value, read as YAML (`3`, `0.1`, `true`, `[1, 2]`, `null`, `abc`)."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=3)")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key component")
+        node = raw
+        for i, p in enumerate(parts[:-1]):
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            elif isinstance(child, str) and p in ("model", "teacher", "student") and i == 0:
+                child = node[p] = {"arch": child}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{'.'.join(parts[: i + 1])}' is not a section")
+            node = child
+        node[parts[-1]] = parse_value(text)
+    return raw
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML recipe into a dict, with a clear error for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"config file {str(p)!r} not found; recipes live under configs/ (e.g. configs/digits/kd.yaml)"
+        )
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {first}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def build_config(raw: dict[str, Any], default_method: str = "kd") -> Config:
+    """Validate a raw nested dict into a :class:`Config` (method options included)."""
+    from .errors import did_you_mean
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config is a mapping of sections, got {type(raw).__name__}")
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise ConfigError(
+                f"unknown config section '{key}'{did_you_mean(str(key), TOP_KEYS)}; "
+                f"valid sections: {', '.join(TOP_KEYS)}"
+            )
+    simple = {k: raw[k] for k in ("name", "seed", "output_dir") if k in raw}
+    cfg = parse(Config, simple)
+    for key in ("model", "teacher", "student"):
+        setattr(cfg, key, parse_model(raw.get(key), key))
+    cfg.data = parse(DataConfig, raw.get("data") or {}, "data")
+    cfg.train = parse(TrainConfig, raw.get("train") or {}, "train")
+    cfg.method = parse_method(raw.get("method"), default_method)
+    return cfg
+
+
+def parse_method(data: Any, default: str = "kd") -> MethodConfig:
+    from .methods import METHODS, method_class
+
+    if data is None:
+        data = {}
+    if isinstance(data, str):
+        data = {"name": data}
+    if not isinstance(data, dict):
+        raise ConfigError(f"method: expected a mapping with 'name', got {data!r}")
+    data = dict(data)
+    name = data.pop("name", default)
+    if not isinstance(name, str):
+        raise ConfigError(f"method.name: expected a method name, got {name!r}; available: {', '.join(METHODS)}")
+    cls = method_class(name)
+    return MethodConfig(name=name, options=parse(cls.Options, data, "method"))
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
+                default_method: str = "kd") -> Config:
+    """Load a recipe (or start from defaults when `path` is None), apply overrides, validate."""
+    raw = load_yaml(path) if path is not None else {}
+    apply_overrides(raw, list(overrides or []))
+    return build_config(raw, default_method)

@@ -1,0 +1,109 @@
+"""Datasets by name, splits, few-shot views, tensor augmentations and the in-memory batch loader.
+
+``load_data(cfg.data)`` returns a :class:`DataBundle`: the training set (after the validation split and
+``train_subset``), the validation and test sets, an unlabeled few-shot view when
+``shots_per_class`` is set, and :class:`DataInfo` (classes, input shape, normalisation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..config import DataConfig
+from ..errors import DataError
+from . import cifar, digits, idx, imagefolder
+from .augment import Augment
+from .images import ImageSet, channel_stats, resize
+from .loader import Batch, BatchLoader
+from .splits import per_class, stratified_split
+
+DATASETS: dict[str, Callable[[DataConfig], tuple[ImageSet, ImageSet]]] = {
+    "digits": digits.load,
+    "mnist": idx.loader("mnist"),
+    "fashion-mnist": idx.loader("fashion-mnist"),
+    "kmnist": idx.loader("kmnist"),
+    "cifar10": cifar.loader("cifar10"),
+    "cifar100": cifar.loader("cifar100"),
+    "imagefolder": imagefolder.load,
+}
+
+
+@dataclass
+class DataInfo:
+    name: str
+    classes: list[str]
+    input_shape: tuple[int, int, int]
+    mean: list[float]
+    std: list[float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        return self.input_shape[0]
+
+    @property
+    def input_size(self) -> int:
+        return self.input_shape[1]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "classes": self.classes, "input_shape": list(self.input_shape),
+                "mean": self.mean, "std": self.std}
+
+
+@dataclass
+class DataBundle:
+    info: DataInfo
+    train: ImageSet
+    val: ImageSet | None
+    test: ImageSet
+    fewshot: ImageSet | None = None  # unlabeled: images only
+
+    def split(self, name: str) -> ImageSet:
+        sets = {"train": self.train, "val": self.val, "test": self.test, "fewshot": self.fewshot}
+        if name not in sets:
+            raise DataError(f"unknown data split {name!r}; splits: {', '.join(sets)}")
+        s = sets[name]
+        if s is None:
+            raise DataError(f"this run has no {name} split (see data.val_split / data.shots_per_class)")
+        return s
+
+
+def load_data(cfg: DataConfig) -> DataBundle:
+    """Read dataset `cfg.name`, resize, compute normalisation, carve validation, subset, few-shot view."""
+    train, test = DATASETS[cfg.name](cfg)
+    if cfg.image_size:
+        train = ImageSet(resize(train.images, cfg.image_size), train.labels, train.classes)
+        test = ImageSet(resize(test.images, cfg.image_size), test.labels, test.classes)
+    if train.shape != test.shape:
+        raise DataError(f"{cfg.name}: training images are {train.shape} but test images {test.shape}; "
+                        "set data.image_size")
+    if cfg.normalize:
+        mean, std = channel_stats(train.images)
+    else:
+        mean, std = [0.0] * train.shape[0], [1.0] * train.shape[0]
+    info = DataInfo(cfg.name, list(train.classes), train.shape, mean, std)
+    val = None
+    if cfg.val_split > 0:
+        keep, held = stratified_split(train.labels, cfg.val_split, cfg.split_seed)
+        train, val = train.subset(keep), train.subset(held)
+    fewshot = None
+    if cfg.shots_per_class:
+        fewshot = train.subset(per_class(train.labels, cfg.shots_per_class, cfg.split_seed,
+                                         "data.shots_per_class")).unlabeled()
+    if cfg.train_subset:
+        train = train.subset(per_class(train.labels, cfg.train_subset, cfg.split_seed, "data.train_subset"))
+    return DataBundle(info, train, val, test, fewshot)
+
+
+def augment_from(cfg: DataConfig) -> Augment:
+    return Augment(cfg.augment.crop_padding, cfg.augment.hflip)
+
+
+__all__ = [
+    "DATASETS", "Augment", "Batch", "BatchLoader", "DataBundle", "DataInfo", "ImageSet", "augment_from",
+    "load_data", "per_class", "stratified_split",
+]

@@ -1,0 +1,56 @@
+"""Tensor augmentations applied to whole batches (no per-image Python loop, no torchvision).
+
+Random draws are made for the *global* batch from a generator seeded by (seed, epoch, step), and each
+process takes its slice: the augmented global batch is the same for any number of processes, and a
+resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Augment:
+    crop_padding: int = 0
+    hflip: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.crop_padding > 0 or self.hflip
+
+    def sample(self, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random parameters for `n` images."""
+        p: dict[str, torch.Tensor] = {}
+        if self.crop_padding > 0:
+            p["crop"] = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=gen)
+        if self.hflip:
+            p["flip"] = torch.rand(n, generator=gen) < 0.5
+        return p
+
+    def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Augment float images ``x [B, C, H, W]`` with the given per-image parameters."""
+        if "crop" in params:
+            x = random_crop(x, self.crop_padding, params["crop"].to(x.device))
+        if "flip" in params:
+            flip = params["flip"].to(x.device).view(-1, 1, 1, 1)
+            x = torch.where(flip, x.flip(3), x)
+        return x
+
+
+def random_crop(x: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Zero-pad by `padding` and crop back to the input size at per-image ``offsets [B, 2]`` (dy, dx)."""
+    b, _, h, w = x.shape
+    xp = F.pad(x, (padding, padding, padding, padding))
+    rows = offsets[:, 0:1] + torch.arange(h, device=x.device)  # [B, H]
+    cols = offsets[:, 1:2] + torch.arange(w, device=x.device)  # [B, W]
+    bi = torch.arange(b, device=x.device)[:, None, None]
+    out = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)

@@ -1,0 +1,64 @@
+"""In-memory image sets: uint8 tensors ``[N, C, H, W]`` with int64 labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 ``[N, C, H, W]``; ``labels`` is None for an unlabeled view."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels is not None and len(self.labels) != len(self.images):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, index: torch.Tensor) -> ImageSet:
+        return ImageSet(self.images[index], None if self.labels is None else self.labels[index], self.classes)
+
+    def unlabeled(self) -> ImageSet:
+        """The same images with no labels at all: methods given this view cannot read labels."""
+        return ImageSet(self.images, None, self.classes)
+
+
+def resize(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """Resize uint8 images to ``size x size`` (bilinear with antialiasing), in chunks to bound memory."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = []
+    for part in images.split(chunk):
+        f = F.interpolate(part.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out.append(f.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, on the [0, 1] scale."""
+    c = images.shape[1]
+    s = torch.zeros(c, dtype=torch.float64)
+    s2 = torch.zeros(c, dtype=torch.float64)
+    n = 0
+    for part in images.split(chunk):
+        f = part.to(torch.float64) / 255.0
+        s += f.sum(dim=(0, 2, 3))
+        s2 += (f * f).sum(dim=(0, 2, 3))
+        n += f.numel() // c
+    mean = s / n
+    std = (s2 / n - mean * mean).clamp_min(1e-12).sqrt()
+    return [round(float(v), 6) for v in mean], [round(max(float(v), 1e-3), 6) for v in std]

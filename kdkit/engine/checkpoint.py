@@ -1,0 +1,67 @@
+"""Atomic checkpoint files: write a temporary file, fsync, then rename over the old one.
+
+The previous checkpoint is kept as ``<name>.prev.pt`` so a crash at any moment leaves at least one
+complete file; :func:`load_latest` falls back to it (with a warning) when the newest one is unreadable.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+
+
+def atomic_save(obj: Any, path: str | os.PathLike, keep_previous: bool = False) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, path.with_suffix(".prev.pt"))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some filesystems cannot fsync a directory
+        pass
+
+
+def read(path: str | os.PathLike, weights_only: bool = True) -> Any:
+    """torch.load with a CheckpointError naming the file when it is missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # torch raises many types for corrupt files (RuntimeError, UnpicklingError, EOFError...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a PyTorch file ({first[:200]})") from None
+
+
+def load_latest(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The newest readable training state at `path` (or its .prev.pt), None when there is none."""
+    path = Path(path)
+    prev = path.with_suffix(".prev.pt")
+    if not path.exists() and not prev.exists():
+        return None
+    try:
+        return read(path)
+    except CheckpointError as e:
+        if prev.exists():
+            warnings.warn(f"{e}; resuming from the previous checkpoint {prev}", stacklevel=2)
+            return read(prev)
+        raise

@@ -1,0 +1,115 @@
+"""Run outputs while training: ``metrics.jsonl`` lines and progress on the terminal."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    return v
+
+
+class MetricsLog:
+    """Appends one JSON object per line; only the main process writes."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def write(self, **record: Any) -> None:
+        if self.path is None:
+            return
+        record = {"time": round(time.time(), 3), **{k: _clean(v) for k, v in record.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def lines(self) -> int:
+        if self.path is None or not self.path.exists():
+            return 0
+        with open(self.path, encoding="utf-8") as f:
+            return sum(1 for _ in f)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` lines (a resumed run rewrites what came after its checkpoint)."""
+        if self.path is None or not self.path.exists():
+            return
+        with open(self.path, encoding="utf-8") as f:
+            kept = [line for _, line in zip(range(n), f)]
+        self.path.write_text("".join(kept), encoding="utf-8")
+
+
+class Meter:
+    """Running sums of named losses over an epoch (tensors, synced only when read)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for k, v in losses.items():
+            d = v.detach().float()
+            self.sums[k] = self.sums[k] + d if k in self.sums else d.clone()
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v) / max(1, self.count) for k, v in self.sums.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "count": self.count}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.sums, self.count = dict(s["sums"]), int(s["count"])
+
+
+def fmt(values: dict[str, float]) -> str:
+    parts = []
+    for k, v in values.items():
+        if "accuracy" in k:
+            parts.append(f"{k} {100 * v:.2f}%")
+        elif k == "lr":
+            parts.append(f"lr {v:.3g}")
+        else:
+            parts.append(f"{k} {v:.4g}")
+    return "  ".join(parts)
+
+
+class Progress:
+    """A tqdm bar per epoch on a terminal; a plain line per epoch otherwise."""
+
+    def __init__(self, mode: str, enabled: bool):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = mode if enabled else "none"
+        self.bar = None
+
+    def start_epoch(self, desc: str, total: int, initial: int = 0) -> None:
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+    def step(self, postfix: dict[str, float] | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if postfix:
+                self.bar.set_postfix_str(fmt(postfix), refresh=False)
+
+    def end_epoch(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.say(line)
+
+    def say(self, line: str) -> None:
+        if self.mode != "none":
+            print(line, file=sys.stderr, flush=True)

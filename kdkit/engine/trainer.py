@@ -1,0 +1,352 @@
+"""The one training loop.
+
+For every stage a method declares, the engine: sets ``requires_grad`` on exactly the stage's
+parameters, builds one optimizer and schedule per update, wraps the step in DDP under torchrun, and
+runs epochs of batches (or of generated steps for data-free stages). Each step runs every update
+(``repeat`` times): forward under optional autocast, a finiteness check, backward, optional gradient
+clipping, optimizer and schedule step. After each epoch it evaluates on the validation split, keeps the
+best state (validation accuracy only: the test split is never looked at during training), logs to
+``metrics.jsonl`` and writes an atomic checkpoint that holds everything needed to continue: models,
+extra modules, optimizers, schedules, RNG states, the stage, epoch and step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import Config
+from ..data import BatchLoader, DataBundle, augment_from
+from ..errors import TrainingError
+from ..methods.base import Method, Stage, Update
+from .checkpoint import atomic_save
+from .distributed import DistInfo
+from .evaluate import evaluate
+from .metrics import Meter, MetricsLog, Progress, fmt
+from .optim import Schedule, build_optimizer, update_config
+
+FORMAT = "kdkit-train-state"
+
+
+def autocast_for(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _numpy_state() -> tuple[torch.Tensor, int, int, float]:
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": _numpy_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Stepper(nn.Module):
+    """Routes DDP's forward to an update's loss function, so DDP sees every forward and backward."""
+
+    def __init__(self, method: Method, updates: list[Update]):
+        super().__init__()
+        self.method = method
+        self.updates = updates
+
+    def forward(self, i: int, batch: Any) -> dict[str, torch.Tensor]:
+        return self.updates[i].loss(batch)
+
+
+@dataclass
+class _Position:
+    stage: int = 0
+    epoch: int = 0
+    step: int = 0
+
+
+@dataclass
+class _StageState:
+    optimizers: list[torch.optim.Optimizer]
+    schedules: list[Schedule]
+    meter: Meter = field(default_factory=Meter)
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
+    last_val: dict[str, float] = field(default_factory=dict)
+
+
+class Interrupted(Exception):
+    """Raised after a checkpoint was saved on SIGINT/SIGTERM."""
+
+
+class Engine:
+    def __init__(self, method: Method, data: DataBundle, cfg: Config, *, run_dir: Path | None, dist: DistInfo,
+                 device: torch.device):
+        self.method = method
+        self.data = data
+        self.cfg = cfg
+        self.train_cfg = cfg.train
+        self.run_dir = run_dir
+        self.dist = dist
+        self.device = device
+        main = dist.is_main and run_dir is not None
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl" if main else None)
+        self.ckpt_path = run_dir / "checkpoint.pt" if main else None
+        self.progress = Progress(cfg.train.progress, dist.is_main)
+        self.autocast = autocast_for(device, cfg.train.amp)
+        self.scaler = torch.amp.GradScaler("cuda") if (cfg.train.amp and device.type == "cuda") else None
+        self._loaders: dict[tuple[str, bool], BatchLoader] = {}
+        self.history: list[dict[str, Any]] = []
+        self.elapsed_before = 0.0
+        self.global_step = 0
+        self._stop_signal: int | None = None
+
+    # ---- data -------------------------------------------------------------------------------
+    def loader(self, split: str, train: bool) -> BatchLoader:
+        key = (split, train)
+        if key not in self._loaders:
+            c = self.cfg
+            data = self.data.split(split)
+            bs = c.train.batch_size if train else c.train.eval_batch_size
+            self._loaders[key] = BatchLoader(
+                data, bs, shuffle=train, drop_last=train, mean=self.data.info.mean, std=self.data.info.std,
+                augment=augment_from(c.data) if train else None, seed=c.seed, device=self.device,
+                rank=self.dist.rank, world=self.dist.world,
+            )
+        return self._loaders[key]
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def _save(self, pos: _Position, st: _StageState | None, t0: float) -> None:
+        if self.ckpt_path is None:
+            return
+        state = {
+            "format": FORMAT, "version": 1, "config": self.cfg.to_dict(),
+            "position": {"stage": pos.stage, "epoch": pos.epoch, "step": pos.step},
+            "global_step": self.global_step,
+            "method": self.method.checkpoint_state(),
+            "rng": rng_state(),
+            "metrics_lines": self.metrics.lines(),
+            "elapsed": self.elapsed_before + time.time() - t0,
+            "history": self.history,
+        }
+        if st is not None:
+            state["stage_state"] = {
+                "optimizers": [o.state_dict() for o in st.optimizers],
+                "schedules": [s.state_dict() for s in st.schedules],
+                "meter": st.meter.state_dict(),
+                "best_acc": st.best_acc, "best_epoch": st.best_epoch, "best_state": st.best_state,
+                "last_val": st.last_val,
+            }
+            if self.scaler is not None:
+                state["stage_state"]["scaler"] = self.scaler.state_dict()
+        atomic_save(state, self.ckpt_path, keep_previous=True)
+
+    def _restore(self, state: dict[str, Any]) -> _Position:
+        self.method.load_checkpoint_state(state["method"])
+        set_rng_state(state["rng"])
+        self.metrics.truncate(state["metrics_lines"])
+        self.history = list(state.get("history", []))
+        self.elapsed_before = float(state.get("elapsed", 0.0))
+        self.global_step = int(state.get("global_step", 0))
+        p = state["position"]
+        return _Position(p["stage"], p["epoch"], p["step"])
+
+    # ---- signals ----------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop_signal = signum
+
+    @contextlib.contextmanager
+    def _signals(self):
+        old = {}
+        try:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                old[s] = signal.signal(s, self._on_signal)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def fit(self, resume: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        stages = self.method.stages()
+        pos = self._restore(resume) if resume is not None else _Position()
+        t0 = time.time()
+        with self._signals():
+            for si in range(pos.stage, len(stages)):
+                start = pos if si == pos.stage else _Position(si)
+                stage_resume = resume.get("stage_state") if (resume is not None and si == pos.stage) else None
+                self._run_stage(si, stages[si], len(stages), start, stage_resume, t0)
+                self._save(_Position(si + 1), None, t0)
+        self.elapsed = self.elapsed_before + time.time() - t0
+        return self.history
+
+    def _set_trainable(self, stage: Stage) -> None:
+        trainable = {id(p) for p in stage.trainable()}
+        for p in self.method.parameters():
+            p.requires_grad_(id(p) in trainable)
+        self.method.eval()
+        for m in stage.train_modules:
+            m.train()
+
+    def _run_stage(self, si: int, stage: Stage, n_stages: int, start: _Position, resume: dict[str, Any] | None,
+                   t0: float) -> None:
+        c = self.train_cfg
+        tag = stage.name if n_stages == 1 else f"{stage.name} {si + 1}/{n_stages}"
+        loader = self.loader(stage.data, train=True) if stage.data is not None else None
+        if loader is not None and len(loader) == 0:
+            raise TrainingError(f"stage {stage.name!r}: the {stage.data} split is empty")
+        steps = len(loader) if loader is not None else int(stage.steps_per_epoch or 0)
+        if steps <= 0:
+            raise TrainingError(f"stage {stage.name!r} reads no data and declares no steps_per_epoch")
+        self._set_trainable(stage)
+        optimizers, schedules = [], []
+        for u in stage.updates:
+            ucfg = update_config(c, u.optimizer, f"update {u.name!r} of stage {stage.name!r}")
+            opt = build_optimizer(u.params, ucfg)
+            optimizers.append(opt)
+            schedules.append(Schedule(opt, ucfg, stage.epochs * steps * u.repeat, steps * u.repeat))
+        st = _StageState(optimizers, schedules)
+        if resume is not None:
+            for o, s in zip(optimizers, resume["optimizers"]):
+                o.load_state_dict(s)
+            for sch, s in zip(schedules, resume["schedules"]):
+                sch.load_state_dict(s)
+            st.meter.load_state_dict(resume["meter"])
+            st.best_acc, st.best_epoch = resume["best_acc"], resume["best_epoch"]
+            st.best_state, st.last_val = resume["best_state"], resume.get("last_val", {})
+            if self.scaler is not None and "scaler" in resume:
+                self.scaler.load_state_dict(resume["scaler"])
+        stepper: nn.Module = _Stepper(self.method, stage.updates)
+        if self.dist.enabled:
+            stepper = nn.parallel.DistributedDataParallel(
+                stepper, find_unused_parameters=len(stage.updates) > 1 or any(u.repeat > 1 for u in stage.updates))
+        if stage.on_start is not None and start.epoch == 0 and start.step == 0:
+            stage.on_start()
+        val_loader = self.loader("val", train=False) if self.data.val is not None else None
+        select = stage.select or c.select
+        eval_model = stage.evaluate or self.method.eval_model
+
+        for epoch in range(start.epoch, stage.epochs):
+            first_step = start.step if epoch == start.epoch else 0
+            if first_step == 0:
+                st.meter = Meter()
+            epoch_t = time.time()
+            if loader is not None:
+                loader.set_epoch(si * 1_000_003 + epoch)
+                batches = loader.iterate(first_step)
+            else:
+                batches = (None for _ in range(first_step, steps))
+            self.progress.start_epoch(f"[{tag}] epoch {epoch + 1}/{stage.epochs}", steps, first_step)
+            for step, batch in enumerate(batches, start=first_step):
+                losses = self._step(stepper, stage, st, batch, (si, epoch, step))
+                st.meter.add(losses)
+                self.global_step += 1
+                if (step + 1) % c.log_every == 0:
+                    self.metrics.write(event="step", stage=stage.name, epoch=epoch, step=step + 1,
+                                       global_step=self.global_step, lr=schedules[0].lr,
+                                       **{f"train/{k}": v for k, v in st.meter.means().items()})
+                self.progress.step(st.meter.means() if (step + 1) % 10 == 0 else None)
+                if self._stop_signal is not None:
+                    self._save(_Position(si, epoch, step + 1), st, t0)
+                    self.progress.end_epoch("")
+                    raise Interrupted(f"stopped by signal {self._stop_signal} at stage {stage.name!r} epoch "
+                                      f"{epoch + 1} step {step + 1}; checkpoint saved")
+                if c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and step + 1 < steps:
+                    self._save(_Position(si, epoch, step + 1), st, t0)
+
+            record: dict[str, Any] = {f"train/{k}": v for k, v in st.meter.means().items()}
+            record["lr"] = schedules[0].lr
+            last = epoch + 1 == stage.epochs
+            if val_loader is not None and ((epoch + 1) % c.eval_every == 0 or last):
+                with self.autocast:
+                    st.last_val = evaluate(eval_model(), val_loader, self.dist)
+                record["val/accuracy"], record["val/loss"] = st.last_val["accuracy"], st.last_val["loss"]
+                if select == "best_val" and st.last_val["accuracy"] > st.best_acc:
+                    st.best_acc, st.best_epoch = st.last_val["accuracy"], epoch
+                    st.best_state = {k: v.detach().clone() for k, v in self.method.checkpoint_state().items()}
+            record["epoch_time_s"] = round(time.time() - epoch_t, 3)
+            self.metrics.write(event="epoch", stage=stage.name, epoch=epoch + 1, global_step=self.global_step, **record)
+            shown = {k.replace("train/", ""): v for k, v in record.items() if k != "epoch_time_s"}
+            self.progress.end_epoch(f"[{tag}] epoch {epoch + 1}/{stage.epochs}  {fmt(shown)}  "
+                                    f"({record['epoch_time_s']:.1f}s)")
+            self._save(_Position(si, epoch + 1, 0), st, t0)
+
+        result: dict[str, Any] = {"stage": stage.name, "epochs": stage.epochs}
+        if select == "best_val" and st.best_state is not None:
+            self.method.load_checkpoint_state(st.best_state)
+            result.update(selected_epoch=st.best_epoch + 1, val_accuracy=st.best_acc)
+            if st.best_epoch + 1 != stage.epochs:
+                self.progress.say(f"[{tag}] kept epoch {st.best_epoch + 1} (best validation accuracy "
+                                  f"{100 * st.best_acc:.2f}%)")
+        else:
+            result.update(selected_epoch=stage.epochs, val_accuracy=st.last_val.get("accuracy"))
+        if stage.on_end is not None:
+            stage.on_end()
+        self.history.append(result)
+        self.metrics.write(event="stage_end", **result)
+
+    def _step(self, stepper: nn.Module, stage: Stage, st: _StageState, batch: Any,
+              where: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        c = self.train_cfg
+        logged: dict[str, torch.Tensor] = {}
+        for i, (u, opt, sch) in enumerate(zip(stage.updates, st.optimizers, st.schedules)):
+            for _ in range(u.repeat):
+                with self.autocast:
+                    losses = stepper(i, batch)
+                total = losses["loss"] if "loss" in losses else sum(losses.values())
+                if not isinstance(total, torch.Tensor):
+                    raise TrainingError(f"update {u.name!r} of stage {stage.name!r} returned no loss")
+                if not torch.isfinite(total.detach()).all():
+                    bad = [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
+                    raise TrainingError(
+                        f"non-finite loss ({', '.join(bad) or 'total'}) in stage {stage.name!r} epoch {where[1] + 1} "
+                        f"step {where[2] + 1}; the last checkpoint is kept, resume with --resume after lowering "
+                        "train.lr or setting train.grad_clip"
+                    )
+                opt.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.scale(total).backward()
+                    self.scaler.unscale_(opt)
+                else:
+                    total.backward()
+                if c.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(u.parameters(), c.grad_clip)
+                if self.scaler is not None:
+                    self.scaler.step(opt)
+                    self.scaler.update()
+                else:
+                    opt.step()
+                sch.step()
+            prefix = "" if len(stage.updates) == 1 else f"{u.name}/"
+            for k, v in losses.items():
+                logged[prefix + k] = v.detach()
+            if "loss" not in losses and len(losses) > 1:
+                logged[prefix + "loss"] = total.detach()
+        return logged

@@ -1,0 +1,64 @@
+"""Adapters that map a student feature to the teacher's width, created from the observed shapes.
+
+4-D features ``[B, C, H, W]`` get a 1x1 convolution (optionally followed by BatchNorm, the FitNets /
+multi-path default); 2-D features ``[B, D]`` a linear map. Equal widths need no adapter unless one is
+asked for. A spatial size mismatch is an error naming both layers and shapes, unless ``resize`` is set,
+in which case the student map is resized (bilinear) to the teacher's size.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelError
+
+AdapterKind = Literal["conv", "conv_bn", "linear", "identity", "auto"]
+
+
+class Adapter(nn.Module):
+    """Student feature -> teacher feature shape."""
+
+    def __init__(self, s_shape: torch.Size, t_shape: torch.Size, kind: AdapterKind = "auto",
+                 resize: bool = False, names: tuple[str, str] = ("student", "teacher")):
+        super().__init__()
+        if len(s_shape) != len(t_shape) or len(s_shape) not in (2, 4):
+            raise ModelError(
+                f"cannot adapt student layer {names[0]!r} {tuple(s_shape)} to teacher layer {names[1]!r} "
+                f"{tuple(t_shape)}: both must be [B, C, H, W] maps or [B, D] vectors"
+            )
+        self.resize_to: tuple[int, int] | None = None
+        if len(s_shape) == 4 and s_shape[2:] != t_shape[2:]:
+            if not resize:
+                raise ModelError(
+                    f"spatial size of student layer {names[0]!r} {tuple(s_shape)} differs from teacher layer "
+                    f"{names[1]!r} {tuple(t_shape)}; pick layers of equal resolution or set the method's "
+                    "resize option"
+                )
+            self.resize_to = (int(t_shape[2]), int(t_shape[3]))
+        cs, ct = int(s_shape[1]), int(t_shape[1])
+        if kind == "auto":
+            kind = "identity" if cs == ct else ("conv_bn" if len(s_shape) == 4 else "linear")
+        if kind == "identity":
+            if cs != ct:
+                raise ModelError(
+                    f"adapter 'identity' cannot map {cs} student channels ({names[0]!r}) to {ct} ({names[1]!r})"
+                )
+            self.map: nn.Module = nn.Identity()
+        elif len(s_shape) == 2:
+            self.map = nn.Linear(cs, ct)
+        elif kind == "conv":
+            self.map = nn.Conv2d(cs, ct, 1)
+        elif kind == "conv_bn":
+            self.map = nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
+        else:  # linear on a map
+            raise ModelError(f"adapter {kind!r} does not apply to the 4-D feature of {names[0]!r}; use conv or conv_bn")
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resize_to is not None:
+            x = F.interpolate(x, size=self.resize_to, mode="bilinear", align_corners=False)
+        return self.map(x)

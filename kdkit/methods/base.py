@@ -1,0 +1,143 @@
+"""What a method is, for the engine.
+
+A method is an ``nn.Module`` that owns every model and extra module it trains (student, adapters,
+projectors, loss weights, generators...) and declares its training as a list of :class:`Stage` s. A
+stage names the data it reads, its budget, the modules in training mode, and one or more
+:class:`Update` s: a function from a batch to a dict of named losses, plus the parameters that loss
+trains. The engine runs every stage the same way (optimizers, schedules, AMP, clipping, DDP,
+checkpoints, evaluation, model selection); it never branches on a method's name.
+
+The losses a step returns are summed into the objective, unless the dict holds ``"loss"``, which is
+then the objective and the other entries are only logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+    from ..data import Batch, DataInfo
+
+LossFn = Callable[["Batch | None"], dict[str, torch.Tensor]]
+
+
+@dataclass
+class Update:
+    """One optimisation step: ``loss(batch)`` trains ``params`` with its own optimizer.
+
+    ``params`` is a list of parameters or of param-group dicts (``{"params": [...], "lr_scale": 10}``
+    multiplies the learning rate of that group). ``optimizer`` overrides keys of the ``train`` section
+    for this update only (``{"optimizer": "adam", "lr": 1e-3, "weight_decay": 0}``). ``repeat`` runs the
+    update that many times per batch (e.g. k student steps per generator step).
+    """
+
+    name: str
+    params: list[Any]
+    loss: LossFn
+    repeat: int = 1
+    optimizer: dict[str, Any] = field(default_factory=dict)
+
+    def parameters(self) -> list[nn.Parameter]:
+        out: list[nn.Parameter] = []
+        for p in self.params:
+            out.extend(p["params"] if isinstance(p, dict) else [p])
+        return out
+
+
+@dataclass
+class Stage:
+    """A phase of training with its own trainable parameters, optimizers and budget.
+
+    ``data`` is the split it iterates ("train", "fewshot"), or None for a stage that makes its own
+    inputs (data-free), which then runs ``steps_per_epoch`` steps per epoch. ``evaluate`` returns the
+    model whose validation accuracy is monitored (default: the method's ``eval_model``); ``select``
+    overrides ``train.select`` for this stage (``"last"`` for stages whose accuracy means nothing).
+    """
+
+    name: str
+    updates: list[Update]
+    epochs: int
+    train_modules: list[nn.Module]
+    data: str | None = "train"
+    steps_per_epoch: int | None = None
+    evaluate: Callable[[], nn.Module] | None = None
+    select: str | None = None
+    on_start: Callable[[], None] | None = None
+    on_end: Callable[[], None] | None = None
+
+    def trainable(self) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for u in self.updates:
+            for p in u.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+
+class Method(nn.Module):
+    """Base class of every training method (supervised training included)."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = object
+    needs_teacher: ClassVar[bool] = True
+    #: prefixes of state_dict keys kept out of checkpoints (frozen modules loaded from elsewhere)
+    frozen_prefixes: ClassVar[tuple[str, ...]] = ("teacher.",)
+
+    def __init__(self, opts: Any, *, student: nn.Module, teacher: nn.Module | None, info: DataInfo,
+                 train: TrainConfig):
+        super().__init__()
+        self.opts = opts
+        self.student = student
+        self.info = info
+        self.train_cfg = train
+
+    # ---- hooks the engine calls -------------------------------------------------------------
+    def setup(self, sample: Batch) -> None:
+        """Called once before training with one batch, to create modules from observed shapes."""
+
+    def stages(self) -> list[Stage]:
+        raise NotImplementedError
+
+    def eval_model(self) -> nn.Module:
+        """The model whose accuracy is reported (during training and at the end)."""
+        return self.student
+
+    def export_model(self) -> nn.Module:
+        """The plain model saved as ``model.pt`` for deployment."""
+        return self.student
+
+    def summary(self) -> dict[str, Any]:
+        """Extra figures for ``summary.json``."""
+        return {}
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.frozen_prefixes)}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(self.frozen_prefixes)]
+        if missing or unexpected:
+            from ..errors import CheckpointError
+
+            raise CheckpointError(
+                f"checkpoint does not match method {self.name!r}: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}; was it written by another config?"
+            )
+
+
+def params_of(*modules: nn.Module | None) -> list[nn.Parameter]:
+    out: list[nn.Parameter] = []
+    for m in modules:
+        if m is not None:
+            out.extend(m.parameters())
+    return out
+
+
+def as_list(x: Iterable[Any] | None) -> list[Any]:
+    return list(x) if x is not None else []

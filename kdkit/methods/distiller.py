@@ -1,0 +1,91 @@
+"""The teacher-student base every distillation method builds on.
+
+It keeps the teacher frozen and in eval mode (whatever the engine or a user calls), runs it once per
+batch without gradients, taps the layers the method asked for on both models, and provides the
+standard terms ``ce`` (cross-entropy on labels) and ``kd`` (Hinton soft targets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import Batch
+from ..errors import ModelError
+from ..losses import kd_loss
+from ..schema import opt
+from ..taps import Taps
+from .base import Method, Stage, Update, params_of
+
+
+@dataclass
+class DistillOptions:
+    temperature: float = opt(4.0, "softmax temperature T of the KD term", gt=0)
+    kd_weight: float = opt(0.9, "weight of the KD (soft-target) term", ge=0)
+    ce_weight: float = opt(0.1, "weight of the cross-entropy term on labels (0: labels unused)", ge=0)
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+class Distiller(Method):
+    """Student + frozen teacher. Subclasses add terms in :meth:`extra_losses` and taps in ``tap_paths``."""
+
+    def __init__(self, opts: Any, *, student: nn.Module, teacher: nn.Module | None, info, train):
+        super().__init__(opts, student=student, teacher=teacher, info=info, train=train)
+        if teacher is None:
+            raise ModelError(f"method {self.name!r} needs a teacher: set teacher.checkpoint")
+        self.teacher = frozen(teacher)
+        self.student_taps: Taps | None = None
+        self.teacher_taps: Taps | None = None
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def tap(self, student_paths: list[str], teacher_paths: list[str]) -> None:
+        """Tap these layers on every forward (paths checked now, with did-you-mean)."""
+        self.student_taps = Taps(self.student, student_paths)
+        self.teacher_taps = Taps(self.teacher, teacher_paths)
+
+    @torch.no_grad()
+    def teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher(x)
+
+    def student_step(self, batch: Batch | None) -> dict[str, torch.Tensor]:
+        assert batch is not None
+        t_logits = self.teacher_forward(batch.x)
+        s_logits = self.student(batch.x)
+        losses: dict[str, torch.Tensor] = {}
+        o = self.opts
+        if o.ce_weight > 0:
+            if batch.y is None:
+                raise ModelError(f"method {self.name!r} has ce_weight > 0 but the data has no labels; set ce_weight=0")
+            losses["ce"] = o.ce_weight * F.cross_entropy(s_logits, batch.y)
+        if o.kd_weight > 0:
+            losses["kd"] = o.kd_weight * kd_loss(s_logits, t_logits, o.temperature)
+        losses.update(self.extra_losses(batch, s_logits, t_logits))
+        for taps in (self.student_taps, self.teacher_taps):
+            if taps is not None:
+                taps.clear()
+        return losses
+
+    def extra_losses(self, batch: Batch, s_logits: torch.Tensor, t_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def extra_modules(self) -> list[nn.Module]:
+        """Modules trained with the student (adapters...)."""
+        return []
+
+    def stages(self) -> list[Stage]:
+        trained = [self.student, *self.extra_modules()]
+        return [Stage("distill", [Update("student", params_of(*trained), self.student_step)],
+                      self.train_cfg.epochs, train_modules=trained)]

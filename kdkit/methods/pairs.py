@@ -1,0 +1,93 @@
+"""Distillers whose extra term compares student and teacher layers pair by pair.
+
+``pairs`` lists ``[student_layer, teacher_layer]`` module paths (see :mod:`kdkit.taps`). When empty, pairs
+are taken from the models' declared stages (zoo models, or paths given for your own models): the
+``"middle"`` stage, or ``"all"`` stages matched by relative depth. Loss modules (with their adapters)
+are created in :meth:`setup` from the shapes seen on one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..data import Batch
+from ..errors import ConfigError, ModelError
+from ..models import model_parts
+from ..schema import opt
+from .distiller import Distiller, DistillOptions
+
+
+@dataclass
+class PairOptions(DistillOptions):
+    pairs: list[list[str]] = opt([], "[[student_layer, teacher_layer], ...]; default: from the models' stages")
+
+    def validate(self, where: str) -> None:
+        for i, p in enumerate(self.pairs):
+            if len(p) != 2:
+                raise ConfigError(f"{where}.pairs[{i}]: expected [student_layer, teacher_layer], got {p}")
+
+
+def matched_stages(student: nn.Module, teacher: nn.Module, which: str) -> list[tuple[str, str]]:
+    """Stage pairs matched by relative depth: the middle one, or all the student's stages."""
+    s, t = model_parts(student).stages, model_parts(teacher).stages
+    if not s or not t:
+        raise ModelError(
+            "the models do not declare their stages, so layer pairs cannot be chosen; "
+            "give method.pairs=[[student_layer, teacher_layer]]"
+        )
+
+    def partner(i: int) -> str:
+        return t[round(i * (len(t) - 1) / max(1, len(s) - 1))]
+
+    if which == "middle":
+        i = len(s) // 2
+        return [(s[i], partner(i))]
+    return [(s[i], partner(i)) for i in range(len(s))]
+
+
+class PairDistiller(Distiller):
+    default_pairs: ClassVar[str] = "middle"
+    term: ClassVar[str] = "pair"
+
+    def __init__(self, opts: Any, **kw: Any):
+        super().__init__(opts, **kw)
+        pairs = [tuple(p) for p in opts.pairs] or matched_stages(self.student, self.teacher, self.default_pairs)
+        self.pairs: list[tuple[str, str]] = pairs  # type: ignore[assignment]
+        self.tap([s for s, _ in pairs], [t for _, t in pairs])
+        self.pair_losses = nn.ModuleList()
+
+    def make_loss(self, s_shape: torch.Size, t_shape: torch.Size, names: tuple[str, str]) -> nn.Module:
+        raise NotImplementedError
+
+    def weight(self) -> float:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def setup(self, sample: Batch) -> None:
+        was_training = self.student.training
+        self.student.eval()
+        self.teacher_forward(sample.x[:2])
+        self.student(sample.x[:2])
+        self.student.train(was_training)
+        assert self.student_taps is not None and self.teacher_taps is not None
+        for s, t in self.pairs:
+            fs, ft = self.student_taps[s], self.teacher_taps[t]
+            if not (isinstance(fs, torch.Tensor) and isinstance(ft, torch.Tensor)):
+                raise ModelError(f"layers {s!r} / {t!r} do not output a single tensor; pick other layers")
+            self.pair_losses.append(self.make_loss(fs.shape, ft.shape, (s, t)).to(sample.x.device))
+        self.student_taps.clear()
+        self.teacher_taps.clear()
+
+    def extra_losses(self, batch: Batch, s_logits: torch.Tensor, t_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        assert self.student_taps is not None and self.teacher_taps is not None
+        total = sum(
+            loss(self.student_taps[s], self.teacher_taps[t]) for (s, t), loss in zip(self.pairs, self.pair_losses)
+        )
+        return {self.term: self.weight() * total}
+
+    def extra_modules(self) -> list[nn.Module]:
+        return [self.pair_losses]

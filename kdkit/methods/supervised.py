@@ -1,0 +1,37 @@
+"""Supervised training of one model with cross-entropy (teachers, and students alone).
+
+    L = CE(z, y)  (optionally with label smoothing)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..data import Batch
+from ..schema import opt
+from . import register
+from .base import Method, Stage, Update
+
+
+@dataclass
+class SupervisedOptions:
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy", ge=0, lt=1)
+
+
+@register
+class Supervised(Method):
+    name = "supervised"
+    Options = SupervisedOptions
+    needs_teacher = False
+    frozen_prefixes = ()
+
+    def step(self, batch: Batch | None) -> dict[str, torch.Tensor]:
+        assert batch is not None and batch.y is not None
+        return {"ce": F.cross_entropy(self.student(batch.x), batch.y, label_smoothing=self.opts.label_smoothing)}
+
+    def stages(self) -> list[Stage]:
+        return [Stage("train", [Update("model", list(self.student.parameters()), self.step)],
+                      self.train_cfg.epochs, train_modules=[self.student])]

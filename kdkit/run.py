@@ -1,0 +1,246 @@
+"""One run, start to finish: config -> data -> models -> method -> engine -> model file and summary.
+
+Both ``kdkit train`` (method ``supervised`` on ``model``) and ``kdkit distill`` (any distillation method
+on ``student`` with ``teacher``) come here; the CLI, the demo and the Python API share this path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from . import __version__
+from .config import Config, ModelConfig
+from .data import BatchLoader, DataBundle, DataInfo, load_data
+from .engine import DistInfo, Engine, evaluate, init_distributed, load_latest
+from .engine.distributed import barrier, broadcast_object, shutdown
+from .errors import CheckpointError, ConfigError, ModelError
+from .measure import count_params
+from .methods import Method, method_class
+from .modelfile import build_from_config, save_model
+
+
+@dataclass
+class RunResult:
+    run_dir: Path | None
+    summary: dict[str, Any]
+    model: nn.Module
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def pick_device(pref: str, dist: DistInfo) -> torch.device:
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if pref.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={pref} but CUDA is not available here; use train.device=cpu")
+        return torch.device("cuda", dist.local_rank) if pref == "cuda" else torch.device(pref)
+    if pref != "cpu":
+        raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {pref!r}")
+    return torch.device("cpu")
+
+
+def make_run_dir(cfg: Config, resume: bool, dist: DistInfo) -> Path:
+    """Create (or, on resume, check) the run directory; rank 0 decides, the others follow."""
+    path: Any = None
+    if dist.is_main:
+        if cfg.output_dir:
+            path = Path(cfg.output_dir)
+        else:
+            path = Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+            n = 1
+            while path.exists():
+                n += 1
+                path = Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{n}"
+        if resume:
+            if not (path / "config.yaml").is_file():
+                raise CheckpointError(f"nothing to resume in {path}: it holds no config.yaml of an earlier run")
+        elif (path / "config.yaml").exists():
+            raise ConfigError(
+                f"output_dir {path} already holds a run; resume it with --resume, or choose another output_dir"
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        path = str(path)
+    return Path(broadcast_object(path, dist))
+
+
+def check_forward(model: nn.Module, x: torch.Tensor, info: DataInfo, role: str, label: str) -> None:
+    """Run the model once on two images: a clear error if it cannot take the data's inputs."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:2])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ModelError(
+            f"{role} {label} cannot take inputs of shape {tuple(x.shape[1:])} from {info.name}: {first[:160]}; "
+            "set data.image_size (or the model's input_size/in_channels) to match"
+        ) from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != info.num_classes:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(
+            f"{role} {label} outputs {shape} for a batch of 2, expected (2, {info.num_classes}) logits for "
+            f"{info.name}'s {info.num_classes} classes; set num_classes or adapt the model's forward"
+        )
+
+
+def _eval_loader(data: DataBundle, split: str, cfg: Config, device: torch.device, dist: DistInfo) -> BatchLoader:
+    return BatchLoader(data.split(split), cfg.train.eval_batch_size, shuffle=False, drop_last=False,
+                       mean=data.info.mean, std=data.info.std, device=device, rank=dist.rank, world=dist.world)
+
+
+def prepare(cfg: Config, command: str) -> Config:
+    """Check that the config fits the command (train: a model; distill: a student and a teacher)."""
+    cls = method_class(cfg.method.name)
+    if command == "train":
+        if cls.needs_teacher:
+            raise ConfigError(f"method {cfg.method.name!r} distills from a teacher; use kdkit distill")
+        if cfg.model is None:
+            raise ConfigError("kdkit train needs a 'model' section (model.arch=lenet5, or a module/checkpoint)")
+        if cfg.student is not None or cfg.teacher is not None:
+            raise ConfigError("kdkit train uses 'model'; 'teacher'/'student' belong to kdkit distill configs")
+    else:
+        if not cls.needs_teacher:
+            raise ConfigError(f"method {cfg.method.name!r} trains a model alone; use kdkit train")
+        if cfg.student is None:
+            raise ConfigError("kdkit distill needs a 'student' section (student.arch=lenet5_half)")
+        if cfg.teacher is None or not cfg.teacher.checkpoint:
+            raise ConfigError("kdkit distill needs a trained teacher: teacher.checkpoint=PATH/model.pt")
+        if cfg.model is not None:
+            raise ConfigError("kdkit distill uses 'student' and 'teacher'; 'model' belongs to kdkit train configs")
+    return cfg
+
+
+def execute(cfg: Config, command: str, resume: bool = False) -> RunResult:
+    """Run `command` ("train" or "distill") for `cfg`; with `resume`, continue the run in cfg.output_dir."""
+    prepare(cfg, command)
+    t_start = time.time()
+    dist = init_distributed(cfg.train.device)
+    try:
+        return _execute(cfg, command, resume, dist, t_start)
+    finally:
+        shutdown()
+
+
+def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: float) -> RunResult:
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    if tc.batch_size < dist.world:
+        raise ConfigError(f"train.batch_size={tc.batch_size} is smaller than the {dist.world} processes")
+    seed_everything(cfg.seed, tc.deterministic)
+    device = pick_device(tc.device, dist)
+    data = load_data(cfg.data)
+    info = data.info
+
+    role = "model" if command == "train" else "student"
+    student_spec: ModelConfig = cfg.model if command == "train" else cfg.student  # type: ignore[assignment]
+    built = build_from_config(student_spec, info, role)
+    student, student_spec, student_args = built.model, built.spec, built.args
+    teacher = None
+    if command == "distill":
+        assert cfg.teacher is not None
+        t_built = build_from_config(cfg.teacher, info, "teacher")
+        teacher = t_built.model
+        if t_built.file is not None:
+            _check_normalisation(t_built.file.info, info)
+
+    sample = next(iter(BatchLoader(data.train, min(8, len(data.train)), shuffle=False, drop_last=False,
+                                   mean=info.mean, std=info.std)))
+    check_forward(student, sample.x, info, role, student_spec.label)
+    if teacher is not None:
+        check_forward(teacher, sample.x, info, "teacher", cfg.teacher.label)  # type: ignore[union-attr]
+
+    cls = method_class(cfg.method.name)
+    method: Method = cls(cfg.method.options, student=student, teacher=teacher, info=info, train=tc)
+    method.to(device)
+    method.setup(replace(sample, x=sample.x.to(device)))
+
+    run_dir = make_run_dir(cfg, resume, dist)
+    state = None
+    if resume:
+        _check_same_config(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")), cfg, run_dir)
+        state = load_latest(run_dir / "checkpoint.pt")
+        if state is None:
+            warnings.warn(f"{run_dir} holds no checkpoint yet (stopped in its first epoch); starting it again",
+                          stacklevel=2)
+            if dist.is_main:
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    elif dist.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+    teacher_test = None
+    if teacher is not None:
+        teacher_test = evaluate(teacher.to(device), _eval_loader(data, "test", cfg, device, dist), dist)["accuracy"]
+
+    engine = Engine(method, data, cfg, run_dir=run_dir, dist=dist, device=device)
+    history = engine.fit(resume=state)
+
+    final = method.eval_model()
+    val = evaluate(final, _eval_loader(data, "val", cfg, device, dist), dist) if data.val is not None else None
+    test = evaluate(final, _eval_loader(data, "test", cfg, device, dist), dist)
+    exported = method.export_model()
+    summary: dict[str, Any] = {
+        "name": cfg.name, "command": command, "method": cfg.method.name, "seed": cfg.seed,
+        "test_accuracy": test["accuracy"], "val_accuracy": None if val is None else val["accuracy"],
+        "test_loss": test["loss"], "params": count_params(exported),
+        "wall_time_s": round(time.time() - t_start, 2), "train_time_s": round(engine.elapsed, 2),
+        "model": student_spec.label, "model_args": student_args,
+        "data": {"name": info.name, "train": len(data.train), "val": len(data.val) if data.val is not None else 0,
+                 "test": len(data.test), "input_shape": list(info.input_shape)},
+        "stages": history, "world_size": dist.world, "device": str(device),
+        "global_batch_size": tc.batch_size, "torch": torch.__version__, "kdkit": __version__,
+    }
+    if teacher is not None:
+        summary.update(teacher=cfg.teacher.label, teacher_test_accuracy=teacher_test,  # type: ignore[union-attr]
+                       teacher_params=count_params(teacher))
+    summary.update(method.summary())
+    if dist.is_main:
+        save_model(run_dir / "model.pt", exported, student_spec, student_args, info,
+                   meta={"method": cfg.method.name, "test_accuracy": test["accuracy"], "seed": cfg.seed,
+                         "run_dir": str(run_dir)})
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    barrier(dist)
+    return RunResult(run_dir, summary, exported)
+
+
+def _check_normalisation(trained: DataInfo, info: DataInfo) -> None:
+    diff = max(abs(a - b) for a, b in zip(trained.mean + trained.std, info.mean + info.std))
+    if diff > 0.02:
+        warnings.warn(
+            f"the teacher was trained with normalisation mean={trained.mean} std={trained.std} but this data "
+            f"gives mean={info.mean} std={info.std}; its accuracy may suffer", stacklevel=2)
+
+
+def _check_same_config(saved: dict[str, Any], cfg: Config, run_dir: Path) -> None:
+    now = cfg.to_dict()
+    diffs = [k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k != "output_dir"]
+    if diffs:
+        raise CheckpointError(
+            f"the config differs from the one {run_dir} was started with (in: {', '.join(sorted(diffs))}); "
+            "resume with the run's own config (kdkit distill --resume RUN_DIR)"
+        )

@@ -1,0 +1,44 @@
+"""torchrun with 2 CPU processes (gloo) against 1 process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import kdkit
+
+from .conftest import ROOT, digits_overrides
+
+
+def _run(out, nproc: int) -> dict:
+    args = digits_overrides(out, **{"model.arch": "mlp", "train.epochs": 4, "train.batch_size": 64})
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "kdkit", "train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "kdkit", "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    one = _run(tmp_path / "one", 1)
+    two = _run(tmp_path / "two", 2)
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["global_batch_size"] == one["global_batch_size"] == 64
+    assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 0.003
+    assert abs(two["val_accuracy"] - one["val_accuracy"]) <= 0.003
+    # gradients averaged over two halves of each global batch equal the full-batch gradient: same weights
+    a = kdkit.load(tmp_path / "one" / "model.pt").state_dict()
+    b = kdkit.load(tmp_path / "two" / "model.pt").state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    # only rank 0 wrote: a single set of run files, one line per epoch
+    lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(x["event"] == "epoch" for x in lines) == 4
