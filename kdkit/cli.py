@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="a model.pt written by kdkit")
     e.add_argument("--data", help="dataset name (default: the one the model was trained on)")
     e.add_argument("--root", help="dataset folder (data.root)")
-    e.add_argument("--split", default="test", choices=("test", "val", "train"))
+    e.add_argument("--split", default="test", choices=("test", "train"))
     e.add_argument("--batch-size", type=int, default=512)
 
     m = sub.add_parser("models", help="list the model zoo, or show one model's layer paths")
@@ -94,7 +94,7 @@ def _eval(args: argparse.Namespace) -> int:
     mf = model.kdkit_info
     name = args.data or mf.info.name
     size = mf.info.input_shape[1]
-    cfg = DataConfig(name=name, root=args.root, val_split=0.1 if args.split == "val" else 0.0)
+    cfg = DataConfig(name=name, root=args.root, val_split=0.0)
     cfg.validate("--data")
     bundle = load_data(cfg)
     if bundle.info.input_shape[1:] != tuple(mf.info.input_shape[1:]):

@@ -140,9 +140,12 @@ def execute(cfg: Config, command: str, resume: bool = False) -> RunResult:
     prepare(cfg, command)
     t_start = time.time()
     dist = init_distributed(cfg.train.device)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
         return _execute(cfg, command, resume, dist, t_start)
     finally:
+        torch.set_num_threads(threads)  # leave the process as we found it (demo, notebooks, tests)
+        torch.use_deterministic_algorithms(deterministic)
         shutdown()
 
 
@@ -199,6 +202,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
 
     engine = Engine(method, data, cfg, run_dir=run_dir, dist=dist, device=device)
     history = engine.fit(resume=state)
+    method.finish()
 
     final = method.eval_model()
     val = evaluate(final, _eval_loader(data, "val", cfg, device, dist), dist) if data.val is not None else None

@@ -76,3 +76,40 @@ def test_help_lists_the_commands():
     assert p.returncode == 0
     for cmd in ("train", "distill", "eval", "models", "demo", "torchrun"):
         assert cmd in p.stdout
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    import signal
+    import time
+
+    import torch
+
+    out = tmp_path / "run"
+    args = ["train", "model.arch=mlp", "data.image_size=16", "train.epochs=40", "train.optimizer=adam",
+            f"output_dir={out}", "train.progress=lines"]
+    p = subprocess.Popen([sys.executable, "-m", "kdkit", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and '"event": "epoch"' in metrics.read_text()):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "checkpoint saved; continue with --resume" in err and "Traceback" not in err
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert 1 <= state["position"]["epoch"] < 40
+    assert not (out / "model.pt").exists()
+    assert main(["train", "--resume", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"][0]["epochs"] == 40 and (out / "model.pt").exists()
+
+
+def test_demo_prints_the_table(tmp_path, capsys):
+    assert main(["demo", "--output-dir", str(tmp_path), "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    for row in ("teacher (LeNet-5)", "student alone (LeNet-5-half)", "student with KD"):
+        assert row in out
+    assert "61,706" in out and "15,738" in out
+    for run in ("teacher", "student", "kd"):
+        assert (tmp_path / run / "summary.json").exists()

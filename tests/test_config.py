@@ -81,3 +81,10 @@ def test_bad_files(tmp_path):
 def test_every_shipped_recipe_validates(recipe):
     method = "supervised" if "model" in yaml.safe_load(recipe.read_text()) else "kd"
     load_config(recipe, default_method=method)
+
+
+def test_config_reference_page_is_generated_from_the_schema():
+    from kdkit.docgen import config_reference
+
+    page = (ROOT / "docs" / "config.md").read_text()
+    assert page == config_reference(), "regenerate it: python -m kdkit.docgen > docs/config.md"

@@ -86,23 +86,32 @@ def fmt(values: dict[str, float]) -> str:
 class Progress:
     """A tqdm bar per epoch on a terminal; a plain line per epoch otherwise."""
 
+    #: in "lines" mode, a long epoch prints a progress line at most this often (seconds)
+    LINE_INTERVAL = 30.0
+
     def __init__(self, mode: str, enabled: bool):
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "lines"
         self.mode = mode if enabled else "none"
         self.bar = None
+        self.desc, self.total, self.done, self.last_line = "", 0, 0, 0.0
 
     def start_epoch(self, desc: str, total: int, initial: int = 0) -> None:
+        self.desc, self.total, self.done, self.last_line = desc, total, initial, time.time()
         if self.mode == "bar":
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 
     def step(self, postfix: dict[str, float] | None = None) -> None:
+        self.done += 1
         if self.bar is not None:
             self.bar.update(1)
             if postfix:
                 self.bar.set_postfix_str(fmt(postfix), refresh=False)
+        elif self.mode == "lines" and postfix and time.time() - self.last_line > self.LINE_INTERVAL:
+            self.last_line = time.time()
+            self.say(f"{self.desc}  step {self.done}/{self.total}  {fmt(postfix)}")
 
     def end_epoch(self, line: str) -> None:
         if self.bar is not None:

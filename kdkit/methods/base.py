@@ -115,6 +115,9 @@ class Method(nn.Module):
         """Extra figures for ``summary.json``."""
         return {}
 
+    def finish(self) -> None:
+        """Called once after training: release hooks and other training-only machinery."""
+
     # ---- helpers ----------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith(self.frozen_prefixes)}

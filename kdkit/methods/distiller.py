@@ -56,6 +56,11 @@ class Distiller(Method):
         self.student_taps = Taps(self.student, student_paths)
         self.teacher_taps = Taps(self.teacher, teacher_paths)
 
+    def finish(self) -> None:
+        for taps in (self.student_taps, self.teacher_taps):
+            if taps is not None:
+                taps.remove()
+
     @torch.no_grad()
     def teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher(x)
