@@ -33,7 +33,11 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, text in (("train", "train one model with cross-entropy (config section 'model')"),
                        ("distill", "distill a student from a teacher (sections 'student', 'teacher', 'method')")):
-        s = sub.add_parser(name, help=text, description=text)
+        from .methods import METHODS
+
+        methods = ", ".join(n for n in sorted(METHODS) if not n.startswith("_"))
+        s = sub.add_parser(name, help=text, description=text,
+                           epilog=f"methods (method.name): {methods}. Every key: docs/config.md")
         s.add_argument("config", nargs="?", help="YAML recipe (e.g. configs/mnist/kd.yaml)")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
         s.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR")
@@ -50,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--num-classes", type=int, default=10)
     m.add_argument("--in-channels", type=int, default=3)
 
-    d = sub.add_parser("demo", help="teacher, student alone and KD on the bundled digits data (a few minutes)")
+    d = sub.add_parser("demo", help="teacher, student alone and KD on the bundled digits data (under a minute)")
     d.add_argument("--output-dir", default=None, help="where the three runs go (default runs/demo-<time>)")
     d.add_argument("--epochs", type=int, default=None, help="override every run's epochs (for a quick look)")
     return p
@@ -79,6 +83,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
         cfg = load_config(args.config, overrides, default_method="supervised" if command == "train" else "kd")
     result = execute(cfg, command, resume=resume)
     s = result.summary
+    if not result.is_main:
+        return 0
     print(json.dumps({k: s[k] for k in ("test_accuracy", "val_accuracy", "params", "wall_time_s")}
                      | {"run_dir": str(result.run_dir)}))
     return 0

@@ -37,6 +37,7 @@ class RunResult:
     run_dir: Path | None
     summary: dict[str, Any]
     model: nn.Module
+    is_main: bool = True  # False on torchrun ranks other than 0
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -229,7 +230,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
                          "run_dir": str(run_dir)})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     barrier(dist)
-    return RunResult(run_dir, summary, exported)
+    return RunResult(run_dir, summary, exported, dist.is_main)
 
 
 def _check_normalisation(trained: DataInfo, info: DataInfo) -> None:

@@ -16,6 +16,7 @@ import contextlib
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,9 @@ class Engine:
                 self.scaler.load_state_dict(resume["scaler"])
         stepper: nn.Module = _Stepper(self.method, stage.updates)
         if self.dist.enabled:
+            # DDP warns when a gradient's strides differ from its bucket's only on size-1 dimensions (e.g. a
+            # first conv with one input channel): the memory layout is the same, so the warning is noise.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             stepper = nn.parallel.DistributedDataParallel(
                 stepper, find_unused_parameters=len(stage.updates) > 1 or any(u.repeat > 1 for u in stage.updates))
         if stage.on_start is not None and start.epoch == 0 and start.step == 0:

@@ -19,6 +19,18 @@ from ..errors import ModelError
 AdapterKind = Literal["conv", "conv_bn", "linear", "identity", "auto"]
 
 
+def needs_resize(s_shape: torch.Size, t_shape: torch.Size, names: tuple[str, str], resize: bool) -> bool:
+    """Whether a student map must be resized to the teacher's; an error if it must and `resize` is off."""
+    if len(s_shape) != 4 or s_shape[2:] == t_shape[2:]:
+        return False
+    if not resize:
+        raise ModelError(
+            f"spatial size of student layer {names[0]!r} {tuple(s_shape)} differs from teacher layer "
+            f"{names[1]!r} {tuple(t_shape)}; pick layers of equal resolution or set method.resize=true"
+        )
+    return True
+
+
 class Adapter(nn.Module):
     """Student feature -> teacher feature shape."""
 
@@ -31,13 +43,7 @@ class Adapter(nn.Module):
                 f"{tuple(t_shape)}: both must be [B, C, H, W] maps or [B, D] vectors"
             )
         self.resize_to: tuple[int, int] | None = None
-        if len(s_shape) == 4 and s_shape[2:] != t_shape[2:]:
-            if not resize:
-                raise ModelError(
-                    f"spatial size of student layer {names[0]!r} {tuple(s_shape)} differs from teacher layer "
-                    f"{names[1]!r} {tuple(t_shape)}; pick layers of equal resolution or set the method's "
-                    "resize option"
-                )
+        if needs_resize(s_shape, t_shape, names, resize):
             self.resize_to = (int(t_shape[2]), int(t_shape[3]))
         cs, ct = int(s_shape[1]), int(t_shape[1])
         if kind == "auto":

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import ModelError
 from ..losses import AttentionLoss
+from ..losses.adapters import needs_resize
 from ..schema import opt
 from . import register
 from .pairs import PairDistiller, PairOptions
@@ -22,11 +24,8 @@ from .pairs import PairDistiller, PairOptions
 
 @dataclass
 class AttentionOptions(PairOptions):
-    kd_weight: float = opt(0.0, "weight of the KD (soft-target) term", ge=0)
-    ce_weight: float = opt(1.0, "weight of the cross-entropy term on labels", ge=0)
     at_weight: float = opt(1000.0, "weight of the attention-transfer term", ge=0)
     p: float = opt(2.0, "exponent p of the attention map sum_c |F_c|^p", gt=0)
-    resize: bool = opt(False, "resize the student map to the teacher's spatial size instead of failing")
 
 
 @register
@@ -38,19 +37,11 @@ class AttentionTransfer(PairDistiller):
 
     def make_loss(self, s_shape: torch.Size, t_shape: torch.Size, names: tuple[str, str]) -> nn.Module:
         if len(s_shape) != 4 or len(t_shape) != 4:
-            from ..errors import ModelError
-
             raise ModelError(
                 f"attention transfer needs [B, C, H, W] maps: {names[0]!r} is {tuple(s_shape)}, "
                 f"{names[1]!r} is {tuple(t_shape)}"
             )
-        if s_shape[2:] != t_shape[2:] and not self.opts.resize:
-            from ..errors import ModelError
-
-            raise ModelError(
-                f"spatial size of student layer {names[0]!r} {tuple(s_shape)} differs from teacher layer "
-                f"{names[1]!r} {tuple(t_shape)}; pair layers of equal resolution or set method.resize=true"
-            )
+        needs_resize(s_shape, t_shape, names, self.opts.resize)  # a clear error now, not at the first step
         return AttentionLoss(self.opts.p, self.opts.resize)
 
     def weight(self) -> float:

@@ -23,11 +23,8 @@ from .pairs import PairDistiller, PairOptions
 
 @dataclass
 class FitNetsOptions(PairOptions):
-    kd_weight: float = opt(0.0, "weight of the KD (soft-target) term", ge=0)
-    ce_weight: float = opt(1.0, "weight of the cross-entropy term on labels", ge=0)
     hint_weight: float = opt(100.0, "weight of the hint (MSE) term", ge=0)
     adapter: AdapterKind = opt("auto", "auto (identity if widths match, else 1x1 conv + BN / linear), conv, conv_bn")
-    resize: bool = opt(False, "resize the student map to the teacher's spatial size instead of failing")
 
 
 @register

@@ -23,7 +23,10 @@ from .distiller import Distiller, DistillOptions
 
 @dataclass
 class PairOptions(DistillOptions):
+    kd_weight: float = opt(0.0, "weight of the KD (soft-target) term", ge=0)
+    ce_weight: float = opt(1.0, "weight of the cross-entropy term on labels", ge=0)
     pairs: list[list[str]] = opt([], "[[student_layer, teacher_layer], ...]; default: from the models' stages")
+    resize: bool = opt(False, "resize the student map to the teacher's spatial size instead of failing")
 
     def validate(self, where: str) -> None:
         for i, p in enumerate(self.pairs):
