@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy of a model file on a dataset (prints JSON)")
     e.add_argument("--checkpoint", required=True, help="a model.pt written by kdkit")
     e.add_argument("--data", help="dataset name (default: the one the model was trained on)")
-    e.add_argument("--root", help="dataset folder (data.root)")
+    e.add_argument("--root", help="dataset folder (default: the one the model was trained with)")
     e.add_argument("--split", default="test", choices=("test", "train"))
     e.add_argument("--batch-size", type=int, default=512)
 
@@ -100,7 +100,8 @@ def _eval(args: argparse.Namespace) -> int:
     mf = model.kdkit_info
     name = args.data or mf.info.name
     size = mf.info.input_shape[1]
-    cfg = DataConfig(name=name, root=args.root, val_split=0.0)
+    root = args.root or (mf.meta.get("data_root") if name == mf.info.name else None)
+    cfg = DataConfig(name=name, root=root, val_split=0.0)
     cfg.validate("--data")
     bundle = load_data(cfg)
     if bundle.info.input_shape[1:] != tuple(mf.info.input_shape[1:]):

@@ -227,7 +227,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     if dist.is_main:
         save_model(run_dir / "model.pt", exported, student_spec, student_args, info,
                    meta={"method": cfg.method.name, "test_accuracy": test["accuracy"], "seed": cfg.seed,
-                         "run_dir": str(run_dir)})
+                         "run_dir": str(run_dir), "data_root": cfg.data.root})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     barrier(dist)
     return RunResult(run_dir, summary, exported, dist.is_main)

@@ -11,7 +11,7 @@ from ..errors import DataError
 
 def require_root(root: str | None, dataset: str, expected: str) -> Path:
     if not root:
-        raise DataError(f"dataset {dataset!r} needs data.root: a folder holding {expected}")
+        raise DataError(f"dataset {dataset!r} needs data.root (--root for kdkit eval): a folder holding {expected}")
     p = Path(root).expanduser()
     if not p.is_dir():
         raise DataError(f"data.root {str(p)!r} for dataset {dataset!r} is not a folder; put {expected} there")
