@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdkit: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"kdkit: {e}; continue with --resume", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"kdkit: {e}; continue with --resume", file=sys.stderr)
         return 130
     parser.error(f"unknown command {args.command}")
     return 2

@@ -113,10 +113,13 @@ class Progress:
             self.last_line = time.time()
             self.say(f"{self.desc}  step {self.done}/{self.total}  {fmt(postfix)}")
 
-    def end_epoch(self, line: str) -> None:
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def end_epoch(self, line: str) -> None:
+        self.close()
         self.say(line)
 
     def say(self, line: str) -> None:

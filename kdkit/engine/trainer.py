@@ -178,7 +178,17 @@ class Engine:
 
     # ---- signals ----------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is not None:  # a second Ctrl-C: stop now, without the checkpoint
+            raise KeyboardInterrupt
         self._stop_signal = signum
+
+    def _should_stop(self) -> bool:
+        """Whether a signal asked to stop; under torchrun all ranks agree, so they stop at the same step."""
+        if not self.dist.enabled:
+            return self._stop_signal is not None
+        flag = torch.tensor([0.0 if self._stop_signal is None else 1.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     @contextlib.contextmanager
     def _signals(self):
@@ -277,11 +287,11 @@ class Engine:
                                        global_step=self.global_step, lr=schedules[0].lr,
                                        **{f"train/{k}": v for k, v in st.meter.means().items()})
                 self.progress.step(st.meter.means() if (step + 1) % 10 == 0 else None)
-                if self._stop_signal is not None:
+                if self._should_stop():
                     self._save(_Position(si, epoch, step + 1), st, t0)
-                    self.progress.end_epoch("")
-                    raise Interrupted(f"stopped by signal {self._stop_signal} at stage {stage.name!r} epoch "
-                                      f"{epoch + 1} step {step + 1}; checkpoint saved")
+                    self.progress.close()
+                    raise Interrupted(f"stopped by signal {self._stop_signal or 'on another rank'} at stage "
+                                      f"{stage.name!r} epoch {epoch + 1} step {step + 1}; checkpoint saved")
                 if c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and step + 1 < steps:
                     self._save(_Position(si, epoch, step + 1), st, t0)
 
