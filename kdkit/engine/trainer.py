@@ -228,7 +228,6 @@ class Engine:
 
     def _run_stage(self, si: int, stage: Stage, n_stages: int, start: _Position, resume: dict[str, Any] | None,
                    t0: float) -> None:
-        c = self.train_cfg
         tag = stage.name if n_stages == 1 else f"{stage.name} {si + 1}/{n_stages}"
         loader = self.loader(stage.data, train=True) if stage.data is not None else None
         if loader is not None and len(loader) == 0:
@@ -237,9 +236,32 @@ class Engine:
         if steps <= 0:
             raise TrainingError(f"stage {stage.name!r} reads no data and declares no steps_per_epoch")
         self._set_trainable(stage)
+        st = self._stage_state(stage, steps, resume)
+        stepper = self._stepper(stage)
+        if stage.on_start is not None and start.epoch == 0 and start.step == 0:
+            stage.on_start()
+        for epoch in range(start.epoch, stage.epochs):
+            first_step = start.step if epoch == start.epoch else 0
+            if first_step == 0:
+                st.meter = Meter()
+            epoch_t = time.time()
+            desc = f"[{tag}] epoch {epoch + 1}/{stage.epochs}"
+            self._train_epoch(si, stage, st, stepper, loader, steps, epoch, first_step, desc, t0)
+            record: dict[str, Any] = {f"train/{k}": v for k, v in st.meter.means().items()}
+            record["lr"] = st.schedules[0].lr
+            record.update(self._validate(stage, st, epoch))
+            record["epoch_time_s"] = round(time.time() - epoch_t, 3)
+            self.metrics.write(event="epoch", stage=stage.name, epoch=epoch + 1, global_step=self.global_step, **record)
+            shown = {k.replace("train/", ""): v for k, v in record.items() if k != "epoch_time_s"}
+            self.progress.end_epoch(f"{desc}  {fmt(shown)}  ({record['epoch_time_s']:.1f}s)")
+            self._save(_Position(si, epoch + 1, 0), st, t0)
+        self._end_stage(stage, st, tag)
+
+    def _stage_state(self, stage: Stage, steps: int, resume: dict[str, Any] | None) -> _StageState:
+        """One optimizer and schedule per update, restored from `resume` when continuing the stage."""
         optimizers, schedules = [], []
         for u in stage.updates:
-            ucfg = update_config(c, u.optimizer, f"update {u.name!r} of stage {stage.name!r}")
+            ucfg = update_config(self.train_cfg, u.optimizer, f"update {u.name!r} of stage {stage.name!r}")
             opt = build_optimizer(u.params, ucfg)
             optimizers.append(opt)
             schedules.append(Schedule(opt, ucfg, stage.epochs * steps * u.repeat, steps * u.repeat))
@@ -254,66 +276,61 @@ class Engine:
             st.best_state, st.last_val = resume["best_state"], resume.get("last_val", {})
             if self.scaler is not None and "scaler" in resume:
                 self.scaler.load_state_dict(resume["scaler"])
+        return st
+
+    def _stepper(self, stage: Stage) -> nn.Module:
+        """The module every update's forward goes through: DDP-wrapped under torchrun."""
         stepper: nn.Module = _Stepper(self.method, stage.updates)
         if self.dist.enabled:
             # DDP warns when a gradient's strides differ from its bucket's only on size-1 dimensions (e.g. a
             # first conv with one input channel): the memory layout is the same, so the warning is noise.
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-            stepper = nn.parallel.DistributedDataParallel(
-                stepper, find_unused_parameters=len(stage.updates) > 1 or any(u.repeat > 1 for u in stage.updates))
-        if stage.on_start is not None and start.epoch == 0 and start.step == 0:
-            stage.on_start()
-        val_loader = self.loader("val", train=False) if self.data.val is not None else None
-        select = stage.select or c.select
-        eval_model = stage.evaluate or self.method.eval_model
+            several = len(stage.updates) > 1 or any(u.repeat > 1 for u in stage.updates)
+            stepper = nn.parallel.DistributedDataParallel(stepper, find_unused_parameters=several)
+        return stepper
 
-        for epoch in range(start.epoch, stage.epochs):
-            first_step = start.step if epoch == start.epoch else 0
-            if first_step == 0:
-                st.meter = Meter()
-            epoch_t = time.time()
-            if loader is not None:
-                loader.set_epoch(si * 1_000_003 + epoch)
-                batches = loader.iterate(first_step)
-            else:
-                batches = (None for _ in range(first_step, steps))
-            self.progress.start_epoch(f"[{tag}] epoch {epoch + 1}/{stage.epochs}", steps, first_step)
-            for step, batch in enumerate(batches, start=first_step):
-                losses = self._step(stepper, stage, st, batch, (si, epoch, step))
-                st.meter.add(losses)
-                self.global_step += 1
-                if (step + 1) % c.log_every == 0:
-                    self.metrics.write(event="step", stage=stage.name, epoch=epoch, step=step + 1,
-                                       global_step=self.global_step, lr=schedules[0].lr,
-                                       **{f"train/{k}": v for k, v in st.meter.means().items()})
-                self.progress.step(st.meter.means() if (step + 1) % 10 == 0 else None)
-                if self._should_stop():
-                    self._save(_Position(si, epoch, step + 1), st, t0)
-                    self.progress.close()
-                    raise Interrupted(f"stopped by signal {self._stop_signal or 'on another rank'} at stage "
-                                      f"{stage.name!r} epoch {epoch + 1} step {step + 1}; checkpoint saved")
-                if c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and step + 1 < steps:
-                    self._save(_Position(si, epoch, step + 1), st, t0)
+    def _train_epoch(self, si: int, stage: Stage, st: _StageState, stepper: nn.Module, loader: BatchLoader | None,
+                     steps: int, epoch: int, first_step: int, desc: str, t0: float) -> None:
+        c = self.train_cfg
+        if loader is not None:
+            loader.set_epoch(si * 1_000_003 + epoch)
+            batches: Any = loader.iterate(first_step)
+        else:
+            batches = (None for _ in range(first_step, steps))
+        self.progress.start_epoch(desc, steps, first_step)
+        for step, batch in enumerate(batches, start=first_step):
+            st.meter.add(self._step(stepper, stage, st, batch, (si, epoch, step)))
+            self.global_step += 1
+            if (step + 1) % c.log_every == 0:
+                self.metrics.write(event="step", stage=stage.name, epoch=epoch, step=step + 1,
+                                   global_step=self.global_step, lr=st.schedules[0].lr,
+                                   **{f"train/{k}": v for k, v in st.meter.means().items()})
+            self.progress.step(st.meter.means() if (step + 1) % 10 == 0 else None)
+            if self._should_stop():
+                self._save(_Position(si, epoch, step + 1), st, t0)
+                self.progress.close()
+                raise Interrupted(f"stopped by signal {self._stop_signal or 'on another rank'} at stage "
+                                  f"{stage.name!r} epoch {epoch + 1} step {step + 1}; checkpoint saved")
+            if c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and step + 1 < steps:
+                self._save(_Position(si, epoch, step + 1), st, t0)
 
-            record: dict[str, Any] = {f"train/{k}": v for k, v in st.meter.means().items()}
-            record["lr"] = schedules[0].lr
-            last = epoch + 1 == stage.epochs
-            if val_loader is not None and ((epoch + 1) % c.eval_every == 0 or last):
-                with self.autocast:
-                    st.last_val = evaluate(eval_model(), val_loader, self.dist)
-                record["val/accuracy"], record["val/loss"] = st.last_val["accuracy"], st.last_val["loss"]
-                if select == "best_val" and st.last_val["accuracy"] > st.best_acc:
-                    st.best_acc, st.best_epoch = st.last_val["accuracy"], epoch
-                    st.best_state = {k: v.detach().clone() for k, v in self.method.checkpoint_state().items()}
-            record["epoch_time_s"] = round(time.time() - epoch_t, 3)
-            self.metrics.write(event="epoch", stage=stage.name, epoch=epoch + 1, global_step=self.global_step, **record)
-            shown = {k.replace("train/", ""): v for k, v in record.items() if k != "epoch_time_s"}
-            self.progress.end_epoch(f"[{tag}] epoch {epoch + 1}/{stage.epochs}  {fmt(shown)}  "
-                                    f"({record['epoch_time_s']:.1f}s)")
-            self._save(_Position(si, epoch + 1, 0), st, t0)
+    def _validate(self, stage: Stage, st: _StageState, epoch: int) -> dict[str, float]:
+        """Validation accuracy when due; remembers the best state (validation split only)."""
+        c = self.train_cfg
+        if self.data.val is None or not ((epoch + 1) % c.eval_every == 0 or epoch + 1 == stage.epochs):
+            return {}
+        model = (stage.evaluate or self.method.eval_model)()
+        with self.autocast:
+            st.last_val = evaluate(model, self.loader("val", train=False), self.dist)
+        if (stage.select or c.select) == "best_val" and st.last_val["accuracy"] > st.best_acc:
+            st.best_acc, st.best_epoch = st.last_val["accuracy"], epoch
+            st.best_state = {k: v.detach().clone() for k, v in self.method.checkpoint_state().items()}
+        return {"val/accuracy": st.last_val["accuracy"], "val/loss": st.last_val["loss"]}
 
+    def _end_stage(self, stage: Stage, st: _StageState, tag: str) -> None:
+        """Keep the selected state, run the stage's end hook, record the stage."""
         result: dict[str, Any] = {"stage": stage.name, "epochs": stage.epochs}
-        if select == "best_val" and st.best_state is not None:
+        if (stage.select or self.train_cfg.select) == "best_val" and st.best_state is not None:
             self.method.load_checkpoint_state(st.best_state)
             result.update(selected_epoch=st.best_epoch + 1, val_accuracy=st.best_acc)
             if st.best_epoch + 1 != stage.epochs:
