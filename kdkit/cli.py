@@ -5,6 +5,7 @@
     kdkit train|distill --resume RUN_DIR        continue an interrupted run to the same result
     kdkit eval --checkpoint PATH [--data NAME --root DIR]
     kdkit models [NAME]                         the zoo, or one model's layer paths and parts
+    kdkit report RUN_DIR [RUN_DIR ...]          curves, per-path weights and report.md of runs
     kdkit demo                                  teacher, student alone and KD on digits, in a table
 
 Every user error prints one line ``kdkit: error: ...`` and exits with status 2.
@@ -54,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("name", nargs="?", help="a zoo model: print its stages, classifier and module paths")
     m.add_argument("--num-classes", type=int, default=10)
     m.add_argument("--in-channels", type=int, default=3)
+
+    r = sub.add_parser("report", help="plots (curves, per-path weights) and report.md for runs")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
 
     d = sub.add_parser("demo", help="teacher, student alone and KD on the bundled digits data (under a minute)")
     d.add_argument("--output-dir", default=None, help="where the three runs go (default runs/demo-<time>)")
@@ -158,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "models":
             return _models(args)
+        if args.command == "report":
+            from .report import report
+
+            for f in report(args.run_dirs):
+                print(f)
+            return 0
         if args.command == "demo":
             from .demo import run_demo
 

@@ -7,8 +7,10 @@ A test checks that the committed page equals this output, so the reference never
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+import typing
 from typing import Any
 
 from .config import AugmentConfig, DataConfig, TrainConfig
@@ -28,6 +30,23 @@ def _table(cls: type, prefix: str) -> list[str]:
         text = text.replace("|", "\\|")
         rows.append(f"| `{prefix}{name}` | {tp.replace('|', '/')} | `{_yaml(default)}` | {text} |")
     return rows
+
+
+def _nested(cls: type) -> list[tuple[str, type]]:
+    """(field, dataclass) for dataclasses that appear inside the type of a field of `cls` (e.g. list[A | B])."""
+    found = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        name, tp = f.name, hints[f.name]
+        stack = [tp]
+        while stack:
+            t = stack.pop()
+            if dataclasses.is_dataclass(t) and t is not cls:
+                found.append((name, t))
+            stack.extend(typing.get_args(t))
+    return found
 
 
 def config_reference() -> str:
@@ -77,8 +96,10 @@ def config_reference() -> str:
         if name.startswith("_"):
             continue
         cls = METHODS[name]
-        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-        out += ["", f"### `{name}`", "", doc[0] if doc else "", "", *_table(cls.Options, "method.")]
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        out += ["", f"### `{name}`", "", doc, "", *_table(cls.Options, "method.")]
+        for key, nested in _nested(cls.Options):
+            out += ["", f"Each entry of `method.{key}` may be a mapping with:", "", *_table(nested, "")]
     return "\n".join(out) + "\n"
 
 

@@ -48,7 +48,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors: list[tuple[Any, ConfigError]] = []
         # try the most specific alternatives first so 3 stays an int in `int | float`
         for alt in sorted(args, key=lambda a: 0 if a in (bool, int) else 1):
             if alt is type(None):
@@ -56,7 +56,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             try:
                 return _coerce(value, alt, where)
             except ConfigError as e:
-                errors.append(e)
+                errors.append((alt, e))
+        for alt, e in errors:  # a string meant as one of a few names: the did-you-mean is the useful error
+            if isinstance(value, str) and get_origin(alt) is Literal:
+                raise e
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = get_args(tp)
@@ -160,7 +163,7 @@ def parse(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 def to_dict(obj: Any) -> Any:
     """A dataclass tree as plain dicts/lists (for YAML and JSON)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -173,6 +176,8 @@ def describe(cls: type) -> list[tuple[str, str, Any, str]]:
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:

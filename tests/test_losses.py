@@ -80,7 +80,7 @@ def test_adapter_shapes_and_errors():
     assert lin(torch.randn(2, 8)).shape == (2, 5)
     with pytest.raises(ModelError, match="spatial size.*'s.l'.*'t.l'"):
         Adapter(torch.Size([2, 8, 4, 4]), torch.Size([2, 8, 8, 8]), names=("s.l", "t.l"))
-    r = Adapter(torch.Size([2, 8, 4, 4]), torch.Size([2, 8, 8, 8]), resize=True)
+    r = Adapter(torch.Size([2, 8, 4, 4]), torch.Size([2, 8, 8, 8]), spatial="resize")
     assert r(torch.randn(2, 8, 4, 4)).shape == (2, 8, 8, 8)
     with pytest.raises(ModelError, match="maps or"):
         Adapter(torch.Size([2, 8]), torch.Size([2, 8, 4, 4]))
@@ -100,3 +100,19 @@ def test_attention_loss_spatial_mismatch():
     with pytest.raises(ModelError, match="differ in size"):
         AttentionLoss()(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 8, 8))
     assert AttentionLoss(resize=True)(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 8, 8)).item() >= 0
+
+
+@pytest.mark.parametrize("cin", [3, 32])
+def test_pointwise_is_a_1x1_convolution(cin):
+    from kdkit.losses.adapters import Pointwise
+
+    torch.manual_seed(0)
+    p = Pointwise(cin, 5)
+    conv = nn.Conv2d(cin, 5, 1)
+    conv.load_state_dict(p.state_dict())
+    x = torch.randn(4, cin, 6, 7, requires_grad=True)
+    y1, y2 = p(x), conv(x)
+    assert isinstance(p, nn.Conv2d) and torch.allclose(y1, y2, atol=1e-5)
+    g1 = torch.autograd.grad(y1.square().sum(), [x, p.weight])
+    g2 = torch.autograd.grad(y2.square().sum(), [x, conv.weight])
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g1, g2))

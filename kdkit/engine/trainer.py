@@ -250,6 +250,8 @@ class Engine:
             record: dict[str, Any] = {f"train/{k}": v for k, v in st.meter.means().items()}
             record["lr"] = st.schedules[0].lr
             record.update(self._validate(stage, st, epoch))
+            if stage.on_epoch_end is not None:
+                record.update(stage.on_epoch_end(epoch) or {})
             record["epoch_time_s"] = round(time.time() - epoch_t, 3)
             self.metrics.write(event="epoch", stage=stage.name, epoch=epoch + 1, global_step=self.global_step, **record)
             shown = {k.replace("train/", ""): v for k, v in record.items() if k != "epoch_time_s"}

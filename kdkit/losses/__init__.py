@@ -4,5 +4,10 @@ from .adapters import Adapter
 from .attention import AttentionLoss, attention_map
 from .hint import HintLoss
 from .kd import KDLoss, kd_loss
+from .nst import NSTLoss, gram
+from .regression import FeatureMapLoss, SoftmaxRegressionLoss, logit_regression, pooled
 
-__all__ = ["Adapter", "AttentionLoss", "HintLoss", "KDLoss", "attention_map", "kd_loss"]
+__all__ = [
+    "Adapter", "AttentionLoss", "FeatureMapLoss", "HintLoss", "KDLoss", "NSTLoss", "SoftmaxRegressionLoss",
+    "attention_map", "gram", "kd_loss", "logit_regression", "pooled",
+]

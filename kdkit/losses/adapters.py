@@ -2,8 +2,9 @@
 
 4-D features ``[B, C, H, W]`` get a 1x1 convolution (optionally followed by BatchNorm, the FitNets /
 multi-path default); 2-D features ``[B, D]`` a linear map. Equal widths need no adapter unless one is
-asked for. A spatial size mismatch is an error naming both layers and shapes, unless ``resize`` is set,
-in which case the student map is resized (bilinear) to the teacher's size.
+asked for. A spatial size mismatch is an error naming both layers and shapes (``spatial="same"``), or the
+student map is resized bilinearly to the teacher's size (``"resize"``), or it is left alone (``"any"``,
+for losses that pool over positions).
 """
 
 from __future__ import annotations
@@ -17,6 +18,29 @@ from torch import nn
 from ..errors import ModelError
 
 AdapterKind = Literal["conv", "conv_bn", "linear", "identity", "auto"]
+#: what an adapter does when the spatial sizes differ: fail, resize the student map, or ignore it (for
+#: losses that pool or take Gram matrices and so do not compare positions)
+Spatial = Literal["same", "resize", "any"]
+
+
+class Pointwise(nn.Conv2d):
+    """A 1x1 convolution: the weights, initialisation and results of ``nn.Conv2d(cin, cout, 1)``.
+
+    On the CPU with few input channels it is computed as a matrix product over channels, which measured
+    5-10x faster here than the convolution kernels (3 -> 6 channels at 14x14, batch 256: 0.5 ms against
+    5.2 ms forward and backward); from 16 input channels on the convolution kernels are as fast or faster.
+    """
+
+    MATMUL_BELOW = 16
+
+    def __init__(self, cin: int, cout: int, bias: bool = True):
+        super().__init__(cin, cout, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or self.in_channels >= self.MATMUL_BELOW:
+            return super().forward(x)
+        y = torch.einsum("oc,bchw->bohw", self.weight.flatten(1), x)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
 
 def needs_resize(s_shape: torch.Size, t_shape: torch.Size, names: tuple[str, str], resize: bool) -> bool:
@@ -35,7 +59,7 @@ class Adapter(nn.Module):
     """Student feature -> teacher feature shape."""
 
     def __init__(self, s_shape: torch.Size, t_shape: torch.Size, kind: AdapterKind = "auto",
-                 resize: bool = False, names: tuple[str, str] = ("student", "teacher")):
+                 spatial: Spatial = "same", names: tuple[str, str] = ("student", "teacher")):
         super().__init__()
         if len(s_shape) != len(t_shape) or len(s_shape) not in (2, 4):
             raise ModelError(
@@ -43,7 +67,7 @@ class Adapter(nn.Module):
                 f"{tuple(t_shape)}: both must be [B, C, H, W] maps or [B, D] vectors"
             )
         self.resize_to: tuple[int, int] | None = None
-        if needs_resize(s_shape, t_shape, names, resize):
+        if spatial != "any" and needs_resize(s_shape, t_shape, names, spatial == "resize"):
             self.resize_to = (int(t_shape[2]), int(t_shape[3]))
         cs, ct = int(s_shape[1]), int(t_shape[1])
         if kind == "auto":
@@ -57,9 +81,9 @@ class Adapter(nn.Module):
         elif len(s_shape) == 2:
             self.map = nn.Linear(cs, ct)
         elif kind == "conv":
-            self.map = nn.Conv2d(cs, ct, 1)
+            self.map = Pointwise(cs, ct)
         elif kind == "conv_bn":
-            self.map = nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
+            self.map = nn.Sequential(Pointwise(cs, ct, bias=False), nn.BatchNorm2d(ct))
         else:  # linear on a map
             raise ModelError(f"adapter {kind!r} does not apply to the 4-D feature of {names[0]!r}; use conv or conv_bn")
         self.kind = kind

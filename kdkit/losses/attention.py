@@ -21,7 +21,8 @@ def attention_map(f: torch.Tensor, p: float = 2.0, eps: float = 1e-12) -> torch.
     """``[B, C, H, W] -> [B, H*W]``: L2-normalised channel sum of |F|^p."""
     if f.dim() != 4:
         raise ModelError(f"attention transfer needs [B, C, H, W] feature maps, got shape {tuple(f.shape)}")
-    a = f.float().abs().pow(p).sum(dim=1).flatten(1)
+    f = f.float()
+    a = (f * f if p == 2 else f.abs().pow(p)).sum(dim=1).flatten(1)
     return F.normalize(a, p=2, dim=1, eps=eps)
 
 

@@ -70,6 +70,8 @@ class Stage:
     select: str | None = None
     on_start: Callable[[], None] | None = None
     on_end: Callable[[], None] | None = None
+    #: called after each epoch (after validation) with the epoch index; may return figures to log
+    on_epoch_end: Callable[[int], dict[str, float] | None] | None = None
 
     def trainable(self) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}

@@ -35,7 +35,7 @@ class FitNets(PairDistiller):
     term = "hint"
 
     def make_loss(self, s_shape: torch.Size, t_shape: torch.Size, names: tuple[str, str]) -> nn.Module:
-        return HintLoss(Adapter(s_shape, t_shape, self.opts.adapter, self.opts.resize, names))
+        return HintLoss(Adapter(s_shape, t_shape, self.opts.adapter, "resize" if self.opts.resize else "same", names))
 
     def weight(self) -> float:
         return self.opts.hint_weight

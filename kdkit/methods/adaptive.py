@@ -1,0 +1,298 @@
+"""Adaptive multi-path distillation (Chennupati, Kamani, Cheng & Chen, "Adaptive Distillation: Aggregating
+Knowledge from Multiple Paths for Efficient Distillation", BMVC 2021).
+
+Knowledge flows along several paths at once, each one loss ``L_i`` between the student and the teacher:
+
+=====================  =============================================================================
+``soft_target``        T^2 * KL(softmax(z_t/T) || softmax(z_s/T))                      (Hinton et al.)
+``logits``             mean((z_s - z_t)^2)                                              (Ba & Caruana)
+``hint``               mean((r(F_s) - F_t)^2) on layer pairs, r a learned adapter            (FitNets)
+``attention``          mean((A(F_s) - A(F_t))^2), A the normalised channel sum of |F|^2           (AT)
+``nst``                mean((G(r(F_s)) - G(F_t))^2), G the Gram of L2-normalised channel maps   (NST)
+``feature_map``        mean((pool(r(F_s)) - pool(F_t))^2), globally pooled features        (SRRL FM)
+``softmax_regression`` mean((h_t(r(e_s)) - z_t)^2), student embedding through the teacher's frozen
+                       classifier h_t                                                     (SRRL SR)
+``ce``                 CE(z_s, y), when labels are to be weighted like a path
+=====================  =============================================================================
+
+Feature paths take a list of ``[student_layer, teacher_layer]`` pairs (default: every pair of matched
+stages whose outputs are both feature maps), summed into one path or kept one path per pair
+(``layer_wise``). Adapters (1x1 conv + BN for maps, linear for vectors) are created from the observed
+shapes where widths differ, one per layer pair, shared by the paths that use that pair.
+
+The paths become one loss through a :mod:`kdkit.weighting` strategy; the paper's adaptive rule is
+``uncertainty``:
+
+    L = ce_weight * CE(z_s, y) + alpha * ( sum_i exp(-s_i) w_i L_i + sum_i s_i )
+
+with s_i learned with the student (init 0, no weight decay) and w_i the per-path ``weight``. Effective
+weights are logged to ``metrics.jsonl`` every epoch (``weight/<path>``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import Batch
+from ..errors import ConfigError, ModelError
+from ..losses import Adapter, AttentionLoss, NSTLoss, SoftmaxRegressionLoss, kd_loss
+from ..losses.adapters import AdapterKind, needs_resize
+from ..losses.regression import feature_map_loss, logit_regression
+from ..models import model_parts
+from ..schema import opt
+from ..taps import resolve
+from ..weighting import LossWeighting, make_weighting
+from . import register
+from .base import Stage, Update, params_of
+from .distiller import Distiller
+from .pairs import matched_stages
+
+PathKind = Literal["soft_target", "logits", "hint", "attention", "nst", "feature_map", "softmax_regression", "ce"]
+FEATURE_PATHS = ("hint", "attention", "nst", "feature_map")
+ADAPTED = ("hint", "nst", "feature_map")  # paths that compare adapted student features
+
+
+@dataclass
+class PathSpec:
+    name: PathKind = opt("soft_target", "the kind of path")
+    pairs: list[list[str]] = opt([], "feature paths: [[student_layer, teacher_layer], ...] (default: matched stages)")
+    weight: float = opt(1.0, "the path's weight w_i (the fixed weight, or the prior of adaptive weightings)", ge=0)
+    label: str | None = opt(None, "name in logs and metrics (default: the kind)")
+
+
+@dataclass
+class AdaptiveOptions:
+    paths: list[PathKind | PathSpec] = opt(
+        ["soft_target", "logits", "attention", "nst"],
+        "paths: kinds, or mappings {name, pairs, weight, label}; default: the paper's four")
+    weighting: Literal["equal", "fixed", "uncertainty", "gradnorm", "dwa"] = opt(
+        "uncertainty", "how the paths become one loss (see kdkit.weighting)")
+    alpha: float = opt(1.0, "weight of the aggregated distillation loss against the CE term", ge=0)
+    ce_weight: float = opt(1.0, "weight of the cross-entropy on labels, outside the weighting (0: labels unused)", ge=0)
+    temperature: float = opt(4.0, "softmax temperature T of the soft_target path", gt=0)
+    layer_wise: bool = opt(False, "one path per layer pair for feature paths, instead of their sum")
+    adapter: AdapterKind = opt("auto", "adapter kind where widths differ: auto (1x1 conv + BN / linear), conv, conv_bn")
+    resize: bool = opt(False, "hint/attention: resize student maps to the teacher's size instead of failing")
+    student_classifier: str | None = opt(None, "softmax_regression: the student's classifier (default: found)")
+    teacher_classifier: str | None = opt(None, "softmax_regression: the teacher's classifier (default: found)")
+    gradnorm_alpha: float = opt(1.5, "GradNorm asymmetry alpha", ge=0)
+    gradnorm_lr: float = opt(0.025, "GradNorm learning rate of the loss weights", gt=0)
+    gradnorm_layer: str | None = opt(None, "GradNorm shared weights W: a student module (default: its first stage)")
+    dwa_temperature: float = opt(2.0, "DWA temperature T", gt=0)
+    specs: list[PathSpec] = field(default_factory=list, init=False, repr=False)
+
+    def validate(self, where: str) -> None:
+        self.specs = [p if isinstance(p, PathSpec) else PathSpec(name=p) for p in self.paths]
+        if not self.specs:
+            raise ConfigError(f"{where}.paths: give at least one path")
+        labels = [s.label or s.name for s in self.specs]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ConfigError(f"{where}.paths: {', '.join(dup)} appear(s) twice; give each a distinct 'label'")
+        for s in self.specs:
+            if s.pairs and s.name not in FEATURE_PATHS:
+                raise ConfigError(f"{where}.paths: '{s.name}' compares outputs, not layers; remove its pairs")
+            for p in s.pairs:
+                if len(p) != 2:
+                    raise ConfigError(f"{where}.paths: {s.name} pair {p} is not [student_layer, teacher_layer]")
+        if "ce" in labels and self.ce_weight > 0:
+            raise ConfigError(f"{where}: CE is both a path and ce_weight={self.ce_weight}; set ce_weight=0")
+
+
+@dataclass
+class _Path:
+    label: str
+    kind: str
+    pairs: list[tuple[str, str]]
+    weight: float
+
+
+def _pair_key(i: int) -> str:
+    return f"pair{i}"
+
+
+@register
+class Adaptive(Distiller):
+    name = "adaptive"
+    Options = AdaptiveOptions
+
+    def __init__(self, opts: AdaptiveOptions, **kw: Any):
+        super().__init__(opts, **kw)
+        self.specs = opts.specs
+        kinds = {s.name for s in self.specs}
+        # candidate pairs for feature paths without explicit ones: all matched stages; maps only, chosen in setup
+        self.default_pairs: list[tuple[str, str]] = []
+        if any(s.name in FEATURE_PATHS and not s.pairs for s in self.specs):
+            self.default_pairs = matched_stages(self.student, self.teacher, "all")
+        self.s_head = self.t_head = None
+        if "softmax_regression" in kinds:
+            self.s_head = model_parts(self.student, classifier=opts.student_classifier).classifier
+            self.t_head = model_parts(self.teacher, classifier=opts.teacher_classifier).classifier
+        explicit = [tuple(p) for s in self.specs for p in s.pairs]
+        s_paths = [s for s, _ in explicit + self.default_pairs] + ([f"{self.s_head}:input"] if self.s_head else [])
+        t_paths = [t for _, t in explicit + self.default_pairs]
+        self.tap(s_paths, t_paths)  # every path checked now, with the closest valid paths on error
+        self.shared_layer = opts.gradnorm_layer
+        if opts.weighting == "gradnorm":
+            self.shared_layer = self.shared_layer or (model_parts(self.student).stages or (None,))[0]
+            if self.shared_layer is None:
+                raise ModelError("gradnorm weighting needs shared weights: set method.gradnorm_layer to a student "
+                                 "module")
+            resolve(self.student, self.shared_layer)
+        self.paths: list[_Path] = []
+        self.pair_index: dict[tuple[str, str], int] = {}
+        self.adapters = nn.ModuleDict()
+        self.path_losses = nn.ModuleDict()
+        self.weighting: LossWeighting | None = None
+
+    # ---- construction from observed shapes ----------------------------------------------------
+    @torch.no_grad()
+    def setup(self, sample: Batch) -> None:
+        was = self.student.training
+        self.student.eval()
+        self.teacher_forward(sample.x[:2])
+        self.student(sample.x[:2])
+        self.student.train(was)
+        assert self.student_taps is not None and self.teacher_taps is not None
+        shapes = {("s", p): v.shape for p, v in self.student_taps.values.items()}
+        shapes.update({("t", p): v.shape for p, v in self.teacher_taps.values.items()})
+        maps = [(s, t) for s, t in self.default_pairs if len(shapes[("s", s)]) == 4 and len(shapes[("t", t)]) == 4]
+        for spec in self.specs:
+            label = spec.label or spec.name
+            if spec.name not in FEATURE_PATHS:
+                self.paths.append(_Path(label, spec.name, [], spec.weight))
+                continue
+            pairs = [(s, t) for s, t in spec.pairs] or maps
+            if not pairs:
+                raise ModelError(
+                    f"path {label!r}: no pair of matched stages outputs feature maps in both models; "
+                    "give the path's pairs: {name: " + spec.name + ", pairs: [[student_layer, teacher_layer]]}"
+                )
+            for s, t in pairs:
+                self._check_pair(spec.name, s, t, shapes[("s", s)], shapes[("t", t)], sample.x.device)
+            if self.opts.layer_wise:
+                self.paths += [_Path(f"{label}:{s}", spec.name, [(s, t)], spec.weight) for s, t in pairs]
+            else:
+                self.paths.append(_Path(label, spec.name, pairs, spec.weight))
+        if self.s_head is not None:
+            emb = shapes[("s", f"{self.s_head}:input")]
+            head = resolve(self.teacher, self.t_head)
+            if not isinstance(head, nn.Linear):
+                raise ModelError(f"softmax_regression: the teacher's classifier {self.t_head!r} is a "
+                                 f"{type(head).__name__}, not nn.Linear; set method.teacher_classifier")
+            adapter = Adapter(torch.Size([emb[0], int(torch.tensor(emb[1:]).prod())]),
+                              torch.Size([emb[0], head.in_features]), "auto", "any",
+                              (f"{self.s_head}:input", f"{self.t_head}:input"))
+            self.path_losses["softmax_regression"] = SoftmaxRegressionLoss(head, adapter).to(sample.x.device)
+        if any(p.kind == "attention" for p in self.paths):
+            self.path_losses["attention"] = AttentionLoss(resize=self.opts.resize)
+        self.path_losses["nst"] = NSTLoss()
+        self.weighting = make_weighting(
+            self.opts.weighting, [p.label for p in self.paths], {p.label: p.weight for p in self.paths},
+            shared=self._shared_params, gradnorm_alpha=self.opts.gradnorm_alpha, gradnorm_lr=self.opts.gradnorm_lr,
+            dwa_temperature=self.opts.dwa_temperature,
+        ).to(sample.x.device)
+        self.student_taps.clear()
+        self.teacher_taps.clear()
+
+    def _check_pair(self, kind: str, s: str, t: str, s_shape: torch.Size, t_shape: torch.Size,
+                    device: torch.device) -> None:
+        if kind in ("attention", "nst") and (len(s_shape) != 4 or len(t_shape) != 4):
+            raise ModelError(f"path {kind!r} needs [B, C, H, W] maps: student {s!r} is {tuple(s_shape)}, "
+                             f"teacher {t!r} is {tuple(t_shape)}; pick convolutional layers")
+        if kind in ("hint", "attention"):
+            needs_resize(s_shape, t_shape, (s, t), self.opts.resize)
+        if kind in ADAPTED and (s, t) not in self.pair_index:
+            i = self.pair_index[(s, t)] = len(self.pair_index)
+            spatial = "resize" if self.opts.resize else "any"
+            self.adapters[_pair_key(i)] = Adapter(s_shape, t_shape, self.opts.adapter, spatial, (s, t)).to(device)
+
+    def _shared_params(self) -> list[nn.Parameter]:
+        return list(resolve(self.student, self.shared_layer).parameters()) if self.shared_layer else []
+
+    # ---- training -------------------------------------------------------------------------------
+    def adapted(self, s: str, t: str, cache: dict[tuple[str, str], torch.Tensor]) -> torch.Tensor:
+        """The student feature at `s` mapped to the teacher's width at `t`, computed once per step."""
+        if (s, t) not in cache:
+            assert self.student_taps is not None
+            cache[(s, t)] = self.adapters[_pair_key(self.pair_index[(s, t)])](self.student_taps[s])
+        return cache[(s, t)]
+
+    def path_loss(self, path: _Path, batch: Batch, s_logits: torch.Tensor, t_logits: torch.Tensor,
+                  cache: dict[tuple[str, str], torch.Tensor] | None = None) -> torch.Tensor:
+        """The raw (unweighted) loss of one path on the current batch (`cache` shares adapted features)."""
+        assert self.student_taps is not None and self.teacher_taps is not None
+        cache = {} if cache is None else cache
+        k = path.kind
+        if k == "soft_target":
+            return kd_loss(s_logits, t_logits, self.opts.temperature)
+        if k == "logits":
+            return logit_regression(s_logits, t_logits)
+        if k == "ce":
+            if batch.y is None:
+                raise ModelError("the 'ce' path needs labels, but this data has none; remove it")
+            return F.cross_entropy(s_logits, batch.y)
+        if k == "softmax_regression":
+            return self.path_losses["softmax_regression"](self.student_taps[f"{self.s_head}:input"], t_logits)
+        total = s_logits.new_zeros(())
+        for s, t in path.pairs:
+            ft = self.teacher_taps[t].detach()
+            if k == "attention":
+                total = total + self.path_losses["attention"](self.student_taps[s], ft)
+                continue
+            fs = self.adapted(s, t, cache)
+            if k == "hint":
+                total = total + F.mse_loss(fs.float(), ft.float())
+            elif k == "nst":
+                total = total + self.path_losses["nst"](fs, ft)
+            else:  # feature_map: the adapter is already applied
+                total = total + feature_map_loss(fs, ft)
+        return total
+
+    def student_step(self, batch: Batch | None) -> dict[str, torch.Tensor]:
+        assert batch is not None and self.weighting is not None
+        t_logits = self.teacher_forward(batch.x)
+        s_logits = self.student(batch.x)
+        cache: dict[tuple[str, str], torch.Tensor] = {}
+        raw = {p.label: self.path_loss(p, batch, s_logits, t_logits, cache) for p in self.paths}
+        total = self.opts.alpha * self.weighting(raw)
+        out = {f"path/{k}": v.detach() for k, v in raw.items()}
+        if self.opts.ce_weight > 0:
+            if batch.y is None:
+                raise ModelError("ce_weight > 0 but the data has no labels; set method.ce_weight=0")
+            ce = F.cross_entropy(s_logits, batch.y)
+            out["ce"] = ce.detach()
+            total = total + self.opts.ce_weight * ce
+        assert self.student_taps is not None and self.teacher_taps is not None
+        self.student_taps.clear()
+        self.teacher_taps.clear()
+        return {"loss": total, **out}
+
+    def extra_modules(self) -> list[nn.Module]:
+        return [self.adapters, self.path_losses]
+
+    def effective_weights(self) -> dict[str, float]:
+        assert self.weighting is not None
+        return {f"weight/{k}": v * self.opts.alpha for k, v in self.weighting.effective_weights().items()}
+
+    def _end_epoch(self, epoch: int) -> dict[str, float]:
+        assert self.weighting is not None
+        weights = self.effective_weights()  # the weights in force during the epoch that just ended
+        self.weighting.end_epoch()
+        return weights
+
+    def stages(self) -> list[Stage]:
+        assert self.weighting is not None, "setup() must run before stages()"
+        trained = [self.student, self.adapters, self.path_losses]
+        params: list[Any] = params_of(*trained) + self.weighting.param_groups()
+        return [Stage("distill", [Update("student", params, self.student_step)], self.train_cfg.epochs,
+                      train_modules=[*trained, self.weighting], on_epoch_end=self._end_epoch)]
+
+    def summary(self) -> dict[str, Any]:
+        return {"paths": [p.label for p in self.paths], "weighting": self.opts.weighting,
+                "final_weights": self.effective_weights() if self.weighting is not None else {}}

@@ -1,0 +1,227 @@
+"""How several named losses become one objective.
+
+A weighting takes any mapping ``{name: scalar loss}`` (distillation paths here, but equally segmentation
+or detection terms) and returns one scalar. Each loss ``L_i`` has a hand-given prior weight ``w_i``
+(default 1) and a multiplier ``m_i`` chosen by the strategy; the *effective weight* ``m_i * w_i`` is what
+:meth:`LossWeighting.effective_weights` reports.
+
+* ``equal``:       L = sum_i L_i                                          (priors ignored)
+* ``fixed``:       L = sum_i w_i L_i
+* ``uncertainty``: L = sum_i exp(-s_i) w_i L_i + sum_i s_i, with learnable s_i (init 0) trained with the
+  model. The rule of Chennupati et al., "Adaptive Distillation: Aggregating Knowledge from Multiple Paths
+  for Efficient Distillation" (BMVC 2021), after Kendall et al. (CVPR 2018). At the optimum
+  exp(-s_i) = 1 / (w_i L_i): paths with a large loss are weighted down.
+* ``gradnorm``:    L = sum_i g_i w_i L_i (Chen et al., "GradNorm", ICML 2018). After each step the g_i move
+  so that the gradient norms G_i = ||grad_W g_i w_i L_i|| on shared weights W approach
+  mean(G) * r_i^alpha, r_i = (L_i(t)/L_i(0)) / mean_j(L_j(t)/L_j(0)) (slower-learning losses get more
+  weight), by gradient descent on sum_i |G_i - target_i|; then sum_i g_i = number of losses. The descent
+  is on u_i = log g_i with the gradient taken relative to mean(g G): the same objective, but steps are
+  relative (g stays positive, and the learning rate does not depend on the losses' scale, which with
+  plain steps on g made the weights of very unequal losses oscillate).
+* ``dwa``:         L = sum_i lambda_i w_i L_i (Liu et al., "End-to-End Multi-Task Learning with Attention",
+  CVPR 2019): lambda_i(t) = K exp(r_i / T) / sum_j exp(r_j / T), r_i = Lbar_i(t-1) / Lbar_i(t-2) from the
+  mean losses of the two previous epochs; lambda = 1 for the first two epochs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import ConfigError
+
+WEIGHTINGS = ("equal", "fixed", "uncertainty", "gradnorm", "dwa")
+
+
+def _all_mean(t: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over torchrun processes (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t
+
+
+class LossWeighting(nn.Module):
+    kind: ClassVar[str] = ""
+    uses_priors: ClassVar[bool] = True
+
+    def __init__(self, names: Sequence[str], priors: Mapping[str, float] | None = None):
+        super().__init__()
+        if len(set(names)) != len(names) or not names:
+            raise ConfigError(f"weighting needs distinct loss names, got {list(names)}")
+        self.names = list(names)
+        priors = dict(priors or {})
+        unknown = sorted(set(priors) - set(self.names))
+        if unknown:
+            raise ConfigError(f"weights given for unknown losses {unknown}; losses: {self.names}")
+        w = [float(priors.get(n, 1.0)) if self.uses_priors else 1.0 for n in self.names]
+        self.register_buffer("prior", torch.tensor(w))
+
+    def stack(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        missing = [n for n in self.names if n not in losses]
+        if missing or len(losses) != len(self.names):
+            extra = sorted(set(losses) - set(self.names))
+            raise ValueError(f"weighting expected losses {self.names}; missing {missing}, unexpected {extra}")
+        return torch.stack([losses[n].float().reshape(()) for n in self.names])
+
+    def multipliers(self) -> torch.Tensor:
+        return torch.ones_like(self.prior)
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return (self.multipliers() * self.prior * self.stack(losses)).sum()
+
+    def effective_weights(self) -> dict[str, float]:
+        w = (self.multipliers().detach() * self.prior).tolist()
+        return dict(zip(self.names, w))
+
+    def end_epoch(self) -> None:
+        """Called once per epoch, after the last step (DWA updates here)."""
+
+    def param_groups(self) -> list[dict]:
+        """Parameters to train with the model (no weight decay on them)."""
+        params = [p for p in self.parameters()]
+        return [{"params": params, "weight_decay": 0.0}] if params else []
+
+
+class EqualWeighting(LossWeighting):
+    kind = "equal"
+    uses_priors = False
+
+
+class FixedWeighting(LossWeighting):
+    kind = "fixed"
+
+
+class UncertaintyWeighting(LossWeighting):
+    kind = "uncertainty"
+
+    def __init__(self, names: Sequence[str], priors: Mapping[str, float] | None = None):
+        super().__init__(names, priors)
+        self.log_var = nn.Parameter(torch.zeros(len(self.names)))  # s_i
+
+    def multipliers(self) -> torch.Tensor:
+        return torch.exp(-self.log_var)
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return (self.multipliers() * self.prior * self.stack(losses)).sum() + self.log_var.sum()
+
+
+class GradNormWeighting(LossWeighting):
+    kind = "gradnorm"
+
+    def __init__(self, names: Sequence[str], priors: Mapping[str, float] | None = None, *,
+                 shared: Callable[[], list[nn.Parameter]], alpha: float = 1.5, lr: float = 0.025):
+        super().__init__(names, priors)
+        self.shared = shared
+        self.alpha, self.lr = alpha, lr
+        self.register_buffer("g", torch.ones(len(self.names)))
+        self.register_buffer("initial", torch.zeros(len(self.names)))
+
+    def multipliers(self) -> torch.Tensor:
+        return self.g
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        scaled = self.prior * self.stack(losses)
+        total = (self.g.clone() * scaled).sum()
+        if self.training and torch.is_grad_enabled():
+            self.step(scaled)
+        return total
+
+    def gradient_norms(self, scaled: torch.Tensor) -> torch.Tensor:
+        """||grad_W w_i L_i|| for each loss, on the shared weights W."""
+        params = [p for p in self.shared() if p.requires_grad]
+        if not params:
+            raise ValueError("GradNorm needs trainable shared weights (see method.gradnorm_layer)")
+        norms = []
+        for i in range(len(self.names)):
+            if not scaled[i].requires_grad:
+                norms.append(scaled.new_zeros(()))
+                continue
+            grads = torch.autograd.grad(scaled[i], params, retain_graph=True, allow_unused=True)
+            squares = [(g.float() ** 2).sum() for g in grads if g is not None]
+            norms.append(torch.stack(squares).sum().sqrt() if squares else scaled.new_zeros(()))
+        return torch.stack(norms).detach()
+
+    @torch.no_grad()
+    def update(self, losses: torch.Tensor, norms: torch.Tensor) -> None:
+        """One GradNorm step on g from the current (prior-scaled) losses and their gradient norms."""
+        losses = losses.detach().float()
+        if not bool((self.initial > 0).all()):
+            self.initial.copy_(losses.clamp_min(1e-12))
+        ratio = losses / self.initial
+        r = ratio / ratio.mean().clamp_min(1e-12)
+        weighted = self.g * norms
+        target = weighted.mean() * r.pow(self.alpha)
+        # gradient of sum_j |g_j G_j - target_j| with respect to u_i = log g_i, relative to mean(g G)
+        grad = torch.sign(weighted - target) * weighted / weighted.mean().clamp_min(1e-12)
+        grad = _all_mean(grad)
+        self.g.mul_(torch.exp(-self.lr * grad))
+        self.g.mul_(len(self.names) / self.g.sum())
+
+    def step(self, scaled: torch.Tensor) -> None:
+        with torch.enable_grad():
+            norms = self.gradient_norms(scaled)
+        self.update(scaled, norms)
+
+
+class DWAWeighting(LossWeighting):
+    kind = "dwa"
+
+    def __init__(self, names: Sequence[str], priors: Mapping[str, float] | None = None, *, temperature: float = 2.0):
+        super().__init__(names, priors)
+        self.temperature = temperature
+        k = len(self.names)
+        self.register_buffer("lam", torch.ones(k))
+        self.register_buffer("sums", torch.zeros(k, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("history", torch.full((2, k), float("nan"), dtype=torch.float64))  # t-2, t-1
+
+    def multipliers(self) -> torch.Tensor:
+        return self.lam
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        stacked = self.stack(losses)
+        if self.training:
+            self.sums += stacked.detach().double()
+            self.count += 1
+        return (self.lam * self.prior * stacked).sum()
+
+    @torch.no_grad()
+    def end_epoch(self) -> None:
+        if self.count <= 0:
+            return
+        mean = _all_mean(self.sums / self.count)
+        self.history[0] = self.history[1]
+        self.history[1] = mean
+        self.sums.zero_()
+        self.count.zero_()
+        if bool(torch.isfinite(self.history).all()):
+            self.lam.copy_(dwa_weights(self.history[1], self.history[0], self.temperature).float())
+
+
+def dwa_weights(last: torch.Tensor, before: torch.Tensor, temperature: float) -> torch.Tensor:
+    """lambda_i = K softmax_i( (L_i(t-1) / L_i(t-2)) / T )."""
+    r = last / before.clamp_min(1e-12)
+    return len(r) * torch.softmax(r / temperature, dim=0)
+
+
+def make_weighting(kind: str, names: Sequence[str], priors: Mapping[str, float] | None = None, *,
+                   shared: Callable[[], list[nn.Parameter]] | None = None, gradnorm_alpha: float = 1.5,
+                   gradnorm_lr: float = 0.025, dwa_temperature: float = 2.0) -> LossWeighting:
+    if kind == "equal":
+        return EqualWeighting(names, priors)
+    if kind == "fixed":
+        return FixedWeighting(names, priors)
+    if kind == "uncertainty":
+        return UncertaintyWeighting(names, priors)
+    if kind == "gradnorm":
+        if shared is None:
+            raise ConfigError("gradnorm weighting needs the shared weights W (method.gradnorm_layer)")
+        return GradNormWeighting(names, priors, shared=shared, alpha=gradnorm_alpha, lr=gradnorm_lr)
+    if kind == "dwa":
+        return DWAWeighting(names, priors, temperature=dwa_temperature)
+    raise ConfigError(f"unknown weighting {kind!r}; choose one of {', '.join(WEIGHTINGS)}")

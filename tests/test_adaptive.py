@@ -1,0 +1,234 @@
+"""Adaptive multi-path distillation: path losses by hand, the weighting rules' defining properties, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdkit.config import load_config
+from kdkit.errors import ConfigError, ModelError
+from kdkit.losses import NSTLoss, SoftmaxRegressionLoss, logit_regression
+from kdkit.losses.regression import feature_map_loss
+from kdkit.report import report
+from kdkit.weighting import (
+    DWAWeighting,
+    EqualWeighting,
+    FixedWeighting,
+    GradNormWeighting,
+    UncertaintyWeighting,
+    dwa_weights,
+)
+
+from .conftest import digits_overrides, distill_run
+
+ALL = "[soft_target, logits, hint, attention, nst, feature_map, softmax_regression]"
+STUDENT = {"student.arch": "vgg8_bn", "student.width": 0.0625}
+
+
+# ---------------------------------------------------------------------------------------- path losses
+
+
+def test_nst_matches_hand_computation():
+    fs = torch.tensor([[[[3.0, 4.0]], [[1.0, 0.0]]]])  # normalised channels: [.6, .8], [1, 0]
+    ft = torch.tensor([[[[0.0, 2.0]], [[1.0, 1.0]]]])  # [0, 1], [1/sqrt2, 1/sqrt2]
+    gs = [[1.0, 0.6], [0.6, 1.0]]
+    r = 1 / math.sqrt(2)
+    gt = [[1.0, r], [r, 1.0]]
+    expected = sum((gs[i][j] - gt[i][j]) ** 2 for i in range(2) for j in range(2)) / 4
+    assert NSTLoss()(fs, ft).item() == pytest.approx(expected, rel=1e-6)
+    # spatial sizes may differ: each Gram matrix is over its own map
+    assert NSTLoss()(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)).item() >= 0
+    with pytest.raises(ModelError, match="equal channel counts"):
+        NSTLoss()(torch.randn(2, 3, 4, 4), torch.randn(2, 4, 4, 4))
+
+
+def test_regression_paths_match_hand_computation():
+    assert logit_regression(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 4.0]])).item() == pytest.approx(2.5)
+    fs = torch.tensor([[[[1.0], [3.0]], [[0.0], [4.0]]]])  # channel means 2, 2
+    ft = torch.tensor([[[[1.0]], [[5.0]]]])  # channel means 1, 5 (another spatial size)
+    assert feature_map_loss(fs, ft).item() == pytest.approx(((2 - 1) ** 2 + (2 - 5) ** 2) / 2)
+    head = nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        head.bias.copy_(torch.tensor([0.0, 1.0]))
+    head.requires_grad_(False)
+    sr = SoftmaxRegressionLoss(head)
+    e = torch.tensor([[1.0, 1.0]], requires_grad=True)  # head(e) = [1, 3]
+    loss = sr(e, torch.tensor([[0.0, 3.0]]))
+    assert loss.item() == pytest.approx(0.5)
+    loss.backward()
+    assert e.grad is not None and head.weight.grad is None  # gradient reaches the student, not the frozen head
+    assert not list(sr.parameters())  # the teacher's head is not a parameter of the loss
+
+
+# ---------------------------------------------------------------------------------------- weightings
+
+
+def test_uncertainty_objective_and_its_gradient_in_closed_form():
+    w = UncertaintyWeighting(["a", "b"], {"a": 1.0, "b": 3.0})
+    with torch.no_grad():
+        w.log_var.copy_(torch.tensor([0.3, -0.2]))
+    losses = {"a": torch.tensor(2.0), "b": torch.tensor(0.5)}
+    total = w(losses)
+    assert total.item() == pytest.approx(math.exp(-0.3) * 2.0 + math.exp(0.2) * 1.5 + 0.1, rel=1e-6)
+    total.backward()
+    # d/ds_i [exp(-s_i) w_i L_i + s_i] = 1 - exp(-s_i) w_i L_i
+    assert w.log_var.grad.tolist() == pytest.approx([1 - math.exp(-0.3) * 2.0, 1 - math.exp(0.2) * 1.5], rel=1e-6)
+    assert w.effective_weights() == pytest.approx({"a": math.exp(-0.3), "b": 3 * math.exp(0.2)}, rel=1e-6)
+    assert w.param_groups()[0]["weight_decay"] == 0.0
+
+
+def test_equal_ignores_priors_fixed_uses_them():
+    losses = {"a": torch.tensor(2.0), "b": torch.tensor(0.5)}
+    assert EqualWeighting(["a", "b"], {"b": 10.0})(losses).item() == pytest.approx(2.5)
+    assert FixedWeighting(["a", "b"], {"b": 10.0})(losses).item() == pytest.approx(7.0)
+    with pytest.raises(ConfigError, match="unknown losses"):
+        FixedWeighting(["a"], {"c": 1.0})
+    with pytest.raises(ValueError, match="missing"):
+        FixedWeighting(["a", "b"])({"a": torch.tensor(1.0)})
+
+
+def test_gradnorm_balances_gradient_norms_on_a_toy_two_loss_problem():
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 16)
+    heads = nn.ModuleList([nn.Linear(16, 1), nn.Linear(16, 1)])
+    x = torch.randn(128, 4)
+    ys = [x @ torch.randn(4, 1), x @ torch.randn(4, 1)]
+    gn = GradNormWeighting(["big", "small"], shared=lambda: list(shared.parameters()), alpha=1.5, lr=0.025)
+    opt = torch.optim.SGD([*shared.parameters(), *heads.parameters()], lr=1e-4)
+
+    def losses():
+        h = torch.relu(shared(x))
+        return {"big": 100 * F.mse_loss(heads[0](h), ys[0]), "small": F.mse_loss(heads[1](h), ys[1])}
+
+    first = gn.gradient_norms(gn.prior * gn.stack(losses()))
+    imbalance0 = abs(math.log(first[0].item() / first[1].item()))
+    assert imbalance0 > 3  # the 100x loss has a far larger gradient
+    for _ in range(300):
+        opt.zero_grad()
+        gn(losses()).backward()
+        opt.step()
+    g = gn.g.tolist()
+    norms = gn.gradient_norms(gn.prior * gn.stack(losses()))
+    weighted = [g[0] * norms[0].item(), g[1] * norms[1].item()]
+    assert sum(g) == pytest.approx(2.0, rel=1e-5)
+    assert g[1] / g[0] > 10  # the small loss gained weight
+    assert abs(math.log(weighted[0] / weighted[1])) < imbalance0 / 3  # weighted gradient norms much closer
+
+
+def test_dwa_reproduces_its_formula():
+    w = DWAWeighting(["a", "b"], temperature=2.0)
+    w.train()
+    for epoch_losses in ([1.0, 2.0], [0.5, 2.0]):
+        for _ in range(3):
+            w({"a": torch.tensor(epoch_losses[0]), "b": torch.tensor(epoch_losses[1])})
+        assert w.lam.tolist() == [1.0, 1.0]  # the first two epochs are unweighted
+        w.end_epoch()
+    # lambda_k = K exp(r_k / T) / sum_i exp(r_i / T), r = L(t-1) / L(t-2) = [0.5, 1.0]
+    ea, eb = math.exp(0.5 / 2), math.exp(1.0 / 2)
+    assert w.lam.tolist() == pytest.approx([2 * ea / (ea + eb), 2 * eb / (ea + eb)], rel=1e-6)
+    assert dwa_weights(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]), 2.0).tolist() == [1.0, 1.0]
+    w.eval()
+    w({"a": torch.tensor(9.0), "b": torch.tensor(9.0)})
+    assert w.count.item() == 0  # evaluation passes do not count
+
+
+# ---------------------------------------------------------------------------------------- the method
+
+
+@pytest.mark.parametrize("weighting", ["equal", "fixed", "uncertainty", "gradnorm", "dwa"])
+def test_all_paths_train_with_every_weighting(tmp_path, cnn_teacher_file, weighting):
+    res = distill_run(tmp_path / "r", cnn_teacher_file, **{
+        "method.name": "adaptive", "method.paths": ALL, "method.weighting": weighting, "train.epochs": 3, **STUDENT})
+    s = res.summary
+    assert s["paths"] == ["soft_target", "logits", "hint", "attention", "nst", "feature_map", "softmax_regression"]
+    assert s["test_accuracy"] > 0.3 and set(s["final_weights"]) == {f"weight/{p}" for p in s["paths"]}
+    epochs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["event"] == "epoch"]
+    assert len(epochs) == 3 and all(f"weight/{p}" in e and f"train/path/{p}" in e for e in epochs for p in s["paths"])
+    w = [e["weight/soft_target"] for e in epochs]
+    if weighting in ("equal", "fixed"):
+        assert w == [1.0, 1.0, 1.0]
+    elif weighting == "dwa":
+        assert w[:2] == [1.0, 1.0]
+    else:
+        assert w[0] != 1.0
+    assert s["params"] == sum(p.numel() for p in res.model.parameters())  # adapters not in the exported student
+
+
+def test_fixed_weights_layer_wise_paths_and_report(tmp_path, cnn_teacher_file):
+    paths = "[{name: soft_target, weight: 0.5}, {name: hint, pairs: [[stage2, stage2], [stage3, stage3]]}]"
+    res = distill_run(tmp_path / "r", cnn_teacher_file, **{
+        "method.name": "adaptive", "method.weighting": "fixed", "method.layer_wise": True, "method.paths": paths,
+        "train.epochs": 2, **STUDENT})
+    assert res.summary["final_weights"] == {"weight/soft_target": 0.5, "weight/hint:stage2": 1.0,
+                                            "weight/hint:stage3": 1.0}
+    files = report([res.run_dir])
+    assert {f.name for f in files} == {"curves.png", "weights.png", "report.md"}
+    assert all(f.stat().st_size > 1000 for f in files if f.suffix == ".png")
+    assert "soft_target" in (res.run_dir / "report.md").read_text()
+
+
+def test_uncertainty_log_variances_are_trained_with_the_student(tmp_path, cnn_teacher_file):
+    res = distill_run(tmp_path / "r", cnn_teacher_file, **{"method.name": "adaptive", "train.epochs": 2, **STUDENT})
+    state = torch.load(res.run_dir / "checkpoint.pt", weights_only=True)["method"]
+    s = state["weighting.log_var"]
+    assert s.shape == (4,) and (s != 0).all()
+
+
+def test_paths_with_bad_layers_fail_before_training(tmp_path, cnn_teacher_file):
+    with pytest.raises(ModelError, match=r"no module 'stage9'; closest: .*stage"):
+        distill_run(tmp_path / "a", cnn_teacher_file, **{
+            "method.name": "adaptive", "method.paths": "[{name: hint, pairs: [[stage9, stage2]]}]", **STUDENT})
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(ModelError, match=r"spatial size of student layer 'stage2' \(2, 8, 4, 4\) differs from "
+                                         r"teacher layer 'stage1' \(2, 8, 8, 8\)"):
+        distill_run(tmp_path / "b", cnn_teacher_file, **{
+            "method.name": "adaptive", "method.paths": "[{name: attention, pairs: [[stage2, stage1]]}]", **STUDENT})
+    res = distill_run(tmp_path / "c", cnn_teacher_file, **{
+        "method.name": "adaptive", "method.resize": True, "train.epochs": 1,
+        "method.paths": "[{name: hint, pairs: [[stage2, stage1]]}, {name: attention, pairs: [[stage2, stage1]]}]",
+        **STUDENT})
+    assert res.summary["paths"] == ["hint", "attention"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method.paths=[hnit]", r"'hnit' is not one of .* \(did you mean 'hint'"),
+    ("method.paths=[hint, hint]", "appear\\(s\\) twice; give each a distinct 'label'"),
+    ("method.paths=[{name: logits, pairs: [[a, b]]}]", "'logits' compares outputs, not layers"),
+    ("method.paths=[ce]", "CE is both a path and ce_weight"),
+    ("method.weighting=uncertainy", "did you mean 'uncertainty'"),
+])
+def test_adaptive_config_errors(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*digits_overrides(tmp_path, **{"method.name": "adaptive"}), override])
+
+
+def test_dwa_state_survives_a_crash_and_resume(tmp_path, cnn_teacher_file, monkeypatch):
+    from kdkit.engine import Engine
+    from kdkit.run import execute
+
+    extra = {"method.name": "adaptive", "method.weighting": "dwa", "train.epochs": 4, "train.checkpoint_every": 3,
+             "train.deterministic": True, "teacher.checkpoint": str(cnn_teacher_file), **STUDENT}
+    ref = execute(load_config(None, digits_overrides(tmp_path / "ref", **extra)), "distill")
+    orig = Engine._step
+
+    def crash(self, *a, **kw):
+        if self.global_step == 50:  # inside epoch 3, after DWA's first update
+            raise RuntimeError("killed")
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(Engine, "_step", crash)
+    cfg = load_config(None, digits_overrides(tmp_path / "run", **extra))
+    with pytest.raises(RuntimeError, match="killed"):
+        execute(cfg, "distill")
+    monkeypatch.setattr(Engine, "_step", orig)
+    res = execute(cfg, "distill", resume=True)
+    a, b = ref.model.state_dict(), res.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert res.summary["final_weights"] == ref.summary["final_weights"]
