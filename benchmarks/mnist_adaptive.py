@@ -29,14 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+from common import REPO, aggregate, machine, pct
+from common import run as run_one
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from mnist_lenet import machine  # noqa: E402
-
-from kdkit.config import load_config  # noqa: E402
-from kdkit.run import execute  # noqa: E402
 
 PATHS = ["soft_target", "logits", "hint", "attention", "nst", "feature_map", "softmax_regression"]
 ALL = "[" + ", ".join(PATHS) + "]"
@@ -53,14 +49,10 @@ def paths_arg(weights: dict[str, float]) -> str:
 
 
 def run(command: str, recipe: str, overrides: list[str], out: Path) -> dict:
-    cfg = load_config(REPO / recipe, [*overrides, f"output_dir={out}", "train.progress=none"],
-                      default_method="supervised" if command == "train" else "kd")
-    t = time.time()
-    s = execute(cfg, command).summary
-    return {"command": f"kdkit {command} {recipe} " + " ".join(f"'{o}'" if " " in o else o for o in overrides),
-            "seed": s["seed"], "test_accuracy": s["test_accuracy"], "val_accuracy": s["val_accuracy"],
-            "wall_time_s": round(time.time() - t, 1), "final_weights": s.get("final_weights", {}),
-            "selected_epoch": s["stages"][-1]["selected_epoch"]}
+    r = run_one(command, recipe, overrides, out)
+    s = r.pop("summary")
+    return r | {"final_weights": s.get("final_weights", {}),
+                "selected_epoch": s["stages"][-1]["selected_epoch"] if s else None}
 
 
 def tune_fixed(base: list[str], out: Path, log: list) -> dict[str, float]:
@@ -74,9 +66,9 @@ def tune_fixed(base: list[str], out: Path, log: list) -> dict[str, float]:
             r = run("distill", "configs/mnist/adaptive.yaml",
                     [*base, "method.weighting=fixed", f"method.paths={paths_arg(w)}", "seed=0"],
                     out / f"tune-{len(cache)}")
-            cache[key] = r["val_accuracy"]
-            log.append({"weights": dict(w), "val_accuracy": r["val_accuracy"]})
-            print(f"  tune {w} -> val {100 * r['val_accuracy']:.2f}%", flush=True)
+            cache[key] = -1.0 if r["val_accuracy"] is None else r["val_accuracy"]  # diverged: the worst
+            log.append({"weights": dict(w), "val_accuracy": r["val_accuracy"], "diverged": r.get("diverged")})
+            print(f"  tune {w} -> val {pct(r['val_accuracy'])}", flush=True)
         return cache[key]
 
     best = score(weights)
@@ -98,6 +90,34 @@ def step_ratio(teacher: str, root: str) -> dict:
     return json.loads(out.strip().splitlines()[-1]) | {"command": " ".join(cmd[1:])}
 
 
+def render(result: dict) -> str:
+    """The results as the markdown tables of BENCHMARKS.md."""
+    lines = []
+    for opt, t in result["tables"].items():
+        lines += [f"**{opt}**", "",
+                  "| row | test accuracy (mean +- std) | per seed | validation (mean) | wall time per run |",
+                  "|---|---|---|---|---|"]
+        for name, r in t["rows"].items():
+            per = ", ".join(pct(x["test_accuracy"]) for x in r["runs"])
+            div = f" ({r['diverged']} of {len(r['runs'])} diverged)" if r.get("diverged") else ""
+            lines.append(f"| {name} | {pct(r['mean'], r['std'])}{div} | {per} | "
+                         f"{pct(r['val_mean'])} | {r['wall_time_s']:.0f} s |")
+        lines += ["", f"Fixed weights tuned on validation: {t['fixed_weights']}", ""]
+        for name in ("all paths, uncertainty", "all paths, gradnorm", "all paths, dwa"):
+            finals = [x["final_weights"] for x in t["rows"][name]["runs"] if x["final_weights"]]
+            if not finals:
+                continue
+            mean = {k.split("/", 1)[1]: statistics.mean(f[k] for f in finals) for k in finals[0]}
+            lines.append(f"- final weights, {name} (mean over seeds): "
+                         + ", ".join(f"{k} {v:.3g}" for k, v in mean.items()))
+        lines.append("")
+    if "step_time" in result:
+        s = result["step_time"]
+        lines.append(f"Step time, all seven paths (uncertainty) / KD, batch {s['batch_size']}: "
+                     f"{s['median_step_ms_b']} ms / {s['median_step_ms_a']} ms = {s['ratio_b_over_a']}x")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="../shared/data/mnist")
@@ -106,12 +126,18 @@ def main() -> None:
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     p.add_argument("--out", default=str(HERE / "results" / "mnist_adaptive.json"))
     p.add_argument("--runs", default="runs/bench-adaptive")
+    p.add_argument("--render", action="store_true", help="print the tables of an existing --out file and exit")
     a = p.parse_args()
+    if a.render:
+        print(render(json.loads(Path(a.out).read_text())))
+        return
     base_dir = REPO / a.runs / time.strftime("%Y%m%d-%H%M%S")
     data = f"data.root={a.root}"
     teacher = a.teacher
     result: dict = {"benchmark": "mnist_adaptive", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
                     "seeds": a.seeds, "tables": {}}
+    if Path(a.out).is_file() and set(a.optimizers) != set(OPTIMIZERS):  # add to the tables already measured
+        result["tables"] = json.loads(Path(a.out).read_text()).get("tables", {})
     if teacher is None:
         r = run("train", "configs/mnist/teacher_lenet5.yaml", [data], base_dir / "teacher")
         result["teacher"] = r
@@ -139,12 +165,11 @@ def main() -> None:
             for s in a.seeds:
                 slug = name.replace(": ", "-").replace(", ", "-").replace(" ", "_")
                 runs.append(run(cmd, recipe, [*ov, f"seed={s}"], out / f"{slug}-s{s}"))
-            accs = [r["test_accuracy"] for r in runs]
-            table[name] = {"mean": statistics.mean(accs), "std": statistics.pstdev(accs),
-                           "val_mean": statistics.mean(r["val_accuracy"] for r in runs),
+            agg = aggregate(runs)
+            table[name] = {**agg, "val_mean": aggregate(runs, "val_accuracy")["mean"],
                            "wall_time_s": statistics.mean(r["wall_time_s"] for r in runs), "runs": runs}
-            print(f"[{opt}] {name:32s} test {100 * table[name]['mean']:.2f} +- {100 * table[name]['std']:.2f}  "
-                  f"val {100 * table[name]['val_mean']:.2f}  {table[name]['wall_time_s']:.0f}s/run", flush=True)
+            print(f"[{opt}] {name:32s} test {pct(agg['mean'], agg['std'])} ({agg['diverged']} diverged)  "
+                  f"val {pct(table[name]['val_mean'])}  {table[name]['wall_time_s']:.0f}s/run", flush=True)
         result["tables"][opt] = {"fixed_weights": fixed, "tuning": tuning, "rows": table}
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     result["step_time"] = step_ratio(teacher, a.root)

@@ -3,6 +3,11 @@
 A model file holds the architecture (zoo ``arch`` or user ``module`` factory) and its arguments, the
 input shape, the normalisation, the class names, the dataset it was trained on and the weights. It is
 read with ``torch.load(weights_only=True)``: no code runs when a model file is opened.
+
+A method whose exported model differs from the plain architecture in a submodule (a student with a mixed
+head, say) records *patches*: ``{"path": "classifier", "factory": "package.module:callable", "args": {...}}``;
+loading builds the architecture, replaces each patched submodule with ``factory(**args)``, then loads
+the weights.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class ModelFile:
     args: dict[str, Any]
     info: DataInfo
     meta: dict[str, Any] = field(default_factory=dict)
+    patches: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -36,14 +42,25 @@ class ModelFile:
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, spec: ModelConfig, args: dict[str, Any], info: DataInfo,
-               meta: dict[str, Any] | None = None) -> None:
+               meta: dict[str, Any] | None = None, patches: list[dict[str, Any]] | None = None) -> None:
     if not (spec.arch or spec.module):
         raise ModelError("only models built from a zoo 'arch' or a 'module' factory can be saved as model files")
     atomic_save({
         "format": FORMAT, "version": 1, "arch": spec.arch, "module": spec.module, "args": dict(args),
-        "data": info.to_dict(), "meta": dict(meta or {}),
+        "data": info.to_dict(), "meta": dict(meta or {}), "patches": list(patches or []),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }, path)
+
+
+def apply_patches(model: nn.Module, patches: list[dict[str, Any]]) -> nn.Module:
+    """Replace the submodules named in `patches` with ``factory(**args)`` (see the module docstring)."""
+    from .models import import_factory
+
+    for p in patches:
+        parent_path, _, name = p["path"].rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, name, import_factory(p["factory"])(**p.get("args", {})))
+    return model
 
 
 def is_model_file(obj: Any) -> bool:
@@ -62,7 +79,9 @@ def parse_model_file(obj: Any, path: Any) -> tuple[ModelFile, dict[str, Any]]:
         )
     d = obj["data"]
     info = DataInfo(d["name"], list(d["classes"]), tuple(d["input_shape"]), list(d["mean"]), list(d["std"]))
-    return ModelFile(obj["arch"], obj["module"], dict(obj["args"]), info, dict(obj.get("meta", {}))), obj["state_dict"]
+    mf = ModelFile(obj["arch"], obj["module"], dict(obj["args"]), info, dict(obj.get("meta", {})),
+                   list(obj.get("patches", [])))
+    return mf, obj["state_dict"]
 
 
 def load_weights(model: nn.Module, state: dict[str, Any], label: str, path: Any) -> None:
@@ -96,7 +115,7 @@ def load(path: str | os.PathLike) -> nn.Module:
     normalisation) so callers can prepare inputs the way the model was trained.
     """
     mf, state = read_model_file(path)
-    model = build(mf.arch, mf.module, **mf.args)
+    model = apply_patches(build(mf.arch, mf.module, **mf.args), mf.patches)
     load_weights(model, state, mf.label, path)
     model.kdkit_info = mf  # type: ignore[assignment]
     return model.eval()
@@ -140,7 +159,7 @@ def build_from_config(spec: ModelConfig, info: DataInfo, role: str) -> BuiltMode
             for k, v in spec.args.items():
                 if mf.args.get(k) != v:
                     raise ModelError(f"{role}.{k}={v} but {spec.checkpoint} was trained with {k}={mf.args.get(k)}")
-            model = build(mf.arch, mf.module, **mf.args)
+            model = apply_patches(build(mf.arch, mf.module, **mf.args), mf.patches)
             load_weights(model, state, mf.label, spec.checkpoint)
             return BuiltModel(model, ModelConfig(mf.arch, mf.module, spec.checkpoint, {}), mf.args, mf)
         if not (spec.arch or spec.module):

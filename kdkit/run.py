@@ -166,6 +166,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     built = build_from_config(student_spec, info, role)
     student, student_spec, student_args = built.model, built.spec, built.args
     teacher = None
+    t_built = None
     if command == "distill":
         assert cfg.teacher is not None
         t_built = build_from_config(cfg.teacher, info, "teacher")
@@ -185,6 +186,16 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     method.setup(replace(sample, x=sample.x.to(device)))
 
     run_dir = make_run_dir(cfg, resume, dist)
+    if dist.is_main:
+        roles = {"student": (student_spec, student_args)}
+        if t_built is not None:
+            roles["teacher"] = (t_built.spec, t_built.args)
+
+        def save_artifact(filename: str, model: nn.Module, role: str) -> None:
+            spec, args = roles[role]
+            save_model(run_dir / filename, model, spec, args, info, meta={"method": cfg.method.name, "role": role})
+
+        method.save_artifact = save_artifact
     state = None
     if resume:
         _check_same_config(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")), cfg, run_dir)
@@ -208,6 +219,11 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     final = method.eval_model()
     val = evaluate(final, _eval_loader(data, "val", cfg, device, dist), dist) if data.val is not None else None
     test = evaluate(final, _eval_loader(data, "test", cfg, device, dist), dist)
+    extra: dict[str, Any] = {}
+    for name, m in method.extra_eval_models().items():
+        if data.val is not None:
+            extra[f"val_accuracy_{name}"] = evaluate(m, _eval_loader(data, "val", cfg, device, dist), dist)["accuracy"]
+        extra[f"test_accuracy_{name}"] = evaluate(m, _eval_loader(data, "test", cfg, device, dist), dist)["accuracy"]
     exported = method.export_model()
     summary: dict[str, Any] = {
         "name": cfg.name, "command": command, "method": cfg.method.name, "seed": cfg.seed,
@@ -223,11 +239,12 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     if teacher is not None:
         summary.update(teacher=cfg.teacher.label, teacher_test_accuracy=teacher_test,  # type: ignore[union-attr]
                        teacher_params=count_params(teacher))
+    summary.update(extra)
     summary.update(method.summary())
     if dist.is_main:
         save_model(run_dir / "model.pt", exported, student_spec, student_args, info,
                    meta={"method": cfg.method.name, "test_accuracy": test["accuracy"], "seed": cfg.seed,
-                         "run_dir": str(run_dir), "data_root": cfg.data.root})
+                         "run_dir": str(run_dir), "data_root": cfg.data.root}, patches=method.export_patches())
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     barrier(dist)
     return RunResult(run_dir, summary, exported, dist.is_main)

@@ -2,6 +2,7 @@
 
 from .adapters import Adapter
 from .attention import AttentionLoss, attention_map
+from .embedding import embedding_distance
 from .hint import HintLoss
 from .kd import KDLoss, kd_loss
 from .nst import NSTLoss, gram
@@ -9,5 +10,5 @@ from .regression import FeatureMapLoss, SoftmaxRegressionLoss, logit_regression,
 
 __all__ = [
     "Adapter", "AttentionLoss", "FeatureMapLoss", "HintLoss", "KDLoss", "NSTLoss", "SoftmaxRegressionLoss",
-    "attention_map", "gram", "kd_loss", "logit_regression", "pooled",
+    "attention_map", "embedding_distance", "gram", "kd_loss", "logit_regression", "pooled",
 ]

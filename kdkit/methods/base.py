@@ -120,6 +120,22 @@ class Method(nn.Module):
     def finish(self) -> None:
         """Called once after training: release hooks and other training-only machinery."""
 
+    def extra_eval_models(self) -> dict[str, nn.Module]:
+        """Further models to evaluate at the end (``test_accuracy_<name>`` in the summary)."""
+        return {}
+
+    def export_patches(self) -> list[dict[str, Any]]:
+        """Submodules of the exported model that differ from its architecture (see kdkit.modelfile)."""
+        return []
+
+    #: set by the runner: save_artifact(filename, model, role) writes a model file into the run directory
+    #: (role "student" or "teacher" picks the architecture it is described with); None off rank 0
+    save_artifact: Callable[[str, nn.Module, str], None] | None = None
+
+    def save_stage_model(self, filename: str, model: nn.Module, role: str) -> None:
+        if self.save_artifact is not None:
+            self.save_artifact(filename, model, role)
+
     # ---- helpers ----------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith(self.frozen_prefixes)}

@@ -1,0 +1,65 @@
+"""Helpers shared by the benchmark scripts: machine facts, one run through kdkit's own code path."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "gpu": torch.cuda.is_available()}
+
+
+def command_line(command: str, recipe: str, overrides: list[str]) -> str:
+    return f"kdkit {command} {recipe} " + " ".join(f"'{o}'" if (" " in o or "[" in o) else o for o in overrides)
+
+
+def run(command: str, recipe: str, overrides: list[str], out: Path) -> dict[str, Any]:
+    """Run ``kdkit <command> <recipe> <overrides>`` in this process (kdkit.run.execute, the CLI's code path)."""
+    from kdkit.config import load_config
+    from kdkit.errors import TrainingError
+    from kdkit.run import execute
+
+    cfg = load_config(REPO / recipe, [*overrides, f"output_dir={out}", "train.progress=none"],
+                      default_method="supervised" if command == "train" else "kd")
+    t = time.time()
+    record = {"command": command_line(command, recipe, overrides), "seed": cfg.seed, "run_dir": str(out)}
+    try:
+        s = execute(cfg, command).summary
+    except TrainingError as e:  # a diverged run is a result too: recorded, not hidden
+        print(f"  diverged: {e}", flush=True)
+        return record | {"test_accuracy": None, "val_accuracy": None, "diverged": str(e),
+                         "wall_time_s": round(time.time() - t, 1), "summary": {}}
+    return record | {"test_accuracy": s["test_accuracy"], "val_accuracy": s["val_accuracy"],
+                     "wall_time_s": round(time.time() - t, 1), "summary": s}
+
+
+def aggregate(runs: list[dict[str, Any]], key: str = "test_accuracy") -> dict[str, Any]:
+    """Mean and std over the runs that finished; `diverged` counts those stopped by a non-finite loss."""
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return {"mean": statistics.mean(values) if values else None,
+            "std": statistics.pstdev(values) if values else None,
+            "diverged": sum(1 for r in runs if r.get("diverged"))}
+
+
+def pct(mean: float | None, std: float | None = None) -> str:
+    if mean is None:
+        return "diverged"
+    return f"{100 * mean:.2f}" + ("" if std is None else f" +- {100 * std:.2f}")

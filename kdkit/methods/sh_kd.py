@@ -1,0 +1,163 @@
+"""Student-aware teachers, SH-KD (Ben-Baruch et al., "It's All in the Head: Representation Knowledge
+Distillation through Classifier Sharing", 2022).
+
+Three stages, one command, each stage's model kept in the run directory:
+
+1. ``student``: train a student (alone, or with KD from the given teacher: ``student_kd``); saved as
+   ``stage1_student.pt``.
+2. ``teacher``: train the teacher with its classifier initialised from the stage-1 student's and frozen,
+   cross-entropy only. When the embedding widths differ, the teacher's embedding reaches that frozen head
+   through a learned linear map Q (teacher width -> student width). The teacher starts from its checkpoint
+   (``teacher_init: checkpoint``, fine-tuning) or from scratch. At the end Q and the head are folded into
+   the teacher's own classifier; saved as ``stage2_teacher.pt``. Its own accuracy may drop: it is reported
+   as ``test_accuracy_sh_teacher``.
+3. ``distill``: distill a fresh student (the same initialisation as stage 1) from that teacher, with KD
+   or TH-KD (``final``).
+
+    L_1 = ce_weight CE(z_s1, y) [+ kd_weight T^2 KL(p_t || p_s1)]
+    L_2 = CE(h_s1(Q(e_t)), y)                         (h_s1 frozen: the stage-1 student's head)
+    L_3 = the KD or TH-KD objective with the stage-2 teacher (see kdkit.methods.th_kd)
+
+A stage that finished is not run again when the run is resumed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import Batch
+from ..errors import ConfigError
+from ..heads import fold, head_cosine
+from ..losses import kd_loss
+from ..schema import opt
+from . import register
+from .base import Stage, Update, params_of
+from .th_kd import HeadSharing, THKDOptions, linear_head
+
+
+@dataclass
+class SHKDOptions(THKDOptions):
+    final: Literal["kd", "th_kd"] = opt("kd", "stage 3: distill the fresh student with KD or TH-KD")
+    th_weight: float = opt(0.0, "stage 3 with final=th_kd: weight of KD through the teacher's head", ge=0)
+    student_kd: bool = opt(False, "stage 1: train the first student with KD from the given teacher (else alone)")
+    student_epochs: int | None = opt(None, "stage 1 epochs (default: train.epochs)", ge=0)
+    teacher_epochs: int | None = opt(None, "stage 2 epochs (default: train.epochs)", ge=0)
+    teacher_init: Literal["checkpoint", "scratch"] = opt("checkpoint", "stage 2: fine-tune the teacher or start afresh")
+    teacher_lr: float | None = opt(None, "stage 2 learning rate (default: train.lr)", gt=0)
+
+    def validate(self, where: str) -> None:
+        if self.final == "kd" and (self.th_weight or self.th_ce_weight or self.emb_weight):
+            raise ConfigError(f"{where}: th_weight, th_ce_weight and emb_weight apply to final=th_kd; "
+                              "set method.final=th_kd or set them to 0")
+
+
+class _SharedHeadTeacher(nn.Module):
+    """The stage-2 teacher for evaluation: its backbone, then [Q], then the frozen student head."""
+
+    def __init__(self, method: SHKD):
+        super().__init__()
+        self._method = [method]  # not a submodule: the models belong to the method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._method[0].shared_head_logits(x)
+
+
+@register
+class SHKD(HeadSharing):
+    name = "sh_kd"
+    Options = SHKDOptions
+    frozen_prefixes = ()  # the teacher is trained in stage 2, so it belongs in checkpoints
+
+    def __init__(self, opts: SHKDOptions, **kw: Any):
+        student1 = copy.deepcopy(kw["student"])  # before any hooks: the stage-1 student, same initialisation
+        super().__init__(opts, **kw)
+        self.student1 = student1
+        ds, dt = self.widths
+        classes = self.student_head.out_features
+        self.q = nn.Linear(dt, ds) if ds != dt else None
+        self.sh_head = nn.Linear(ds, classes)  # filled from the stage-1 student's head; never trained
+        self._view = [_SharedHeadTeacher(self)]
+
+    def wants_projector(self) -> bool:
+        return self.opts.final == "th_kd"
+
+    # ---- stage 1 ------------------------------------------------------------------------------
+    def stage1_step(self, batch: Batch | None) -> dict[str, torch.Tensor]:
+        assert batch is not None and batch.y is not None
+        o = self.opts
+        z = self.student1(batch.x)
+        out = {"ce": o.ce_weight * F.cross_entropy(z, batch.y)}
+        if o.student_kd:
+            out["kd"] = o.kd_weight * kd_loss(z, self.teacher_forward(batch.x), o.temperature)
+            assert self.teacher_taps is not None
+            self.teacher_taps.clear()
+        return out
+
+    def _end_stage1(self) -> None:
+        self.save_stage_model("stage1_student.pt", self.student1, "student")
+
+    # ---- stage 2 ------------------------------------------------------------------------------
+    def shared_head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.teacher_taps is not None
+        self.teacher(x)
+        e = self.teacher_taps[self.t_emb].flatten(1)
+        self.teacher_taps.clear()
+        return self.sh_head(e if self.q is None else self.q(e))
+
+    def stage2_step(self, batch: Batch | None) -> dict[str, torch.Tensor]:
+        assert batch is not None and batch.y is not None
+        return {"ce": F.cross_entropy(self.shared_head_logits(batch.x), batch.y)}
+
+    @torch.no_grad()
+    def _start_stage2(self) -> None:
+        self.sh_head.load_state_dict(linear_head(self.student1, self.s_head_path, "student").state_dict())
+        if self.opts.teacher_init == "scratch":
+            for m in self.teacher.modules():
+                if m is not self.teacher and hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+
+    @torch.no_grad()
+    def _end_stage2(self) -> None:
+        folded = fold(*([self.q] if self.q is not None else []), self.sh_head)
+        self.teacher_head.load_state_dict(folded.state_dict())
+        self.save_stage_model("stage2_teacher.pt", self.teacher, "teacher")
+
+    def teacher_backbone_params(self) -> list[nn.Parameter]:
+        head = {id(p) for p in self.teacher_head.parameters()}
+        return [p for p in self.teacher.parameters() if id(p) not in head]
+
+    # ---- stages -------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        o, tc = self.opts, self.train_cfg
+        e1 = tc.epochs if o.student_epochs is None else o.student_epochs
+        e2 = tc.epochs if o.teacher_epochs is None else o.teacher_epochs
+        stage2_modules: list[nn.Module] = [self.teacher] + ([self.q] if self.q is not None else [])
+        trained3 = [self.student, *self.extra_modules()]
+        return [
+            Stage("student", [Update("student", list(self.student1.parameters()), self.stage1_step)], e1,
+                  train_modules=[self.student1], evaluate=lambda: self.student1, on_end=self._end_stage1),
+            Stage("teacher", [Update("teacher", self.teacher_backbone_params() + params_of(self.q), self.stage2_step,
+                                     optimizer={"lr": o.teacher_lr} if o.teacher_lr else {})], e2,
+                  train_modules=stage2_modules, evaluate=lambda: self._view[0], on_start=self._start_stage2,
+                  on_end=self._end_stage2),
+            Stage("distill", [Update("student", params_of(*trained3), self.student_step)], tc.epochs,
+                  train_modules=trained3, evaluate=lambda: self.student),
+        ]
+
+    def extra_eval_models(self) -> dict[str, nn.Module]:
+        models: dict[str, nn.Module] = {"stage1_student": self.student1, "sh_teacher": self.teacher}
+        if self.opts.final == "th_kd":
+            models.update(self.head_variants())
+        return models
+
+    def summary(self) -> dict[str, Any]:
+        return super().summary() | {"final": self.opts.final, "teacher_init": self.opts.teacher_init,
+                                    "stage1_head_cosine": head_cosine(
+                                        linear_head(self.student1, self.s_head_path, "student"), self.teacher_head,
+                                        self.projector if self.opts.final == "th_kd" else None)}
