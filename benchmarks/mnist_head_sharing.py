@@ -29,7 +29,9 @@ import kdkit
 from kdkit.heads import head_cosine
 
 HERE = Path(__file__).resolve().parent
-PAIRS = {"equal widths (84-d embeddings)": ["student.embed_dim=84"], "unequal widths (42-d vs 84-d)": []}
+# the pair's student setting overrides the recipe's (th_kd.yaml and sh_kd.yaml set embed_dim: 84)
+PAIRS = {"equal widths (84-d embeddings)": ["student.embed_dim=84"],
+         "unequal widths (42-d vs 84-d)": ["student.embed_dim=null"]}
 TH_WEIGHTS = [0.1, 0.5, 1.0, 2.0]
 SH_STAGE2 = [(1e-4, 20), (3e-4, 20), (1e-4, 50)]  # (teacher_lr, teacher_epochs)
 
@@ -96,6 +98,9 @@ def main() -> None:
                 out = base / pair.split()[0] / f"{name.replace(' ', '_')}-s{s}"
                 r = run(cmd, recipe, [*ov, f"seed={s}"], out)
                 summ = r.pop("summary")
+                r["student_embed_dim"] = kdkit.load(out / "model.pt").classifier.in_features
+                if r["student_embed_dim"] != (84 if "equal widths" in pair and "unequal" not in pair else 42):
+                    raise SystemExit(f"{pair}/{name}: the student's embedding is {r['student_embed_dim']}-d")
                 r["head_cosine"] = summ.get("head_cosine", file_head_cosine(out / "model.pt", teacher))
                 r["sh_teacher_test_accuracy"] = summ.get("test_accuracy_sh_teacher")
                 r["teacher_head_test_accuracy"] = summ.get("test_accuracy_teacher_head")

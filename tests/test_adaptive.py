@@ -232,3 +232,17 @@ def test_dwa_state_survives_a_crash_and_resume(tmp_path, cnn_teacher_file, monke
     a, b = ref.model.state_dict(), res.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert res.summary["final_weights"] == ref.summary["final_weights"]
+
+
+def test_report_on_a_run_in_progress(tmp_path, capsys):
+    from kdkit.cli import main
+
+    lines = [{"event": "epoch", "stage": "distill", "epoch": i, "train/loss": 1.0 / i, "val/accuracy": 0.5 + 0.1 * i,
+              "weight/a": 1.0 + i, "weight/b": 1.0 / i} for i in (1, 2, 3)]
+    text = "\n".join(json.dumps(x) for x in lines) + '\n{"event": "ep'  # the line being written is partial
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert main(["report", str(tmp_path)]) == 0
+    assert "In progress: 3 epoch(s) logged." in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "weights.png").stat().st_size > 1000 and (tmp_path / "curves.png").exists()
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "has no metrics.jsonl" in capsys.readouterr().err
