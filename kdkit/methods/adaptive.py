@@ -153,14 +153,9 @@ class Adaptive(Distiller):
     # ---- construction from observed shapes ----------------------------------------------------
     @torch.no_grad()
     def setup(self, sample: Batch) -> None:
-        was = self.student.training
-        self.student.eval()
-        self.teacher_forward(sample.x[:2])
-        self.student(sample.x[:2])
-        self.student.train(was)
-        assert self.student_taps is not None and self.teacher_taps is not None
-        shapes = {("s", p): v.shape for p, v in self.student_taps.values.items()}
-        shapes.update({("t", p): v.shape for p, v in self.teacher_taps.values.items()})
+        s_seen, t_seen = self.probe(sample)
+        shapes = {("s", p): v.shape for p, v in s_seen.items()}
+        shapes.update({("t", p): v.shape for p, v in t_seen.items()})
         maps = [(s, t) for s, t in self.default_pairs if len(shapes[("s", s)]) == 4 and len(shapes[("t", t)]) == 4]
         for spec in self.specs:
             label = spec.label or spec.name
@@ -197,8 +192,6 @@ class Adaptive(Distiller):
             shared=self._shared_params, gradnorm_alpha=self.opts.gradnorm_alpha, gradnorm_lr=self.opts.gradnorm_lr,
             dwa_temperature=self.opts.dwa_temperature,
         ).to(sample.x.device)
-        self.student_taps.clear()
-        self.teacher_taps.clear()
 
     def _check_pair(self, kind: str, s: str, t: str, s_shape: torch.Size, t_shape: torch.Size,
                     device: torch.device) -> None:

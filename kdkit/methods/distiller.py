@@ -62,6 +62,21 @@ class Distiller(Method):
                 taps.remove()
 
     @torch.no_grad()
+    def probe(self, sample: Batch) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Run both models on two images (eval mode, no gradients) and return what the student's and the
+        teacher's taps saw, for methods that build modules from the observed shapes."""
+        assert self.student_taps is not None and self.teacher_taps is not None
+        was = self.student.training
+        self.student.eval()
+        self.teacher_forward(sample.x[:2])
+        self.student(sample.x[:2])
+        self.student.train(was)
+        seen = dict(self.student_taps.values), dict(self.teacher_taps.values)
+        self.student_taps.clear()
+        self.teacher_taps.clear()
+        return seen
+
+    @torch.no_grad()
     def teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher(x)
 

@@ -69,21 +69,13 @@ class PairDistiller(Distiller):
     def weight(self) -> float:
         raise NotImplementedError
 
-    @torch.no_grad()
     def setup(self, sample: Batch) -> None:
-        was_training = self.student.training
-        self.student.eval()
-        self.teacher_forward(sample.x[:2])
-        self.student(sample.x[:2])
-        self.student.train(was_training)
-        assert self.student_taps is not None and self.teacher_taps is not None
+        s_seen, t_seen = self.probe(sample)
         for s, t in self.pairs:
-            fs, ft = self.student_taps[s], self.teacher_taps[t]
+            fs, ft = s_seen[s], t_seen[t]
             if not (isinstance(fs, torch.Tensor) and isinstance(ft, torch.Tensor)):
                 raise ModelError(f"layers {s!r} / {t!r} do not output a single tensor; pick other layers")
             self.pair_losses.append(self.make_loss(fs.shape, ft.shape, (s, t)).to(sample.x.device))
-        self.student_taps.clear()
-        self.teacher_taps.clear()
 
     def extra_losses(self, batch: Batch, s_logits: torch.Tensor, t_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         assert self.student_taps is not None and self.teacher_taps is not None
