@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -10,6 +11,18 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def low_label_parser(doc: str | None, name: str, runs: str) -> argparse.ArgumentParser:
+    """The options every low-label MNIST benchmark takes (results go to benchmarks/results/<name>.json)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="../shared/data/mnist")
+    p.add_argument("--teacher", default=None, help="a LeNet-5 model.pt (default: train one with the recipe)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / f"{name}.json"))
+    p.add_argument("--runs", default=runs, help="folder for the run directories")
+    p.add_argument("--render", action="store_true", help="print the tables of an existing --out file and exit")
+    return p
 
 
 def machine() -> dict[str, Any]:

@@ -21,7 +21,6 @@ Writes ``benchmarks/results/mnist_adaptive.json`` and prints the tables.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, aggregate, machine, pct
+from common import REPO, aggregate, low_label_parser, machine, pct
 from common import run as run_one
 
 HERE = Path(__file__).resolve().parent
@@ -119,14 +118,8 @@ def render(result: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="../shared/data/mnist")
-    p.add_argument("--teacher", default=None, help="a LeNet-5 model.pt (default: train one with the recipe)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p = low_label_parser(__doc__, "mnist_adaptive", "runs/bench-adaptive")
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
-    p.add_argument("--out", default=str(HERE / "results" / "mnist_adaptive.json"))
-    p.add_argument("--runs", default="runs/bench-adaptive")
-    p.add_argument("--render", action="store_true", help="print the tables of an existing --out file and exit")
     a = p.parse_args()
     if a.render:
         print(render(json.loads(Path(a.out).read_text())))

@@ -17,13 +17,12 @@ not defined for KD and the student alone with unequal widths, which have no proj
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
 
-from common import REPO, aggregate, machine, run
+from common import REPO, aggregate, low_label_parser, machine, run
 
 import kdkit
 from kdkit.heads import head_cosine
@@ -42,14 +41,7 @@ def file_head_cosine(student_file: Path, teacher_file: str) -> float | None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="../shared/data/mnist")
-    p.add_argument("--teacher", default=None, help="a LeNet-5 model.pt (default: train one with the recipe)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", default=str(HERE / "results" / "mnist_head_sharing.json"))
-    p.add_argument("--runs", default="runs/bench-heads")
-    p.add_argument("--render", action="store_true", help="print the tables of an existing --out file and exit")
-    a = p.parse_args()
+    a = low_label_parser(__doc__, "mnist_head_sharing", "runs/bench-heads").parse_args()
     if a.render:
         print(render(json.loads(Path(a.out).read_text())))
         return
