@@ -6,8 +6,8 @@ read with ``torch.load(weights_only=True)``: no code runs when a model file is o
 
 A method whose exported model differs from the plain architecture in a submodule (a student with a mixed
 head, say) records *patches*: ``{"path": "classifier", "factory": "package.module:callable", "args": {...}}``;
-loading builds the architecture, replaces each patched submodule with ``factory(**args)``, then loads
-the weights.
+loading builds the architecture, replaces each patched submodule with ``factory(**args)`` (or, with
+``"wrap": true``, with ``factory(existing_submodule, **args)``), in order, then loads the weights.
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def apply_patches(model: nn.Module, patches: list[dict[str, Any]]) -> nn.Module:
     for p in patches:
         parent_path, _, name = p["path"].rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, name, import_factory(p["factory"])(**p.get("args", {})))
+        factory = import_factory(p["factory"])
+        args = p.get("args", {})
+        setattr(parent, name, factory(getattr(parent, name), **args) if p.get("wrap") else factory(**args))
     return model
 
 

@@ -38,6 +38,7 @@ class RunResult:
     summary: dict[str, Any]
     model: nn.Module
     is_main: bool = True  # False on torchrun ranks other than 0
+    method: Method | None = None  # the trained method, with every model and extra module
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -183,13 +184,15 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     cls = method_class(cfg.method.name)
     method: Method = cls(cfg.method.options, student=student, teacher=teacher, info=info, train=tc)
     method.to(device)
+    method.data = data
     method.setup(replace(sample, x=sample.x.to(device)))
 
     run_dir = make_run_dir(cfg, resume, dist)
+    roles = {"student": (student_spec, student_args)}
+    if t_built is not None:
+        roles["teacher"] = (t_built.spec, t_built.args)
+    method.specs = roles
     if dist.is_main:
-        roles = {"student": (student_spec, student_args)}
-        if t_built is not None:
-            roles["teacher"] = (t_built.spec, t_built.args)
 
         def save_artifact(filename: str, model: nn.Module, role: str) -> None:
             spec, args = roles[role]
@@ -247,7 +250,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
                          "run_dir": str(run_dir), "data_root": cfg.data.root}, patches=method.export_patches())
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     barrier(dist)
-    return RunResult(run_dir, summary, exported, dist.is_main)
+    return RunResult(run_dir, summary, exported, dist.is_main, method)
 
 
 def _check_normalisation(trained: DataInfo, info: DataInfo) -> None:

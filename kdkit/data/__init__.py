@@ -36,6 +36,7 @@ class DataInfo:
     input_shape: tuple[int, int, int]
     mean: list[float]
     std: list[float]
+    shots: int | None = None  # images per class of the few-shot view (data.shots_per_class), if any
 
     @property
     def num_classes(self) -> int:
@@ -85,7 +86,7 @@ def load_data(cfg: DataConfig) -> DataBundle:
         mean, std = channel_stats(train.images)
     else:
         mean, std = [0.0] * train.shape[0], [1.0] * train.shape[0]
-    info = DataInfo(cfg.name, list(train.classes), train.shape, mean, std)
+    info = DataInfo(cfg.name, list(train.classes), train.shape, mean, std, cfg.shots_per_class)
     val = None
     if cfg.val_split > 0:
         keep, held = stratified_split(train.labels, cfg.val_split, cfg.split_seed)

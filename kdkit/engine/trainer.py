@@ -120,19 +120,19 @@ class Engine:
         self.progress = Progress(cfg.train.progress, dist.is_main)
         self.autocast = autocast_for(device, cfg.train.amp)
         self.scaler = torch.amp.GradScaler("cuda") if (cfg.train.amp and device.type == "cuda") else None
-        self._loaders: dict[tuple[str, bool], BatchLoader] = {}
+        self._loaders: dict[tuple[str, bool, int | None], BatchLoader] = {}
         self.history: list[dict[str, Any]] = []
         self.elapsed_before = 0.0
         self.global_step = 0
         self._stop_signal: int | None = None
 
     # ---- data -------------------------------------------------------------------------------
-    def loader(self, split: str, train: bool) -> BatchLoader:
-        key = (split, train)
+    def loader(self, split: str, train: bool, batch_size: int | None = None) -> BatchLoader:
+        key = (split, train, batch_size)
         if key not in self._loaders:
             c = self.cfg
             data = self.data.split(split)
-            bs = c.train.batch_size if train else c.train.eval_batch_size
+            bs = batch_size or (c.train.batch_size if train else c.train.eval_batch_size)
             self._loaders[key] = BatchLoader(
                 data, bs, shuffle=train, drop_last=train, mean=self.data.info.mean, std=self.data.info.std,
                 augment=augment_from(c.data) if train else None, seed=c.seed, device=self.device,
@@ -229,7 +229,7 @@ class Engine:
     def _run_stage(self, si: int, stage: Stage, n_stages: int, start: _Position, resume: dict[str, Any] | None,
                    t0: float) -> None:
         tag = stage.name if n_stages == 1 else f"{stage.name} {si + 1}/{n_stages}"
-        loader = self.loader(stage.data, train=True) if stage.data is not None else None
+        loader = self.loader(stage.data, train=True, batch_size=stage.batch_size) if stage.data is not None else None
         if loader is not None and len(loader) == 0:
             raise TrainingError(f"stage {stage.name!r}: the {stage.data} split is empty")
         steps = len(loader) if loader is not None else int(stage.steps_per_epoch or 0)
@@ -317,29 +317,39 @@ class Engine:
                 self._save(_Position(si, epoch, step + 1), st, t0)
 
     def _validate(self, stage: Stage, st: _StageState, epoch: int) -> dict[str, float]:
-        """Validation accuracy when due; remembers the best state (validation split only)."""
+        """Validation accuracy (or the stage's label-free monitor) when due; remembers the best state.
+
+        Only the validation split or the monitor is ever looked at: never the test split."""
         c = self.train_cfg
-        if self.data.val is None or not ((epoch + 1) % c.eval_every == 0 or epoch + 1 == stage.epochs):
+        due = (epoch + 1) % c.eval_every == 0 or epoch + 1 == stage.epochs
+        if not due or (self.data.val is None and stage.monitor is None):
             return {}
-        model = (stage.evaluate or self.method.eval_model)()
-        with self.autocast:
-            st.last_val = evaluate(model, self.loader("val", train=False), self.dist)
+        record: dict[str, float] = {}
+        if stage.monitor is not None:
+            score = float(stage.monitor())
+            st.last_val = {"accuracy": score, "loss": float("nan")}  # "accuracy" here is the monitor's score
+            record["monitor"] = score
+        else:
+            model = (stage.evaluate or self.method.eval_model)()
+            with self.autocast:
+                st.last_val = evaluate(model, self.loader("val", train=False), self.dist)
+            record = {"val/accuracy": st.last_val["accuracy"], "val/loss": st.last_val["loss"]}
         if (stage.select or c.select) == "best_val" and st.last_val["accuracy"] > st.best_acc:
             st.best_acc, st.best_epoch = st.last_val["accuracy"], epoch
             st.best_state = {k: v.detach().clone() for k, v in self.method.checkpoint_state().items()}
-        return {"val/accuracy": st.last_val["accuracy"], "val/loss": st.last_val["loss"]}
+        return record
 
     def _end_stage(self, stage: Stage, st: _StageState, tag: str) -> None:
         """Keep the selected state, run the stage's end hook, record the stage."""
         result: dict[str, Any] = {"stage": stage.name, "epochs": stage.epochs}
+        key, what = ("monitor", "monitor") if stage.monitor is not None else ("val_accuracy", "validation accuracy")
         if (stage.select or self.train_cfg.select) == "best_val" and st.best_state is not None:
             self.method.load_checkpoint_state(st.best_state)
-            result.update(selected_epoch=st.best_epoch + 1, val_accuracy=st.best_acc)
+            result.update({"selected_epoch": st.best_epoch + 1, key: st.best_acc})
             if st.best_epoch + 1 != stage.epochs:
-                self.progress.say(f"[{tag}] kept epoch {st.best_epoch + 1} (best validation accuracy "
-                                  f"{100 * st.best_acc:.2f}%)")
+                self.progress.say(f"[{tag}] kept epoch {st.best_epoch + 1} (best {what} {100 * st.best_acc:.2f}%)")
         else:
-            result.update(selected_epoch=stage.epochs, val_accuracy=st.last_val.get("accuracy"))
+            result.update({"selected_epoch": stage.epochs, key: st.last_val.get("accuracy")})
         if stage.on_end is not None:
             stage.on_end()
         self.history.append(result)

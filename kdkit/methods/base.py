@@ -57,7 +57,8 @@ class Stage:
     ``data`` is the split it iterates ("train", "fewshot"), or None for a stage that makes its own
     inputs (data-free), which then runs ``steps_per_epoch`` steps per epoch. ``evaluate`` returns the
     model whose validation accuracy is monitored (default: the method's ``eval_model``); ``select``
-    overrides ``train.select`` for this stage (``"last"`` for stages whose accuracy means nothing).
+    overrides ``train.select`` for this stage (``"last"`` for stages whose accuracy means nothing);
+    ``monitor`` replaces validation accuracy by a label-free score for choosing the best epoch.
     """
 
     name: str
@@ -72,6 +73,11 @@ class Stage:
     on_end: Callable[[], None] | None = None
     #: called after each epoch (after validation) with the epoch index; may return figures to log
     on_epoch_end: Callable[[int], dict[str, float] | None] | None = None
+    #: the global batch size of this stage (default: train.batch_size)
+    batch_size: int | None = None
+    #: a label-free score (higher is better) computed after each epoch; when given, the best epoch is
+    #: chosen by it instead of by validation accuracy (unless select is "last")
+    monitor: Callable[[], float] | None = None
 
     def trainable(self) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}
@@ -127,6 +133,13 @@ class Method(nn.Module):
     def export_patches(self) -> list[dict[str, Any]]:
         """Submodules of the exported model that differ from its architecture (see kdkit.modelfile)."""
         return []
+
+    #: set by the runner before setup: the run's data (splits and info), for methods that need more than
+    #: the batches of their stages (e.g. a label-free score on the few-shot images)
+    data: Any = None
+
+    #: set by the runner: role ("student", "teacher") -> (ModelConfig, factory arguments) of the models
+    specs: dict[str, Any] = {}
 
     #: set by the runner: save_artifact(filename, model, role) writes a model file into the run directory
     #: (role "student" or "teacher" picks the architecture it is described with); None off rank 0
