@@ -28,6 +28,24 @@ def digits_overrides(out: Path, **extra: object) -> list[str]:
     return [f"{k}={'null' if v is None else v}" for k, v in base.items()]
 
 
+def crash_at(cfg, step: int, monkeypatch: pytest.MonkeyPatch, command: str = "distill") -> None:
+    """Run `cfg` and kill it (an exception) when the engine reaches global step `step`; the engine's step is
+    restored afterwards, so the caller can resume the run with ``execute(cfg, command, resume=True)``."""
+    from kdkit.engine import Engine
+
+    orig = Engine._step
+
+    def crash(self, *a, **kw):
+        if self.global_step == step:
+            raise RuntimeError("killed")
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(Engine, "_step", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        execute(cfg, command)
+    monkeypatch.setattr(Engine, "_step", orig)
+
+
 def train_run(out: Path, **extra: object):
     extra.setdefault("model.arch", "mlp")
     cfg = load_config(None, digits_overrides(out, **extra), default_method="supervised")

@@ -19,7 +19,7 @@ from kdkit.methods import method_class
 from kdkit.modelfile import build_from_config
 from kdkit.run import execute
 
-from .conftest import digits_overrides, distill_run
+from .conftest import crash_at, digits_overrides, distill_run
 
 NARROW = {"student.arch": "mlp", "student.hidden": "[32]"}  # 32-d embedding; the teacher's is 128-d
 WIDE = {"student.arch": "mlp", "student.hidden": "[128]"}  # same width as the teacher's embedding
@@ -176,19 +176,9 @@ def test_sh_kd_with_unequal_widths_folds_q_into_the_teacher_head(tmp_path, teach
 def test_sh_kd_resume_after_stage_one_does_not_repeat_it(tmp_path, teacher_file, monkeypatch):
     ref = execute(_sh_cfg(tmp_path / "ref", teacher_file), "distill")
     steps_per_epoch = 20  # 1294 digits training images / batch 64
-    orig = Engine._step
-
-    def crash(self, *a, **kw):
-        if self.global_step == 2 * steps_per_epoch + 5:  # inside stage 2
-            raise RuntimeError("killed")
-        return orig(self, *a, **kw)
-
-    monkeypatch.setattr(Engine, "_step", crash)
     cfg = _sh_cfg(tmp_path / "run", teacher_file)
-    with pytest.raises(RuntimeError, match="killed"):
-        execute(cfg, "distill")
+    crash_at(cfg, 2 * steps_per_epoch + 5, monkeypatch)  # inside stage 2
     stage1 = (tmp_path / "run" / "stage1_student.pt").stat().st_mtime_ns
-    monkeypatch.setattr(Engine, "_step", orig)
     res = execute(cfg, "distill", resume=True)
     assert (tmp_path / "run" / "stage1_student.pt").stat().st_mtime_ns == stage1
     lines = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
