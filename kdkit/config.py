@@ -132,12 +132,18 @@ class TrainConfig:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     threads: int | None = opt(None, "CPU threads for torch (default: torch's choice)", gt=0)
     progress: Literal["auto", "bar", "lines", "none"] = opt("auto", "progress bar on a terminal, else lines")
+    time_budget_min: float | None = opt(None, "stop training after this many minutes (the stage ends, later "
+                                        "stages are skipped, the last state is kept)", gt=0)
+    snapshot_min: list[float] = opt([], "keep the evaluated model at these minutes of training; each is scored "
+                                    "on the test split after training (summary: snapshots)")
 
     def validate(self, where: str) -> None:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"{where}.betas: expected two numbers in [0, 1), got {self.betas}")
         if sorted(self.milestones) != list(self.milestones):
             raise ConfigError(f"{where}.milestones: must be increasing, got {self.milestones}")
+        if sorted(self.snapshot_min) != list(self.snapshot_min) or any(m <= 0 for m in self.snapshot_min):
+            raise ConfigError(f"{where}.snapshot_min: positive minutes in increasing order, got {self.snapshot_min}")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import __version__
 from .config import Config, ModelConfig
-from .data import BatchLoader, DataBundle, DataInfo, load_data
+from .data import Batch, BatchLoader, DataBundle, DataInfo, load_data
 from .engine import DistInfo, Engine, evaluate, init_distributed, load_latest
 from .engine.distributed import barrier, broadcast_object, shutdown
 from .errors import CheckpointError, ConfigError, ModelError
@@ -159,7 +159,11 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         raise ConfigError(f"train.batch_size={tc.batch_size} is smaller than the {dist.world} processes")
     seed_everything(cfg.seed, tc.deterministic)
     device = pick_device(tc.device, dist)
-    data = load_data(cfg.data)
+    cls = method_class(cfg.method.name)
+    if cls.reads_training_data:
+        data = load_data(cfg.data)
+    else:  # data-free: never read the training images; normalise as the teacher was trained
+        data = load_data(cfg.data, train_images=False, stats=_teacher_stats(cfg))
     info = data.info
 
     role = "model" if command == "train" else "student"
@@ -175,13 +179,16 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         if t_built.file is not None:
             _check_normalisation(t_built.file.info, info)
 
-    sample = next(iter(BatchLoader(data.train, min(8, len(data.train)), shuffle=False, drop_last=False,
-                                   mean=info.mean, std=info.std)))
+    if data.train is not None:
+        sample = next(iter(BatchLoader(data.train, min(8, len(data.train)), shuffle=False, drop_last=False,
+                                       mean=info.mean, std=info.std)))
+    else:  # shapes are all the checks need: noise, not an image of any split
+        g = torch.Generator().manual_seed(cfg.seed)
+        sample = Batch(torch.randn(2, *info.input_shape, generator=g), None, torch.arange(2))
     check_forward(student, sample.x, info, role, student_spec.label)
     if teacher is not None:
         check_forward(teacher, sample.x, info, "teacher", cfg.teacher.label)  # type: ignore[union-attr]
 
-    cls = method_class(cfg.method.name)
     method: Method = cls(cfg.method.options, student=student, teacher=teacher, info=info, train=tc)
     method.to(device)
     method.data = data
@@ -193,6 +200,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         roles["teacher"] = (t_built.spec, t_built.args)
     method.specs = roles
     if dist.is_main:
+        method.run_dir = run_dir
 
         def save_artifact(filename: str, model: nn.Module, role: str) -> None:
             spec, args = roles[role]
@@ -227,6 +235,11 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         if data.val is not None:
             extra[f"val_accuracy_{name}"] = evaluate(m, _eval_loader(data, "val", cfg, device, dist), dist)["accuracy"]
         extra[f"test_accuracy_{name}"] = evaluate(m, _eval_loader(data, "test", cfg, device, dist), dist)["accuracy"]
+    if tc.snapshot_min:
+        extra["snapshots"] = _score_snapshots(engine, final, test["accuracy"], _eval_loader(data, "test", cfg, device,
+                                                                                         dist), dist)
+    if engine.out_of_time:
+        extra["stopped_by_time_budget"] = True
     exported = method.export_model()
     summary: dict[str, Any] = {
         "name": cfg.name, "command": command, "method": cfg.method.name, "seed": cfg.seed,
@@ -234,7 +247,8 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         "test_loss": test["loss"], "params": count_params(exported),
         "wall_time_s": round(time.time() - t_start, 2), "train_time_s": round(engine.elapsed, 2),
         "model": student_spec.label, "model_args": student_args,
-        "data": {"name": info.name, "train": len(data.train), "val": len(data.val) if data.val is not None else 0,
+        "data": {"name": info.name, "train": 0 if data.train is None else len(data.train),
+                 "val": len(data.val) if data.val is not None else 0,
                  "test": len(data.test), "input_shape": list(info.input_shape)},
         "stages": history, "world_size": dist.world, "device": str(device),
         "global_batch_size": tc.batch_size, "torch": torch.__version__, "kdkit": __version__,
@@ -251,6 +265,43 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     barrier(dist)
     return RunResult(run_dir, summary, exported, dist.is_main, method)
+
+
+def _score_snapshots(engine: Engine, final: nn.Module, final_acc: float, loader: BatchLoader,
+                     dist: DistInfo) -> list[dict[str, Any]]:
+    """Test accuracy of the model kept at each train.snapshot_min mark, after training (never during it).
+
+    A mark the run did not reach (it finished earlier) is scored with the final model."""
+    import copy
+
+    out = []
+    for minutes in engine.train_cfg.snapshot_min:
+        kept = next((s for m, s in engine.snapshots if m == minutes), None)
+        if kept is None:
+            out.append({"minutes": minutes, "test_accuracy": final_acc, "final_model": True})
+            continue
+        model = copy.deepcopy(final)
+        model.load_state_dict(kept)
+        out.append({"minutes": minutes, "test_accuracy": evaluate(model, loader, dist)["accuracy"]})
+    return out
+
+
+def _teacher_stats(cfg: Config) -> tuple[list[float], list[float]] | None:
+    """The normalisation (mean, std) recorded in the teacher's model file, for data-free runs."""
+    from .engine.checkpoint import read
+    from .modelfile import is_model_file, parse_model_file
+
+    assert cfg.teacher is not None and cfg.teacher.checkpoint
+    obj = read(cfg.teacher.checkpoint)
+    if is_model_file(obj):
+        mf, _ = parse_model_file(obj, cfg.teacher.checkpoint)
+        return mf.info.mean, mf.info.std
+    if cfg.data.normalize:
+        warnings.warn(
+            f"{cfg.teacher.checkpoint} records no input normalisation (not a kdkit model file) and a data-free run "
+            "reads no training images: the test images' statistics are used for evaluation; set "
+            "data.normalize=false if the teacher takes raw [0, 1] images", stacklevel=3)
+    return None
 
 
 def _check_normalisation(trained: DataInfo, info: DataInfo) -> None:

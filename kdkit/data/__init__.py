@@ -18,7 +18,8 @@ from .images import ImageSet, channel_stats, resize
 from .loader import Batch, BatchLoader
 from .splits import per_class, stratified_split
 
-DATASETS: dict[str, Callable[[DataConfig], tuple[ImageSet, ImageSet]]] = {
+#: name -> reader(cfg, need_train) -> (training set, or None when not needed and stored apart; test set)
+DATASETS: dict[str, Callable[[DataConfig, bool], tuple[ImageSet | None, ImageSet]]] = {
     "digits": digits.load,
     "mnist": idx.loader("mnist"),
     "fashion-mnist": idx.loader("fashion-mnist"),
@@ -58,7 +59,7 @@ class DataInfo:
 @dataclass
 class DataBundle:
     info: DataInfo
-    train: ImageSet
+    train: ImageSet | None  # None for data-free runs: the training images are never read
     val: ImageSet | None
     test: ImageSet
     fewshot: ImageSet | None = None  # unlabeled: images only
@@ -69,28 +70,44 @@ class DataBundle:
             raise DataError(f"unknown data split {name!r}; splits: {', '.join(sets)}")
         s = sets[name]
         if s is None:
+            if name == "train":
+                raise DataError("this run reads no training images (a data-free method)")
             raise DataError(f"this run has no {name} split (see data.val_split / data.shots_per_class)")
         return s
 
 
-def load_data(cfg: DataConfig) -> DataBundle:
-    """Read dataset `cfg.name`, resize, compute normalisation, carve validation, subset, few-shot view."""
-    train, test = DATASETS[cfg.name](cfg)
+def load_data(cfg: DataConfig, train_images: bool = True,
+              stats: tuple[list[float], list[float]] | None = None) -> DataBundle:
+    """Read dataset `cfg.name`, resize, compute normalisation, carve validation, subset, few-shot view.
+
+    With ``train_images=False`` (data-free methods) the bundle has no training set: the training files are
+    opened only when ``data.val_split`` asks for a validation set carved from them, and the training
+    images themselves are dropped. ``stats`` (mean, std) then gives the normalisation the teacher was
+    trained with, since there is no training set to compute it from.
+    """
+    train, test = DATASETS[cfg.name](cfg, train_images or cfg.val_split > 0)
     if cfg.image_size:
-        train = ImageSet(resize(train.images, cfg.image_size), train.labels, train.classes)
         test = ImageSet(resize(test.images, cfg.image_size), test.labels, test.classes)
-    if train.shape != test.shape:
+        if train is not None:
+            train = ImageSet(resize(train.images, cfg.image_size), train.labels, train.classes)
+    if train is not None and train.shape != test.shape:
         raise DataError(f"{cfg.name}: training images are {train.shape} but test images {test.shape}; "
                         "set data.image_size")
-    if cfg.normalize:
-        mean, std = channel_stats(train.images)
+    if not cfg.normalize:
+        mean, std = [0.0] * test.shape[0], [1.0] * test.shape[0]
+    elif stats is not None:
+        mean, std = list(stats[0]), list(stats[1])
     else:
-        mean, std = [0.0] * train.shape[0], [1.0] * train.shape[0]
-    info = DataInfo(cfg.name, list(train.classes), train.shape, mean, std, cfg.shots_per_class)
+        mean, std = channel_stats((train if train is not None else test).images)
+    info = DataInfo(cfg.name, list(test.classes), test.shape, mean, std, cfg.shots_per_class)
     val = None
     if cfg.val_split > 0:
+        assert train is not None and train.labels is not None
         keep, held = stratified_split(train.labels, cfg.val_split, cfg.split_seed)
         train, val = train.subset(keep), train.subset(held)
+    if not train_images:
+        return DataBundle(info, None, val, test)
+    assert train is not None
     fewshot = None
     if cfg.shots_per_class:
         fewshot = train.subset(per_class(train.labels, cfg.shots_per_class, cfg.split_seed,

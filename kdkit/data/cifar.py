@@ -99,7 +99,7 @@ def _batches(folder: Path, files: list[str], name: str) -> tuple[np.ndarray, np.
 
 
 def loader(name: str):
-    def load(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+    def load(cfg: DataConfig, need_train: bool = True) -> tuple[ImageSet | None, ImageSet]:
         lay = LAYOUT[name]
         root = require_root(cfg.root, name, f"{lay['folder']}/ or {lay['archive']}")
         folder = _folder(root, name)
@@ -110,9 +110,9 @@ def loader(name: str):
             if names is not None and len(names) == lay["classes"]:
                 classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
         sets = []
-        for split in ("train", "test"):
+        for split in ("train", "test") if need_train else ("test",):
             x, y = _batches(folder, lay[split], name)
             sets.append(ImageSet(torch.from_numpy(x.copy()), torch.from_numpy(y), classes))
-        return sets[0], sets[1]
+        return (sets[0] if need_train else None), sets[-1]
 
     return load

@@ -14,7 +14,8 @@ from .images import ImageSet
 from .splits import stratified_split
 
 
-def load(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+def load(cfg: DataConfig, need_train: bool = True) -> tuple[ImageSet | None, ImageSet]:
+    """The test split is carved from the same 1,797 images, so they are read whatever ``need_train`` says."""
     from sklearn.datasets import load_digits
 
     d = load_digits()

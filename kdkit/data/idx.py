@@ -77,8 +77,8 @@ def _split(root: Path, name: str, split: str) -> ImageSet:
 
 
 def loader(name: str):
-    def load(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+    def load(cfg: DataConfig, need_train: bool = True) -> tuple[ImageSet | None, ImageSet]:
         root = require_root(cfg.root, name, "the four idx files (train/t10k images and labels, .gz or not)")
-        return _split(root, name, "train"), _split(root, name, "test")
+        return (_split(root, name, "train") if need_train else None), _split(root, name, "test")
 
     return load

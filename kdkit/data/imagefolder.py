@@ -60,7 +60,7 @@ def _read(folder: Path, classes: list[str], cfg: DataConfig, mode: str | None) -
     return ImageSet(x, torch.tensor(labels, dtype=torch.long), classes), mode or "RGB"
 
 
-def load(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+def load(cfg: DataConfig, need_train: bool = True) -> tuple[ImageSet | None, ImageSet]:
     root = require_root(cfg.root, "imagefolder", "class sub-folders of images (train/<class>/, test/<class>/)")
     mode = None if cfg.channels is None else {1: "L", 3: "RGB"}.get(cfg.channels)
     if cfg.channels is not None and mode is None:
@@ -73,6 +73,8 @@ def load(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
         extra = sorted(set(_classes(test_dir)) - set(classes))
         if extra:
             raise DataError(f"{test_dir} has classes not in {root / 'train'}: {', '.join(extra)}")
+        if not need_train:
+            return None, _read(test_dir, classes, cfg, mode)[0]
         train, mode = _read(root / "train", classes, cfg, mode)
         test, _ = _read(test_dir, classes, cfg, mode)
         return train, test

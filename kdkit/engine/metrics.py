@@ -71,9 +71,11 @@ class Meter:
         self.sums, self.count = dict(s["sums"]), int(s["count"])
 
 
-def fmt(values: dict[str, float]) -> str:
+def fmt(values: dict[str, Any]) -> str:
     parts = []
     for k, v in values.items():
+        if not isinstance(v, int | float):  # lists (histograms) go to metrics.jsonl only
+            continue
         if "accuracy" in k:
             parts.append(f"{k} {100 * v:.2f}%")
         elif k == "lr":

@@ -125,6 +125,9 @@ class Engine:
         self.elapsed_before = 0.0
         self.global_step = 0
         self._stop_signal: int | None = None
+        #: (minutes of training, state_dict of the evaluated model) taken at train.snapshot_min
+        self.snapshots: list[tuple[float, dict[str, torch.Tensor]]] = []
+        self.out_of_time = False
 
     # ---- data -------------------------------------------------------------------------------
     def loader(self, split: str, train: bool, batch_size: int | None = None) -> BatchLoader:
@@ -153,6 +156,7 @@ class Engine:
             "metrics_lines": self.metrics.lines(),
             "elapsed": self.elapsed_before + time.time() - t0,
             "history": self.history,
+            "snapshots": self.snapshots, "out_of_time": self.out_of_time,
         }
         if st is not None:
             state["stage_state"] = {
@@ -173,6 +177,8 @@ class Engine:
         self.history = list(state.get("history", []))
         self.elapsed_before = float(state.get("elapsed", 0.0))
         self.global_step = int(state.get("global_step", 0))
+        self.snapshots = list(state.get("snapshots", []))
+        self.out_of_time = bool(state.get("out_of_time", False))
         p = state["position"]
         return _Position(p["stage"], p["epoch"], p["step"])
 
@@ -211,6 +217,10 @@ class Engine:
         t0 = time.time()
         with self._signals():
             for si in range(pos.stage, len(stages)):
+                if self.out_of_time:
+                    self.history.append({"stage": stages[si].name, "skipped": "train.time_budget_min reached"})
+                    self.progress.say(f"[{stages[si].name}] skipped: the time budget is spent")
+                    continue
                 start = pos if si == pos.stage else _Position(si)
                 stage_resume = resume.get("stage_state") if (resume is not None and si == pos.stage) else None
                 self._run_stage(si, stages[si], len(stages), start, stage_resume, t0)
@@ -241,6 +251,8 @@ class Engine:
         if stage.on_start is not None and start.epoch == 0 and start.step == 0:
             stage.on_start()
         for epoch in range(start.epoch, stage.epochs):
+            if self.out_of_time:
+                break
             first_step = start.step if epoch == start.epoch else 0
             if first_step == 0:
                 st.meter = Meter()
@@ -315,6 +327,28 @@ class Engine:
                                   f"{stage.name!r} epoch {epoch + 1} step {step + 1}; checkpoint saved")
             if c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and step + 1 < steps:
                 self._save(_Position(si, epoch, step + 1), st, t0)
+            if self._clock(t0):
+                self.progress.say(f"[{stage.name}] time budget of {c.time_budget_min} min reached at epoch "
+                                  f"{epoch + 1} step {step + 1}")
+                break
+        self.progress.close()
+
+    def minutes(self, t0: float) -> float:
+        """Minutes of training so far (earlier sessions of a resumed run included)."""
+        return (self.elapsed_before + time.time() - t0) / 60.0
+
+    def _clock(self, t0: float) -> bool:
+        """Take the snapshots that are due; True when train.time_budget_min is spent."""
+        c = self.train_cfg
+        if not c.snapshot_min and c.time_budget_min is None:
+            return False
+        now = self.minutes(t0)
+        while len(self.snapshots) < len(c.snapshot_min) and now >= c.snapshot_min[len(self.snapshots)]:
+            state = {k: v.detach().clone() for k, v in self.method.eval_model().state_dict().items()}
+            self.snapshots.append((c.snapshot_min[len(self.snapshots)], state))
+        if c.time_budget_min is not None and now >= c.time_budget_min:
+            self.out_of_time = True
+        return self.out_of_time
 
     def _validate(self, stage: Stage, st: _StageState, epoch: int) -> dict[str, float]:
         """Validation accuracy (or the stage's label-free monitor) when due; remembers the best state.

@@ -93,6 +93,8 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     Options: ClassVar[type] = object
     needs_teacher: ClassVar[bool] = True
+    #: False for data-free methods: the runner then never opens the training images (see kdkit.data.load_data)
+    reads_training_data: ClassVar[bool] = True
     #: prefixes of state_dict keys kept out of checkpoints (frozen modules loaded from elsewhere)
     frozen_prefixes: ClassVar[tuple[str, ...]] = ("teacher.",)
 
@@ -137,6 +139,9 @@ class Method(nn.Module):
     #: set by the runner before setup: the run's data (splits and info), for methods that need more than
     #: the batches of their stages (e.g. a label-free score on the few-shot images)
     data: Any = None
+
+    #: set by the runner: the run directory, for methods that write their own files (None off rank 0)
+    run_dir: Any = None
 
     #: set by the runner: role ("student", "teacher") -> (ModelConfig, factory arguments) of the models
     specs: dict[str, Any] = {}

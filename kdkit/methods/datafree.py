@@ -1,0 +1,237 @@
+"""What every data-free method shares: a source of synthetic images, the student's distillation on them,
+a replay bank, diagnostics (sample grids, class histogram, diversity, collapse) and the generator file.
+
+No real image is read: the runner never loads the training set for these methods (``reads_training_data``
+is False), and the only real images a run sees are the test set for the final evaluation and the
+validation set when ``data.val_split`` asks for one.
+
+Compute knobs (the authors' settings are the defaults; the MNIST recipes change them, see BENCHMARKS.md):
+
+* ``generator_width``: channels of the generator (the authors' 128; the cost of a generator step grows
+  with its square);
+* ``train.batch_size``: images per generator and student step (the authors' 512);
+* ``student_steps``: student steps per generator step (k);
+* ``bank_size``: a replay bank holding the newest generated images with the teacher's logits on them; the
+  student's batches are drawn from it, so one generated (and teacher-labelled) image serves several
+  student steps. 0 (the authors'): the student sees each generated batch once (or k times for k steps);
+* ``sample_every``: with a bank, a method whose student samples fresh images does so every N steps only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ..diagnostics import collapse_threshold, inspect_samples, save_grid
+from ..generators import DAFLGenerator, save_generator
+from ..losses import kd_loss
+from ..schema import opt
+from .base import Stage, Update
+from .distiller import Distiller
+
+
+@dataclass
+class DataFreeOptions:
+    temperature: float = opt(1.0, "temperature T of the student's KD loss T^2 KL(p_t^T || p_s^T)", gt=0)
+    steps_per_epoch: int = opt(120, "steps per epoch (the authors' 120 iterations)", gt=0)
+    student_steps: int = opt(1, "student steps per generator step", ge=1)
+    bank_size: int = opt(0, "replay bank of generated images (with teacher logits) the student draws from; 0: none",
+                         ge=0)
+    sample_every: int = opt(1, "with a bank, methods that sample fresh images for the student do so every N "
+                            "student steps (1: every step)", ge=1)
+    diagnostics_samples: int = opt(256, "generated images inspected after each epoch (histogram, diversity)", ge=2)
+    grid_images: int = opt(64, "images in the PNG grid saved after each epoch (0: none)", ge=0)
+    collapse_class_fraction: float | None = opt(
+        None, "collapse when one class holds more than this fraction of the samples (default max(0.5, 1.5/K))",
+        gt=0, le=1)
+    collapse_min_diversity: float = opt(0.1, "collapse when the samples' diversity falls below this", ge=0)
+    restart_on_collapse: bool = opt(False, "re-initialise the generator when a collapse is detected")
+
+
+@dataclass
+class GeneratorOptions(DataFreeOptions):
+    latent_dim: int = opt(100, "dimension of the generator's noise z", gt=0)
+    generator_width: int = opt(128, "channels of the generator's first convolution (the authors' 128)", ge=2)
+    generator_bn_eps: float = opt(0.8, "eps of the generator's middle BatchNorms (the authors' code passes 0.8)",
+                                  gt=0)
+    generator_lr: float = opt(1e-3, "Adam learning rate of the generator", gt=0)
+
+
+class ReplayBank(nn.Module):
+    """A ring buffer of generated images and the teacher's logits on them (saved in checkpoints)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.register_buffer("images", torch.empty(0))
+        self.register_buffer("logits", torch.empty(0))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # images ever added
+
+    def __len__(self) -> int:
+        return min(int(self.count), self.capacity)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for name in ("images", "logits"):  # the buffers grow on first use: take the checkpoint's shapes
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+        if self.images.numel() == 0:
+            self.images = x.new_zeros((self.capacity, *x.shape[1:]))
+            self.logits = logits.new_zeros((self.capacity, *logits.shape[1:]))
+        n = min(len(x), self.capacity)
+        slots = (int(self.count) + torch.arange(n, device=x.device)) % self.capacity
+        self.images[slots] = x[-n:].detach()
+        self.logits[slots] = logits[-n:].detach()
+        self.count += len(x)
+
+    def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(self), (n,)).to(self.images.device)
+        return self.images[idx], self.logits[idx]
+
+    def clear(self) -> None:
+        self.count.zero_()
+
+
+class DataFree(Distiller):
+    """Base of the data-free methods: subclasses say how images are made (:meth:`produce`, or a trained
+    :class:`DAFLGenerator`) and which stages run; the student's step, bank and diagnostics live here."""
+
+    reads_training_data: ClassVar[bool] = False
+    Options = DataFreeOptions
+    #: what the student distills on: the generator step's own batch ("generator_batch", joint schedules)
+    #: or a fresh batch made for each student step ("fresh")
+    student_data: Literal["generator_batch", "fresh"] = "fresh"
+
+    def __init__(self, opts: Any, **kw: Any):
+        super().__init__(opts, **kw)
+        self.generator: DAFLGenerator | None = None
+        if isinstance(opts, GeneratorOptions):
+            self.generator = DAFLGenerator(self.info.input_shape, opts.latent_dim, opts.generator_width,
+                                           opts.generator_bn_eps)
+        self.bank = ReplayBank(opts.bank_size) if opts.bank_size else None
+        self._latest: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.register_buffer("student_step_count", torch.zeros((), dtype=torch.long))
+        self.collapses: list[dict[str, Any]] = []
+        self.last_diagnostics: dict[str, Any] = {}
+
+    # ---- where images come from -------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.train_cfg.batch_size
+
+    @torch.no_grad()
+    def produce(self, n: int) -> torch.Tensor:
+        """``n`` synthetic images without gradients, in the generator's current mode."""
+        assert self.generator is not None
+        return self.generator(self.generator.noise(n))
+
+    def remember(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+        """A generator step's batch (and the teacher's logits on it), for the student's next steps."""
+        self._latest = (x.detach(), logits.detach())
+        if self.bank is not None:
+            self.bank.add(x, logits)
+
+    def student_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, teacher logits) for one student step."""
+        if self.student_data == "fresh" and (self.bank is None or len(self.bank) == 0
+                                             or int(self.student_step_count) % self.opts.sample_every == 0):
+            x = self.produce(self.batch_size)
+            t = self.teacher_forward(x)
+            if self.bank is None:
+                return x, t
+            self.bank.add(x, t)
+        if self.bank is not None and len(self.bank) > 0:
+            return self.bank.draw(self.batch_size)
+        if self._latest is None:  # a joint schedule's student step before any generator step
+            x = self.produce(self.batch_size)
+            self._latest = (x, self.teacher_forward(x))
+        return self._latest
+
+    # ---- the student ------------------------------------------------------------------------
+    def distill_loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"kd": kd_loss(s_logits, t_logits, self.opts.temperature)}
+
+    def student_step(self, batch: Any) -> dict[str, torch.Tensor]:
+        x, t = self.student_batch()
+        self.student_step_count += 1
+        return self.distill_loss(self.student(x), t)
+
+    def student_update(self, repeat: int = 1) -> Update:
+        return Update("student", list(self.student.parameters()), self.student_step, repeat=repeat)
+
+    def generator_update(self, loss: Any) -> Update:
+        assert self.generator is not None
+        return Update("generator", list(self.generator.parameters()), loss,
+                      optimizer={"optimizer": "adam", "lr": self.opts.generator_lr, "weight_decay": 0.0,
+                                 "schedule": "constant", "warmup_epochs": 0.0, "betas": [0.9, 0.999]})
+
+    def generated_stage(self, name: str, updates: list[Update], epochs: int, train: list[nn.Module],
+                        diagnose: bool = True, **kw: Any) -> Stage:
+        """A stage that reads no data: ``steps_per_epoch`` steps per epoch, diagnostics after each."""
+        return Stage(name, updates, epochs, train_modules=train, data=None, steps_per_epoch=self.opts.steps_per_epoch,
+                     on_epoch_end=(lambda e: self.diagnose(name, e)) if diagnose else None, **kw)
+
+    # ---- diagnostics ------------------------------------------------------------------------
+    @torch.no_grad()
+    def diagnostic_images(self, n: int) -> torch.Tensor:
+        """The images the diagnostics look at: as the student sees them (the generator's batch statistics
+        in joint schedules, without touching its running statistics)."""
+        assert self.generator is not None
+        return self.generator.sample(n, batch_stats=self.generator.training or self.student_data != "fresh")
+
+    def diagnose(self, stage: str, epoch: int) -> dict[str, Any]:
+        o = self.opts
+        x = self.diagnostic_images(o.diagnostics_samples)
+        logits = self.teacher_forward(x)
+        d = inspect_samples(x, logits, max_class_fraction=collapse_threshold(o.collapse_class_fraction,
+                                                                               self.info.num_classes),
+                            min_diversity=o.collapse_min_diversity)
+        self.last_diagnostics = {"stage": stage, "epoch": epoch + 1, **d}
+        if self.run_dir is not None and o.grid_images:
+            save_grid(Path(self.run_dir) / "samples" / f"{stage}_epoch{epoch + 1:03d}.png", x[:o.grid_images],
+                      self.info.mean, self.info.std)
+        record: dict[str, Any] = {f"gen/{k}": d[k] for k in ("class_entropy", "class_max_fraction", "diversity",
+                                                             "class_histogram")}
+        record["gen/collapse"] = float(bool(d["collapse"]))
+        if d["collapse"]:
+            event = {"stage": stage, "epoch": epoch + 1, "reasons": d["collapse"]}
+            restart = o.restart_on_collapse and self.generator is not None and self.generator.training
+            msg = f"[{stage}] epoch {epoch + 1}: generator collapse: {'; '.join(d['collapse'])}"
+            if restart:
+                assert self.generator is not None
+                self.generator.reset()
+                if self.bank is not None:
+                    self.bank.clear()
+                self._latest = None
+                event["action"] = "generator re-initialised (method.restart_on_collapse)"
+                msg += "; re-initialising the generator"
+            else:
+                msg += "; set method.restart_on_collapse=true to re-initialise it, or change the generator's lr"
+            self.collapses.append(event)
+            warnings.warn(msg, stacklevel=2)
+        return record
+
+    # ---- results ----------------------------------------------------------------------------
+    def finish(self) -> None:
+        super().finish()
+        if self.run_dir is not None and self.generator is not None:
+            save_generator(Path(self.run_dir) / "generator.pt", self.generator,
+                           {"method": self.name, "mean": self.info.mean, "std": self.info.std,
+                            "classes": self.info.classes, "batch_stats": self.student_data != "fresh"})
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"collapse_events": self.collapses, "final_diagnostics": self.last_diagnostics,
+                               "collapsed_at_end": bool(self.last_diagnostics.get("collapse"))}
+        if self.generator is not None:
+            out["generator_params"] = sum(p.numel() for p in self.generator.parameters())
+            if self.run_dir is not None:
+                out["generator_file"] = "generator.pt"
+        return out
