@@ -6,6 +6,7 @@
     kdkit eval --checkpoint PATH [--data NAME --root DIR]
     kdkit models [NAME]                         the zoo, or one model's layer paths and parts
     kdkit report RUN_DIR [RUN_DIR ...]          curves, per-path weights and report.md of runs
+    kdkit sample RUN_DIR [-n 64]                images from a data-free run's generator, as a PNG grid
     kdkit demo                                  teacher, student alone and KD on digits, in a table
 
 Every user error prints one line ``kdkit: error: ...`` and exits with status 2.
@@ -58,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="plots (curves, per-path weights) and report.md for runs")
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+
+    g = sub.add_parser("sample", help="images from a data-free run's generator (or synthesised set), as a PNG grid")
+    g.add_argument("run_dir", metavar="RUN_DIR")
+    g.add_argument("-n", type=int, default=64, help="number of images (default 64)")
+    g.add_argument("--out", help="PNG path (default RUN_DIR/samples/sample_n<N>_seed<S>.png)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    g.add_argument("--tensors", action="store_true", help="also save the normalised images as a .pt tensor")
 
     d = sub.add_parser("demo", help="teacher, student alone and KD on the bundled digits data (under a minute)")
     d.add_argument("--output-dir", default=None, help="where the three runs go (default runs/demo-<time>)")
@@ -167,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
 
             for f in report(args.run_dirs):
                 print(f)
+            return 0
+        if args.command == "sample":
+            from .generators import sample_run
+
+            print(json.dumps(sample_run(args.run_dir, args.n, args.out, args.seed, args.tensors)))
             return 0
         if args.command == "demo":
             from .demo import run_demo

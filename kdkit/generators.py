@@ -120,3 +120,36 @@ def load_generator(path: str | os.PathLike) -> tuple[DAFLGenerator, dict[str, An
     except RuntimeError as e:
         raise CheckpointError(f"{path}: the generator weights do not fit its recorded shape ({str(e)[:160]})") from None
     return gen.eval(), obj.get("meta", {})
+
+
+def sample_run(run_dir: str | os.PathLike, n: int, out: str | os.PathLike | None = None, seed: int = 0,
+               tensors: bool = False) -> dict[str, Any]:
+    """``kdkit sample``: ``n`` images from a data-free run's generator (``generator.pt``), or the first ``n``
+    of its synthesised set (``synthetic.pt``, DeepInversion), as a PNG grid (and optionally a tensor file
+    of the normalised images, ready for the teacher or the student)."""
+    from pathlib import Path
+
+    from .diagnostics import save_grid
+
+    run = Path(run_dir)
+    if n <= 0:
+        raise CheckpointError(f"-n must be a positive number of images, got {n}")
+    if (run / "generator.pt").is_file():
+        gen, meta = load_generator(run / "generator.pt")
+        images = gen.sample(n, batch_stats=bool(meta.get("batch_stats")), generator=torch.Generator().manual_seed(seed))
+    elif (run / "synthetic.pt").is_file():
+        meta = read(run / "synthetic.pt")
+        if not isinstance(meta, dict) or meta.get("format") != "kdkit-synthetic":
+            raise CheckpointError(f"{run / 'synthetic.pt'} is not a kdkit synthetic-image file")
+        images = meta["images"][:n]
+    else:
+        raise CheckpointError(f"{run} holds no generator.pt or synthetic.pt: is it the folder of a finished "
+                              "data-free run (rdskd, dafl, dfad, deepinversion)?")
+    png = Path(out) if out is not None else run / "samples" / f"sample_n{n}_seed{seed}.png"
+    save_grid(png, images, meta["mean"], meta["std"])
+    result: dict[str, Any] = {"png": str(png), "images": len(images)}
+    if tensors:
+        path = png.with_suffix(".pt")
+        torch.save(images.cpu(), path)
+        result["tensors"] = str(path)
+    return result

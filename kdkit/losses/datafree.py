@@ -100,15 +100,19 @@ class BNStatistics:
     ``||mean(x) - running_mean||_2 + ||var(x) - running_var||_2`` of each layer's input (biased variance
     over batch and space, as the layer computes it in training).
 
-    ``loss`` holds the sum after a forward; ``remove()`` detaches the hooks."""
+    ``loss`` holds the sum after a forward; ``enabled = False`` pauses recording (forwards that are not
+    synthesis steps); ``remove()`` detaches the hooks."""
 
     def __init__(self, model: nn.Module):
         self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                        and m.running_mean is not None]
         self.terms: list[torch.Tensor] = []
+        self.enabled = True
         self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if not self.enabled:
+            return
         x = inputs[0]
         dims = [0, *range(2, x.dim())]
         mean = x.mean(dim=dims)
