@@ -81,7 +81,7 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    name: str = opt("digits", "dataset: digits, mnist, fashion-mnist, kmnist, cifar10, cifar100, imagefolder")
+    name: str = opt("digits", "dataset: digits, mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, imagefolder")
     root: str | None = opt(None, "folder holding the dataset's files (not needed for digits)")
     image_size: int | None = opt(None, "resize images to this square size once, at load time", gt=0)
     channels: int | None = opt(None, "imagefolder: 1 (grayscale) or 3 (RGB); default from the images", ge=1)

@@ -75,6 +75,7 @@ class DAFLGenerator(nn.Module):
         was = self.training
         bns = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         momenta = [m.momentum for m in bns]
+        counts = [None if m.num_batches_tracked is None else m.num_batches_tracked.clone() for m in bns]
         try:
             self.train(batch_stats)
             if batch_stats:
@@ -82,8 +83,10 @@ class DAFLGenerator(nn.Module):
                     m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
             return self(self.noise(n, generator))
         finally:
-            for m, mom in zip(bns, momenta):
+            for m, mom, count in zip(bns, momenta, counts):
                 m.momentum = mom
+                if count is not None:
+                    m.num_batches_tracked.copy_(count)
             self.train(was)
 
     def spec(self) -> dict[str, Any]:

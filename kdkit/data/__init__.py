@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..config import DataConfig
 from ..errors import DataError
-from . import cifar, digits, idx, imagefolder
+from . import cifar, digits, idx, imagefolder, svhn
 from .augment import Augment
 from .images import ImageSet, channel_stats, resize
 from .loader import Batch, BatchLoader
@@ -27,6 +27,7 @@ DATASETS: dict[str, Callable[[DataConfig, bool], tuple[ImageSet | None, ImageSet
     "cifar10": cifar.loader("cifar10"),
     "cifar100": cifar.loader("cifar100"),
     "imagefolder": imagefolder.load,
+    "svhn": svhn.load,
 }
 
 

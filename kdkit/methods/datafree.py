@@ -204,7 +204,7 @@ class DataFree(Distiller):
         if d["collapse"]:
             event = {"stage": stage, "epoch": epoch + 1, "reasons": d["collapse"]}
             restart = o.restart_on_collapse and self.generator is not None and self.generator.training
-            msg = f"[{stage}] epoch {epoch + 1}: generator collapse: {'; '.join(d['collapse'])}"
+            msg = f"[{stage}] epoch {epoch + 1}: generated images collapse: {'; '.join(d['collapse'])}"
             if restart:
                 assert self.generator is not None
                 self.generator.reset()

@@ -1,0 +1,396 @@
+"""Data-free distillation: loss terms against hand values, the exponential penalisation, reference refresh,
+BatchNorm statistics, collapse detection, the generator, and tiny end-to-end runs of every method."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdkit.cli import main
+from kdkit.config import TrainConfig, load_config
+from kdkit.data import DataInfo
+from kdkit.diagnostics import inspect_samples
+from kdkit.errors import ModelError
+from kdkit.generators import DAFLGenerator, load_generator, upsample2x
+from kdkit.losses.datafree import (
+    BNStatistics,
+    activation_loss,
+    diversity_seeking_loss,
+    exp_penalty,
+    information_entropy_loss,
+    js_divergence,
+    l1_logit_distance,
+    one_hot_loss,
+    total_variation,
+)
+from kdkit.methods.rdskd import RDSKD, RDSKDOptions
+from kdkit.run import execute
+
+from .conftest import ROOT, crash_at, digits_overrides
+
+# ------------------------------------------------------------------------------- loss terms by hand
+
+
+def test_one_hot_loss_is_ce_to_the_argmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    lse0 = math.log(math.exp(2) + math.exp(1) + 1)
+    lse1 = math.log(2 + math.exp(3))
+    assert one_hot_loss(logits).item() == pytest.approx(((lse0 - 2) + (lse1 - 3)) / 2, rel=1e-6)
+
+
+def test_information_entropy_loss_by_hand():
+    # p rows: softmax([ln 3, 0]) = [.75, .25] and [.25, .75] -> pbar = [.5, .5] -> sum pbar log pbar = -ln 2
+    logits = torch.tensor([[math.log(3), 0.0], [0.0, math.log(3)]])
+    assert information_entropy_loss(logits).item() == pytest.approx(-math.log(2), rel=1e-6)
+    assert information_entropy_loss(logits, base=10).item() == pytest.approx(-math.log10(2), rel=1e-6)
+    # one sample: pbar = [.75, .25]
+    want = 0.75 * math.log(0.75) + 0.25 * math.log(0.25)
+    assert information_entropy_loss(logits[:1]).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_activation_loss_and_l1_distance_by_hand():
+    f = torch.tensor([[1.0, -2.0], [3.0, -4.0]])
+    assert activation_loss(f).item() == pytest.approx(-2.5)
+    s, t = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 5.0]])
+    assert l1_logit_distance(s, t).item() == pytest.approx(2.0)
+
+
+def test_diversity_seeking_loss_by_hand():
+    x = torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2)])  # ||x2 - x1|| = 2
+    logits = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]])  # p1 = [.5, .5], p2 = [.75, .25]
+    ratio = 2.0 / math.sqrt(2 * 0.25**2)
+    assert diversity_seeking_loss(x, logits).item() == pytest.approx(1 / ratio, rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2"):
+        diversity_seeking_loss(x[:1], logits[:1])
+
+
+def test_total_variation_and_js_by_hand():
+    x = torch.tensor([[[[0.0, 1.0], [2.0, 4.0]]]])
+    # horizontal: -1, -2; vertical: -2, -3; diagonal (x[1,0]-x[0,1]) = 1; (x[0,0]-x[1,1]) = -4
+    want_l2 = math.sqrt(1 + 4) + math.sqrt(4 + 9) + 1 + 4
+    assert total_variation(x, "l2").item() == pytest.approx(want_l2, rel=1e-6)
+    assert total_variation(x, "l1").item() == pytest.approx(1.5 + 2.5 + 1 + 4, rel=1e-6)
+    p = torch.tensor([[1.0, 0.0]])
+    assert js_divergence(p, p).item() == pytest.approx(0.0, abs=1e-7)
+    assert js_divergence(p, torch.tensor([[0.0, 1.0]])).item() == pytest.approx(math.log(2), rel=1e-5)
+
+
+def test_exp_penalty_gradient_is_exp_times_the_terms_gradient():
+    w = torch.tensor([0.3, -0.7], requires_grad=True)
+    ref = torch.tensor(0.2, requires_grad=True)
+    term = (w**2).sum() + w[0]
+    out = exp_penalty(term, ref)
+    out.backward()
+    factor = math.exp(term.item() - 0.2)
+    want = factor * torch.tensor([2 * 0.3 + 1, 2 * -0.7])
+    assert torch.allclose(w.grad, want, atol=1e-6)
+    assert ref.grad is None  # the reference is detached: no gradient flows into it
+
+
+# ------------------------------------------------------------------------------- BatchNorm statistics
+
+
+def test_bn_statistics_zero_when_the_batch_matches_the_running_statistics():
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2)).eval()
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():  # set each BN's running statistics to what this batch gives it
+        h = net[0](x)
+        net[1].running_mean.copy_(h.mean((0, 2, 3)))
+        net[1].running_var.copy_(h.var((0, 2, 3), unbiased=False))
+        h = net[3](net[2](net[1](h)))
+        net[4].running_mean.copy_(h.mean((0, 2, 3)))
+        net[4].running_var.copy_(h.var((0, 2, 3), unbiased=False))
+    stats = BNStatistics(net)
+    net(x)
+    assert stats.loss.item() == pytest.approx(0.0, abs=1e-5)
+    stats.clear()
+    net(x + 1.0)  # shifted inputs: layer 1's mean moves by conv-weight sums, so the loss is positive
+    h = net[0](x + 1.0)
+    want1 = (torch.linalg.vector_norm(h.mean((0, 2, 3)) - net[1].running_mean)
+             + torch.linalg.vector_norm(h.var((0, 2, 3), unbiased=False) - net[1].running_var))
+    assert stats.terms[0].item() == pytest.approx(want1.item(), rel=1e-4)
+    assert stats.loss.item() > 0.1
+    stats.clear()
+    stats.enabled = False
+    net(x)
+    assert stats.terms == []
+    stats.remove()
+
+
+# ------------------------------------------------------------------------------- collapse detection
+
+
+def test_collapse_detection_fires_on_a_collapsed_batch_and_not_on_a_diverse_one():
+    torch.manual_seed(0)
+    same = torch.randn(1, 1, 8, 8).repeat(64, 1, 1, 1) + 1e-4 * torch.randn(64, 1, 8, 8)
+    one_class = torch.zeros(64, 10)
+    one_class[:, 3] = 5.0
+    d = inspect_samples(same, one_class, max_class_fraction=0.5, min_diversity=0.1)
+    assert len(d["collapse"]) == 2 and d["class_histogram"][3] == 64 and d["class_entropy"] == pytest.approx(0.0)
+    diverse = torch.randn(64, 1, 8, 8)
+    logits = F.one_hot(torch.arange(64) % 10, 10).float() * 5
+    d = inspect_samples(diverse, logits, max_class_fraction=0.5, min_diversity=0.1)
+    assert d["collapse"] == [] and d["class_entropy"] > 0.99 and d["diversity"] > 1.0
+
+
+# ------------------------------------------------------------------------------- the generator
+
+
+def test_upsample_equals_interpolate_forward_and_backward():
+    x = torch.randn(3, 4, 5, 6, requires_grad=True)
+    y = x.detach().clone().requires_grad_(True)
+    a, b = upsample2x(x), F.interpolate(y, scale_factor=2)
+    assert torch.equal(a, b)
+    g = torch.randn_like(a)
+    a.backward(g)
+    b.backward(g)
+    assert torch.allclose(x.grad, y.grad, atol=1e-6)
+
+
+def test_generator_shapes_sampling_and_errors():
+    g = DAFLGenerator((1, 28, 28), latent_dim=8, width=8)
+    assert g(torch.randn(4, 8)).shape == (4, 1, 28, 28)
+    g.train()
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    g.sample(16, batch_stats=True)
+    after = g.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # sampling never moves running statistics
+    assert g.training
+    with pytest.raises(ModelError, match="multiple of 4"):
+        DAFLGenerator((1, 30, 30))
+
+
+# ------------------------------------------------------------------------------- RDSKD's references
+
+
+def _rdskd(teacher_file: Path, **opts: object) -> RDSKD:
+    from kdkit.modelfile import load
+
+    teacher = load(teacher_file)
+    info = DataInfo("digits", [str(i) for i in range(10)], (1, 16, 16), [0.0], [1.0])
+    student = nn.Sequential(nn.Flatten(), nn.Linear(256, 10))
+    o = RDSKDOptions(**{"generator_width": 8, "latent_dim": 8, **opts})
+    return RDSKD(o, student=student, teacher=teacher, info=info, train=TrainConfig(batch_size=16))
+
+
+def test_rdskd_references_are_detached_and_refreshed_on_schedule(teacher_file):
+    torch.manual_seed(0)
+    m = _rdskd(teacher_file, ref_interval=3)
+    seen = []
+    for step in range(8):
+        before = (m.ref_oh.clone(), m.ref_ie.clone())
+        out = m.generator_step(None)
+        seen.append((before, out["one_hot"].item(), out["entropy"].item()))
+        assert not m.ref_oh.requires_grad and not m.ref_ie.requires_grad
+    # zero until step 1 takes its snapshot; then each snapshot holds until steps 4 and 7 (1 + 3k)
+    assert seen[0][0][0].item() == 0.0 and seen[1][0][0].item() == 0.0
+    for step in (2, 3, 4):
+        assert seen[step][0][0].item() == pytest.approx(seen[1][1]) and seen[step][0][1].item() == pytest.approx(
+            seen[1][2])
+    assert seen[5][0][0].item() == pytest.approx(seen[4][1])
+    assert seen[7][0][0].item() == pytest.approx(seen[4][1])
+    assert m.ref_oh.item() == pytest.approx(seen[7][1])
+
+
+def test_rdskd_generator_loss_is_the_penalised_sum(teacher_file):
+    torch.manual_seed(1)
+    m = _rdskd(teacher_file, ref_interval=100)
+    m.ref_oh.fill_(0.3)
+    m.ref_ie.fill_(-1.0)
+    torch.manual_seed(5)
+    out = m.generator_step(None)
+    want = math.exp(out["one_hot"].item() - 0.3) + math.exp(out["entropy"].item() + 1.0) + out["diversity"].item()
+    assert out["loss"].item() == pytest.approx(want, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------- end to end
+
+
+def _datafree(out: Path, teacher: Path, method: str, **extra: object):
+    o = {"teacher.checkpoint": str(teacher), "student.arch": "mlp", "student.hidden": "[32]", "method.name": method,
+         "method.steps_per_epoch": 8, "data.val_split": 0, "train.select": "last", "train.batch_size": 32,
+         "method.diagnostics_samples": 64, "method.grid_images": 16}
+    if method != "deepinversion":
+        o.update({"method.generator_width": 16, "method.latent_dim": 16})
+    o.update(extra)
+    return execute(load_config(None, digits_overrides(out, **o)), "distill")
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("rdskd", {"method.generator_epochs": 1}),
+    ("rdskd", {"method.schedule": "joint", "method.bank_size": 128}),
+    ("dafl", {}),
+    ("dfad", {"method.student_steps": 2}),
+])
+def test_generator_methods_end_to_end(tmp_path, teacher_file, method, extra):
+    r = _datafree(tmp_path / "run", teacher_file, method, **extra)
+    s = r.summary
+    assert s["data"]["train"] == 0
+    assert s["test_accuracy"] > 0.15  # chance is 0.10: the student learned from generated images alone
+    assert s["generator_file"] == "generator.pt" and (r.run_dir / "generator.pt").is_file()
+    assert len(list((r.run_dir / "samples").glob("*.png"))) >= 2
+    epochs = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in epochs if e["event"] == "epoch"]
+    assert all(sum(e["gen/class_histogram"]) == 64 and 0 <= e["gen/class_entropy"] <= 1 for e in epochs)
+    gen, meta = load_generator(r.run_dir / "generator.pt")
+    assert gen.sample(4).shape == (4, 1, 16, 16) and meta["method"] == method
+
+
+def test_datafree_runs_never_open_the_training_set(tmp_path, monkeypatch):
+    """A dataset whose training files are missing: a data-free run reads the test files only."""
+    from kdkit.data import idx
+
+    from .test_data import write_mnist
+
+    root = tmp_path / "mnist"
+    write_mnist(root, n_train=100, n_test=40)
+    teacher = execute(load_config(None, digits_overrides(
+        tmp_path / "teacher", **{"data.name": "mnist", "data.root": str(root), "model.arch": "mlp",
+                                 "model.hidden": "[16]", "train.epochs": 1}), default_method="supervised"), "train")
+    for f in root.glob("train-*"):
+        f.unlink()
+    opened = []
+    real = idx._split
+    monkeypatch.setattr(idx, "_split", lambda r, name, split: opened.append(split) or real(r, name, split))
+    r = _datafree(tmp_path / "run", teacher.run_dir / "model.pt", "dafl",
+                  **{"data.name": "mnist", "data.root": str(root), "train.epochs": 1})
+    assert opened == ["test"] and r.summary["data"] == {**r.summary["data"], "train": 0, "val": 0, "test": 40}
+    # the normalisation is the teacher's, recorded in its model file, not the test set's
+    assert r.summary["test_accuracy"] >= 0
+
+
+def test_deepinversion_end_to_end_and_adaptive(tmp_path, cnn_teacher_file):
+    for name, extra in (("di", {}), ("adi", {"method.competition_weight": 1.0})):
+        r = _datafree(tmp_path / name, cnn_teacher_file, "deepinversion",
+                      **{"method.batches": 2, "method.iterations": 20, **extra})
+        s = r.summary
+        assert s["synthetic_images"] == 64 and [h["stage"] for h in s["stages"]] == [
+            "synthesise 1/2", "synthesise 2/2", "distill"]
+        synth = torch.load(r.run_dir / "synthetic.pt", weights_only=True)
+        assert synth["images"].shape == (64, 1, 16, 16)
+
+
+def test_deepinversion_optimises_the_pixels_towards_the_targets(tmp_path, cnn_teacher_file):
+    # the authors' w_bn = 100 is tuned for 2,000 steps on CIFAR; 100 steps on this tiny teacher need less
+    r = _datafree(tmp_path / "di", cnn_teacher_file, "deepinversion",
+                  **{"method.batches": 1, "method.iterations": 100, "method.bn_weight": 1.0, "train.epochs": 1,
+                     "train.log_every": 10})
+    lines = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    ce = [x["train/ce"] for x in lines if x["event"] == "step" and x["stage"].startswith("synth")]
+    bn = [x["train/bn"] for x in lines if x["event"] == "step" and x["stage"].startswith("synth")]
+    assert ce[-1] < 0.6 * ce[0] and bn[-1] < 0.6 * bn[0]
+    from kdkit.modelfile import load
+
+    teacher = load(cnn_teacher_file)
+    synth = torch.load(r.run_dir / "synthetic.pt", weights_only=True)
+    hits = (teacher(synth["images"]).argmax(1) == synth["targets"]).float().mean().item()
+    assert hits > 0.8, (ce, hits)  # random pixels start near chance (0.1)
+
+
+def test_deepinversion_needs_batchnorm(tmp_path, teacher_file):
+    with pytest.raises(ModelError, match="needs a teacher with BatchNorm.*use rdskd, dafl or dfad"):
+        _datafree(tmp_path / "run", teacher_file, "deepinversion")
+
+
+def test_restart_on_collapse_reinitialises_and_reports(tmp_path, teacher_file):
+    with pytest.warns(UserWarning, match="generated images collapse.*re-initialising"):
+        r = _datafree(tmp_path / "run", teacher_file, "dafl", **{"method.collapse_min_diversity": 100.0,
+                                                                 "method.restart_on_collapse": True})
+    s = r.summary
+    assert len(s["collapse_events"]) == 2 and s["collapsed_at_end"]
+    assert all("re-initialised" in e["action"] for e in s["collapse_events"])
+    assert "near-identical" in s["collapse_events"][0]["reasons"][0]
+
+
+def test_datafree_resume_is_bit_identical(tmp_path, teacher_file, monkeypatch):
+    extra = {"method.schedule": "joint", "method.bank_size": 96, "train.epochs": 2, "train.checkpoint_every": 3,
+             "train.deterministic": True}
+    full = _datafree(tmp_path / "full", teacher_file, "rdskd", **extra)
+    o = {"teacher.checkpoint": str(teacher_file), "student.arch": "mlp", "student.hidden": "[32]",
+         "method.name": "rdskd", "method.steps_per_epoch": 8, "data.val_split": 0, "train.select": "last",
+         "train.batch_size": 32, "method.diagnostics_samples": 64, "method.grid_images": 16,
+         "method.generator_width": 16, "method.latent_dim": 16, **extra}
+    cfg = load_config(None, digits_overrides(tmp_path / "cut", **o))
+    crash_at(cfg, 11, monkeypatch)
+    resumed = execute(cfg, "distill", resume=True)
+    a, b = full.method.state_dict(), resumed.method.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("teacher."))
+
+
+def test_kdkit_sample_cli(tmp_path, teacher_file, capsys):
+    r = _datafree(tmp_path / "run", teacher_file, "dfad", **{"train.epochs": 1})
+    assert main(["sample", str(r.run_dir), "-n", "9", "--tensors", "--seed", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert Path(out["png"]).is_file() and out["images"] == 9
+    assert torch.load(out["tensors"], weights_only=True).shape == (9, 1, 16, 16)
+    assert main(["sample", str(tmp_path)]) == 2
+    assert "holds no generator.pt" in capsys.readouterr().err
+
+
+def test_time_budget_stops_and_snapshots_are_scored(tmp_path, teacher_file):
+    r = _datafree(tmp_path / "run", teacher_file, "rdskd",
+                  **{"method.generator_epochs": 1, "train.epochs": 3, "train.time_budget_min": 1e-6,
+                     "train.snapshot_min": "[1e-7,100]"})
+    s = r.summary
+    assert s["stopped_by_time_budget"] and s["stages"][-1] == {"stage": "student",
+                                                               "skipped": "train.time_budget_min reached"}
+    assert s["stages"][0]["epochs"] == 1
+    snaps = s["snapshots"]
+    assert snaps[0]["minutes"] == 1e-7 and "final_model" not in snaps[0]
+    assert snaps[1]["final_model"] and snaps[1]["test_accuracy"] == s["test_accuracy"]
+
+
+# ------------------------------------------------------------------------------- the papers' GPU recipes
+
+
+def _write_svhn_test(root: Path, n: int = 16) -> None:
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    savemat(root / "test_32x32.mat", {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                                      "y": (np.arange(n) % 10 + 1).reshape(-1, 1).astype(np.uint8)})
+
+
+@pytest.mark.parametrize("recipe", ["cifar10/rdskd", "cifar10/dafl", "cifar10/dfad", "cifar10/deepinversion",
+                                    "svhn/rdskd"])
+def test_gpu_protocol_recipes_run_a_few_steps(tmp_path, recipe):
+    """The papers' protocols with their real architectures (ResNet-34 -> 18, WRN-40-2 -> 16-1) for two steps
+    per stage, on test files written here (a data-free run reads no training file) and an untrained teacher."""
+    from kdkit.config import ModelConfig
+    from kdkit.modelfile import save_model
+    from kdkit.models import create
+
+    from .test_data import write_cifar
+
+    dataset = recipe.split("/")[0]
+    root = tmp_path / "data"
+    if dataset == "cifar10":
+        write_cifar(root, n=16)
+        for f in (root / "cifar-10-batches-py").glob("data_batch_*"):
+            f.unlink()  # no training file at all
+    else:
+        _write_svhn_test(root)
+    cfg = load_config(ROOT / "configs" / f"{recipe}.yaml")
+    arch = load_config(ROOT / "configs" / ("cifar10/teacher_resnet34.yaml" if dataset == "cifar10" else
+                                          "svhn/teacher_wrn_40_2.yaml")).model.arch
+    info = DataInfo(dataset, [str(i) for i in range(10)], (3, 32, 32), [0.5] * 3, [0.25] * 3)
+    teacher = tmp_path / "teacher.pt"
+    save_model(teacher, create(arch, num_classes=10, in_channels=3), ModelConfig(arch=arch), {"num_classes": 10,
+               "in_channels": 3}, info)
+    small = {"output_dir": str(tmp_path / "run"), "data.root": str(root), "teacher.checkpoint": str(teacher),
+             "train.batch_size": 4, "train.epochs": 1, "method.steps_per_epoch": 2, "train.progress": "none",
+             "method.diagnostics_samples": 4, "method.grid_images": 4}
+    small |= {"method.batches": 1, "method.iterations": 2} if cfg.method.name == "deepinversion" else {}
+    small |= {"method.generator_epochs": 1} if cfg.method.name == "rdskd" else {}
+    small |= {"method.student_steps": 1} if cfg.method.name == "dfad" else {}
+    cfg = load_config(ROOT / "configs" / f"{recipe}.yaml", [f"{k}={v}" for k, v in small.items()])
+    s = execute(cfg, "distill").summary
+    assert s["data"]["train"] == 0 and s["data"]["test"] == 16 and s["model"] == cfg.student.arch
