@@ -184,7 +184,7 @@ def test_rdskd_references_are_detached_and_refreshed_on_schedule(teacher_file):
     torch.manual_seed(0)
     m = _rdskd(teacher_file, ref_interval=3)
     seen = []
-    for step in range(8):
+    for _ in range(8):
         before = (m.ref_oh.clone(), m.ref_ie.clone())
         out = m.generator_step(None)
         seen.append((before, out["one_hot"].item(), out["entropy"].item()))
