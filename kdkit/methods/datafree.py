@@ -202,6 +202,8 @@ class DataFree(Distiller):
                                                              "class_histogram")}
         record["gen/collapse"] = float(bool(d["collapse"]))
         if d["collapse"]:
+            record["gen/collapse_reasons"] = d["collapse"]
+        if d["collapse"]:
             event = {"stage": stage, "epoch": epoch + 1, "reasons": d["collapse"]}
             restart = o.restart_on_collapse and self.generator is not None and self.generator.training
             msg = f"[{stage}] epoch {epoch + 1}: generated images collapse: {'; '.join(d['collapse'])}"

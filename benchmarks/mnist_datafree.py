@@ -1,0 +1,171 @@
+"""Data-free distillation on MNIST under one wall-clock budget: LeNet-5 teacher -> LeNet-5-half, no real image.
+
+Every method runs with its CPU recipe (``configs/mnist/<method>.yaml``) and with the authors' settings
+(``configs/mnist/<method>_authors.yaml``) for ``--budget`` minutes (``train.time_budget_min``); the student is
+kept every minute (``train.snapshot_min``) and those snapshots are scored on the test set after training, so
+the table gives test accuracy at 5, 10 and 20 minutes and the plot accuracy against time. DeepInversion
+inverts a LeNet-5 with BatchNorm (``configs/mnist/teacher_lenet5_bn.yaml``), the others the plain LeNet-5.
+Nothing is tuned on the test set: the CPU recipes were chosen on a validation split carved from the
+training set (see BENCHMARKS.md); these runs read no training image.
+
+``--grid`` runs the robustness grid instead: RDSKD and DAFL over several hyperparameter settings (generator
+learning rate, batch size, loss weights) at a shorter budget, one seed each.
+
+    python benchmarks/mnist_datafree.py --teacher runs/mnist/teacher_lenet5/model.pt \\
+        --teacher-bn runs/mnist/teacher_lenet5_bn/model.pt --seeds 0 1 2
+    python benchmarks/mnist_datafree.py --grid --budget 5 --teacher runs/mnist/teacher_lenet5/model.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from common import REPO, machine, run
+
+METHODS = ["rdskd", "dafl", "dfad", "deepinversion"]
+SETTINGS = {"cpu": "configs/mnist/{m}.yaml", "authors": "configs/mnist/{m}_authors.yaml"}
+MARKS = [5, 10, 20]
+#: the robustness grid: overrides of the CPU recipe, one setting per entry
+GRID = {
+    "rdskd": [{"method.generator_lr": lr, "train.batch_size": b} for lr in (3e-4, 1e-3, 3e-3) for b in (64, 256)],
+    "dafl": [{"method.generator_lr": lr, "method.entropy_weight": w} for lr in (2e-3, 2e-2, 2e-1) for w in (5, 20)],
+}
+
+
+def overrides(a: argparse.Namespace, method: str, seed: int, budget: float) -> list[str]:
+    teacher = a.teacher_bn if method == "deepinversion" else a.teacher
+    marks = ",".join(str(m) for m in range(1, int(budget) + 1))
+    return [f"data.root={a.root}", f"teacher.checkpoint={teacher}", f"seed={seed}",
+            f"train.time_budget_min={budget}", f"train.snapshot_min=[{marks}]"]
+
+
+def measured(r: dict[str, Any]) -> dict[str, Any]:
+    s = r.pop("summary")
+    return r | {"snapshots": s.get("snapshots", []), "collapse_events": s.get("collapse_events", []),
+                "final_diagnostics": s.get("final_diagnostics", {}), "train_time_s": s.get("train_time_s"),
+                "stopped_by_time_budget": s.get("stopped_by_time_budget", False),
+                "teacher_test_accuracy": s.get("teacher_test_accuracy")}
+
+
+def at(runs: list[dict[str, Any]], minutes: float) -> list[float]:
+    return [next(x["test_accuracy"] for x in r["snapshots"] if x["minutes"] == minutes) for r in runs
+            if any(x["minutes"] == minutes for x in r["snapshots"])]
+
+
+def cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.2f} +- {100 * sd:.2f}"
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = ["| method | settings | seeds | " + " | ".join(f"{m} min" for m in MARKS) +
+             " | final | collapse warnings |", "|---|---|---|" + "---|" * len(MARKS) + "---|---|"]
+    for key, e in result.get("rows", {}).items():
+        runs = e["runs"]
+        finals = [r["test_accuracy"] for r in runs if r["test_accuracy"] is not None]
+        collapses = sum(len(r["collapse_events"]) for r in runs)
+        lines.append(f"| {e['method']} | {e['setting']} | {len(runs)} | " +
+                     " | ".join(cell(at(runs, m)) for m in MARKS) + f" | {cell(finals)} | {collapses} |")
+    grid = result.get("grid", {})
+    if grid:
+        lines += ["", "| method | setting | test accuracy |", "|---|---|---|"]
+        for method, entries in grid.items():
+            accs = []
+            for g in entries:
+                acc = g["run"]["test_accuracy"]
+                accs.append(acc if acc is not None else 0.0)
+                shown = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in g["setting"].items())
+                lines.append(f"| {method} | {shown} | {'diverged' if acc is None else f'{100 * acc:.2f}'} |")
+            lines.append(f"| **{method}** | **mean +- std (worst) over {len(accs)} settings** | "
+                         f"**{cell(accs)} ({100 * min(accs):.2f})** |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for e in result["rows"].values():
+        minutes = sorted({x["minutes"] for r in e["runs"] for x in r["snapshots"]})
+        means = [100 * statistics.mean(at(e["runs"], m)) for m in minutes]
+        ax.plot(minutes, means, marker=".", label=f"{e['method']} ({e['setting']})",
+                linestyle="-" if e["setting"] == "cpu" else "--")
+    ax.set_xlabel("minutes of training (2 CPU cores)")
+    ax.set_ylabel("student test accuracy (%), mean over seeds")
+    ax.set_title("Data-free KD on MNIST: LeNet-5 -> LeNet-5-half")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="../shared/data/mnist")
+    p.add_argument("--teacher", required=True, help="LeNet-5 model.pt (configs/mnist/teacher_lenet5.yaml)")
+    p.add_argument("--teacher-bn", help="LeNet-5 with BatchNorm model.pt, for deepinversion")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--budget", type=float, default=20.0, help="minutes per run")
+    p.add_argument("--grid", action="store_true", help="run the robustness grid (RDSKD and DAFL) instead")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "mnist_datafree.json"))
+    p.add_argument("--runs", default="runs/bench-datafree")
+    p.add_argument("--render", action="store_true", help="print the tables (and redraw the plot) and exit")
+    a = p.parse_args()
+    out = Path(a.out)
+    result: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {
+        "benchmark": "mnist_datafree", "machine": machine(), "rows": {}, "grid": {}}
+    if a.render:
+        print(render(result))
+        if result["rows"]:
+            plot(result, out.with_suffix(".png"))
+        return
+    if "deepinversion" in a.methods and not a.grid and a.teacher_bn is None:
+        p.error("deepinversion needs --teacher-bn (a LeNet-5 with BatchNorm)")
+    base = REPO / a.runs / time.strftime("%Y%m%d-%H%M%S")
+    result.setdefault("dates", []).append(time.strftime("%Y-%m-%d %H:%M"))
+    if a.grid:
+        for method, settings in GRID.items():
+            if method not in a.methods:
+                continue
+            done = result["grid"].setdefault(method, [])
+            for i, setting in enumerate(settings):
+                if any(g["setting"] == setting for g in done):
+                    continue
+                ov = [*overrides(a, method, a.seeds[0], a.budget), *(f"{k}={v}" for k, v in setting.items())]
+                r = measured(run("distill", SETTINGS["cpu"].format(m=method), ov, base / f"grid-{method}-{i}"))
+                done.append({"setting": setting, "budget_min": a.budget, "run": r})
+                print(f"[grid] {method} {setting}: test {r['test_accuracy']}", flush=True)
+                out.write_text(json.dumps(result, indent=2) + "\n")
+    else:
+        for method in a.methods:
+            for setting in a.settings:
+                key = f"{method}/{setting}"
+                e = result["rows"].setdefault(key, {"method": method, "setting": setting, "budget_min": a.budget,
+                                                    "runs": []})
+                for seed in a.seeds:
+                    if any(r["seed"] == seed for r in e["runs"]):
+                        continue
+                    r = measured(run("distill", SETTINGS[setting].format(m=method),
+                                     overrides(a, method, seed, a.budget), base / f"{method}-{setting}-s{seed}"))
+                    e["runs"].append(r)
+                    print(f"[{key}] seed {seed}: test {r['test_accuracy']} after {r['train_time_s']} s", flush=True)
+                    out.write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, out.with_suffix(".png"))
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()
