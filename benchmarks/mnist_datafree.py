@@ -67,7 +67,7 @@ def cell(values: list[float]) -> str:
 def render(result: dict[str, Any]) -> str:
     lines = ["| method | settings | seeds | " + " | ".join(f"{m} min" for m in MARKS) +
              " | final | collapse warnings |", "|---|---|---|" + "---|" * len(MARKS) + "---|---|"]
-    for key, e in result.get("rows", {}).items():
+    for e in result.get("rows", {}).values():
         runs = e["runs"]
         finals = [r["test_accuracy"] for r in runs if r["test_accuracy"] is not None]
         collapses = sum(len(r["collapse_events"]) for r in runs)
