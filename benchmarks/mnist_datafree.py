@@ -99,7 +99,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         minutes = sorted({x["minutes"] for r in e["runs"] for x in r["snapshots"]})
         means = [100 * statistics.mean(at(e["runs"], m)) for m in minutes]
         ax.plot(minutes, means, marker=".", label=f"{e['method']} ({e['setting']})",
-                linestyle="-" if e["setting"] == "cpu" else "--")
+                linestyle="-" if e["setting"].startswith("cpu") else "--")
     ax.set_xlabel("minutes of training (2 CPU cores)")
     ax.set_ylabel("student test accuracy (%), mean over seeds")
     ax.set_title("Data-free KD on MNIST: LeNet-5 -> LeNet-5-half")
@@ -120,6 +120,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--budget", type=float, default=20.0, help="minutes per run")
     p.add_argument("--grid", action="store_true", help="run the robustness grid (RDSKD and DAFL) instead")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="extra",
+                   help="extra overrides for these runs, e.g. method.generator_epochs=1 (needs --label)")
+    p.add_argument("--label", help="row label for runs with --set, e.g. 'authors, 5 min generator'")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "mnist_datafree.json"))
     p.add_argument("--runs", default="runs/bench-datafree")
     p.add_argument("--render", action="store_true", help="print the tables (and redraw the plot) and exit")
@@ -132,6 +135,8 @@ def main() -> None:
         if result["rows"]:
             plot(result, out.with_suffix(".png"))
         return
+    if a.extra and not a.label:
+        p.error("--set changes the recipe: give the rows a --label")
     if "deepinversion" in a.methods and not a.grid and a.teacher_bn is None:
         p.error("deepinversion needs --teacher-bn (a LeNet-5 with BatchNorm)")
     base = REPO / a.runs / time.strftime("%Y%m%d-%H%M%S")
@@ -152,14 +157,16 @@ def main() -> None:
     else:
         for method in a.methods:
             for setting in a.settings:
-                key = f"{method}/{setting}"
-                e = result["rows"].setdefault(key, {"method": method, "setting": setting, "budget_min": a.budget,
-                                                    "runs": []})
+                shown = f"{setting}: {a.label}" if a.label else setting
+                key = f"{method}/{shown}"
+                e = result["rows"].setdefault(key, {"method": method, "setting": shown, "budget_min": a.budget,
+                                                    "overrides": a.extra, "runs": []})
                 for seed in a.seeds:
                     if any(r["seed"] == seed for r in e["runs"]):
                         continue
                     r = measured(run("distill", SETTINGS[setting].format(m=method),
-                                     overrides(a, method, seed, a.budget), base / f"{method}-{setting}-s{seed}"))
+                                     [*overrides(a, method, seed, a.budget), *a.extra],
+                                     base / f"{method}-{setting}-s{seed}"))
                     e["runs"].append(r)
                     print(f"[{key}] seed {seed}: test {r['test_accuracy']} after {r['train_time_s']} s", flush=True)
                     out.write_text(json.dumps(result, indent=2) + "\n")
