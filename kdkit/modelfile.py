@@ -146,10 +146,11 @@ class BuiltModel:
     file: ModelFile | None = None  # the kdkit model file it was loaded from, if any
 
 
-def build_from_config(spec: ModelConfig, info: DataInfo, role: str) -> BuiltModel:
-    """Build the model a config section describes, loading its checkpoint if it has one."""
+def build_from_config(spec: ModelConfig, info: DataInfo, role: str, loaded: Any = None) -> BuiltModel:
+    """Build the model a config section describes, loading its checkpoint if it has one (``loaded``: the
+    checkpoint's contents when the caller has already read it)."""
     if spec.checkpoint:
-        obj = read(spec.checkpoint)
+        obj = read(spec.checkpoint) if loaded is None else loaded
         if is_model_file(obj):
             mf, state = parse_model_file(obj, spec.checkpoint)
             if (spec.arch and spec.arch != mf.arch) or (spec.module and spec.module != mf.module):

@@ -160,10 +160,12 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     seed_everything(cfg.seed, tc.deterministic)
     device = pick_device(tc.device, dist)
     cls = method_class(cfg.method.name)
+    teacher_obj = None  # a data-free run reads the teacher's file once, for its normalisation and weights
     if cls.reads_training_data:
         data = load_data(cfg.data)
     else:  # data-free: never read the training images; normalise as the teacher was trained
-        data = load_data(cfg.data, train_images=False, stats=_teacher_stats(cfg))
+        stats, teacher_obj = _teacher_stats(cfg)
+        data = load_data(cfg.data, train_images=False, stats=stats)
     info = data.info
 
     role = "model" if command == "train" else "student"
@@ -174,7 +176,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     t_built = None
     if command == "distill":
         assert cfg.teacher is not None
-        t_built = build_from_config(cfg.teacher, info, "teacher")
+        t_built = build_from_config(cfg.teacher, info, "teacher", loaded=teacher_obj)
         teacher = t_built.model
         if t_built.file is not None:
             _check_normalisation(t_built.file.info, info)
@@ -275,19 +277,20 @@ def _score_snapshots(engine: Engine, final: nn.Module, final_acc: float, loader:
     import copy
 
     out = []
+    model = copy.deepcopy(final) if engine.snapshots else None
     for minutes in engine.train_cfg.snapshot_min:
         kept = next((s for m, s in engine.snapshots if m == minutes), None)
-        if kept is None:
+        if kept is None or model is None:
             out.append({"minutes": minutes, "test_accuracy": final_acc, "final_model": True})
             continue
-        model = copy.deepcopy(final)
         model.load_state_dict(kept)
         out.append({"minutes": minutes, "test_accuracy": evaluate(model, loader, dist)["accuracy"]})
     return out
 
 
-def _teacher_stats(cfg: Config) -> tuple[list[float], list[float]] | None:
-    """The normalisation (mean, std) recorded in the teacher's model file, for data-free runs."""
+def _teacher_stats(cfg: Config) -> tuple[tuple[list[float], list[float]] | None, Any]:
+    """The normalisation (mean, std) recorded in the teacher's model file, for data-free runs, and the file's
+    contents (so the teacher is built without reading it again)."""
     from .engine.checkpoint import read
     from .modelfile import is_model_file, parse_model_file
 
@@ -295,13 +298,13 @@ def _teacher_stats(cfg: Config) -> tuple[list[float], list[float]] | None:
     obj = read(cfg.teacher.checkpoint)
     if is_model_file(obj):
         mf, _ = parse_model_file(obj, cfg.teacher.checkpoint)
-        return mf.info.mean, mf.info.std
+        return (mf.info.mean, mf.info.std), obj
     if cfg.data.normalize:
         warnings.warn(
             f"{cfg.teacher.checkpoint} records no input normalisation (not a kdkit model file) and a data-free run "
             "reads no training images: the test images' statistics are used for evaluation; set "
             "data.normalize=false if the teacher takes raw [0, 1] images", stacklevel=3)
-    return None
+    return None, obj
 
 
 def _check_normalisation(trained: DataInfo, info: DataInfo) -> None:

@@ -331,7 +331,6 @@ class Engine:
                 self.progress.say(f"[{stage.name}] time budget of {c.time_budget_min} min reached at epoch "
                                   f"{epoch + 1} step {step + 1}")
                 break
-        self.progress.close()
 
     def minutes(self, t0: float) -> float:
         """Minutes of training so far (earlier sessions of a resumed run included)."""

@@ -62,6 +62,13 @@ class GeneratorOptions(DataFreeOptions):
     generator_lr: float = opt(1e-3, "Adam learning rate of the generator", gt=0)
 
 
+def constant_adam(lr: float) -> dict[str, Any]:
+    """The optimizer override of updates that train synthesis (a generator, or pixels): Adam at a constant
+    ``lr``, no weight decay, whatever the ``train`` section says for the student."""
+    return {"optimizer": "adam", "lr": lr, "weight_decay": 0.0, "schedule": "constant", "warmup_epochs": 0.0,
+            "betas": [0.9, 0.999]}
+
+
 class ReplayBank(nn.Module):
     """A ring buffer of generated images and the teacher's logits on them (saved in checkpoints)."""
 
@@ -170,8 +177,7 @@ class DataFree(Distiller):
     def generator_update(self, loss: Any) -> Update:
         assert self.generator is not None
         return Update("generator", list(self.generator.parameters()), loss,
-                      optimizer={"optimizer": "adam", "lr": self.opts.generator_lr, "weight_decay": 0.0,
-                                 "schedule": "constant", "warmup_epochs": 0.0, "betas": [0.9, 0.999]})
+                      optimizer=constant_adam(self.opts.generator_lr))
 
     def generated_stage(self, name: str, updates: list[Update], epochs: int, train: list[nn.Module],
                         diagnose: bool = True, **kw: Any) -> Stage:

@@ -34,7 +34,7 @@ from ..losses.datafree import BNStatistics, js_divergence, total_variation
 from ..schema import opt
 from . import register
 from .base import Stage, Update
-from .datafree import DataFree, DataFreeOptions
+from .datafree import DataFree, DataFreeOptions, constant_adam
 
 
 @dataclass
@@ -109,11 +109,11 @@ class DeepInversion(DataFree):
         return self.best[: int(self.done)].flatten(0, 1)
 
     def student_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._set_logits is None or len(self._set_logits) != int(self.done) * self.batch_size:
-            images = self.synthesised()
+        images = self.synthesised()
+        if self._set_logits is None or len(self._set_logits) != len(images):
             self._set_logits = torch.cat([self.teacher_forward(c) for c in images.split(512)])
-        idx = torch.randint(len(self._set_logits), (self.batch_size,)).to(self._set_logits.device)
-        return self.synthesised()[idx], self._set_logits[idx]
+        idx = torch.randint(len(images), (self.batch_size,)).to(images.device)
+        return images[idx], self._set_logits[idx]
 
     def _finish_batch(self, b: int) -> None:
         self.done.fill_(b + 1)
@@ -122,9 +122,7 @@ class DeepInversion(DataFree):
         o = self.opts
         out = []
         for b in range(o.batches):
-            updates = [Update("images", [self.images[b]], self.synth_step(b),
-                              optimizer={"optimizer": "adam", "lr": o.image_lr, "weight_decay": 0.0,
-                                         "schedule": "constant", "warmup_epochs": 0.0, "betas": [0.9, 0.999]})]
+            updates = [Update("images", [self.images[b]], self.synth_step(b), optimizer=constant_adam(o.image_lr))]
             train: list[nn.Module] = []
             if o.competition_weight > 0 and b > 0:  # ADI: the student learns along on the batches made so far
                 updates.append(self.student_update())
