@@ -394,3 +394,28 @@ def test_gpu_protocol_recipes_run_a_few_steps(tmp_path, recipe):
     cfg = load_config(ROOT / "configs" / f"{recipe}.yaml", [f"{k}={v}" for k, v in small.items()])
     s = execute(cfg, "distill").summary
     assert s["data"]["train"] == 0 and s["data"]["test"] == 16 and s["model"] == cfg.student.arch
+
+
+def test_svhn_reader_maps_label_10_to_0_and_rejects_bad_files(tmp_path):
+    from kdkit.config import DataConfig
+    from kdkit.data import load_data
+    from kdkit.errors import DataError
+
+    root = tmp_path / "svhn"
+    _write_svhn_test(root, n=12)
+    b = load_data(DataConfig(name="svhn", root=str(root), val_split=0), train_images=False,
+                  stats=([0.5] * 3, [0.25] * 3))
+    assert b.train is None and b.test.images.shape == (12, 3, 32, 32)
+    assert b.test.labels.tolist() == [(i % 10 + 1) % 10 for i in range(12)]  # digit 0 is stored as 10
+    with pytest.raises(DataError, match=r"train_32x32\.mat not found"):
+        load_data(DataConfig(name="svhn", root=str(root), val_split=0))
+    (root / "test_32x32.mat").write_bytes((root / "test_32x32.mat").read_bytes()[:200])
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        load_data(DataConfig(name="svhn", root=str(root), val_split=0), train_images=False)
+
+
+def test_snapshot_minutes_must_increase():
+    from kdkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="snapshot_min: positive minutes in increasing order"):
+        load_config(None, ["train.snapshot_min=[5,2]"])
