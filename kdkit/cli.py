@@ -7,6 +7,7 @@
     kdkit models [NAME]                         the zoo, or one model's layer paths and parts
     kdkit report RUN_DIR [RUN_DIR ...]          curves, per-path weights and report.md of runs
     kdkit sample RUN_DIR [-n 64]                images from a data-free run's generator, as a PNG grid
+    kdkit bench speed --teacher T --student S   kdkit's training step against a hand-written loop
     kdkit demo                                  teacher, student alone and KD on digits, in a table
 
 Every user error prints one line ``kdkit: error: ...`` and exits with status 2.
@@ -66,6 +67,23 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="PNG path (default RUN_DIR/samples/sample_n<N>_seed<S>.png)")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise")
     g.add_argument("--tensors", action="store_true", help="also save the normalised images as a .pt tensor")
+
+    b = sub.add_parser("bench", help="measure kdkit itself (bench speed: kdkit's step against a hand-written loop)")
+    bsub = b.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    sp = bsub.add_parser("speed", help="steps/s of kdkit's step and of a hand-written PyTorch loop (prints JSON)",
+                         description="Time kdkit's training step (real engine, hooks, losses) against a minimal "
+                                     "hand-written PyTorch loop doing the same mathematics, alternating step by step.")
+    sp.add_argument("--teacher", required=True, help="zoo model name (random weights) or a kdkit model.pt")
+    sp.add_argument("--student", required=True, help="zoo model name")
+    sp.add_argument("--method", default="kd", help="kd, fitnets, adaptive or th_kd (default kd)")
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--input-shape", default="3,32,32", help="C,H,W (default 3,32,32)")
+    sp.add_argument("--num-classes", type=int, default=10)
+    sp.add_argument("--steps", type=int, default=50, help="timed steps per side (default 50)")
+    sp.add_argument("--warmup", type=int, default=10, help="untimed steps per side first (default 10)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides for both sides, e.g. train.channels_last=true method.temperature=2")
 
     d = sub.add_parser("demo", help="teacher, student alone and KD on the bundled digits data (under a minute)")
     d.add_argument("--output-dir", default=None, help="where the three runs go (default runs/demo-<time>)")
@@ -181,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(sample_run(args.run_dir, args.n, args.out, args.seed, args.tensors)))
             return 0
+        if args.command == "bench":
+            from .bench.speed import main as bench_speed
+
+            return bench_speed(args)
         if args.command == "demo":
             from .demo import run_demo
 

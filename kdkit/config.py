@@ -124,6 +124,8 @@ class TrainConfig:
     warmup_epochs: float = opt(0.0, "linear warm-up length in epochs", ge=0)
     grad_clip: float | None = opt(None, "clip the gradient norm to this value", gt=0)
     amp: bool = opt(False, "mixed precision (bfloat16 on CPU, float16 on CUDA)")
+    channels_last: bool = opt(False, "models and batches in channels_last memory format")
+    compile: bool = opt(False, "torch.compile the student and the teacher (the first steps compile)")
     deterministic: bool = opt(False, "deterministic algorithms (bit-identical reruns, slower on GPU)")
     select: Literal["best_val", "last"] = opt("best_val", "final model: best validation accuracy, or last")
     eval_every: int = opt(1, "evaluate on the validation split every N epochs", ge=1)

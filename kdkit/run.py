@@ -24,7 +24,7 @@ from torch import nn
 from . import __version__
 from .config import Config, ModelConfig
 from .data import Batch, BatchLoader, DataBundle, DataInfo, load_data
-from .engine import DistInfo, Engine, evaluate, init_distributed, load_latest
+from .engine import DistInfo, Engine, apply_speed_options, evaluate, init_distributed, load_latest
 from .engine.distributed import barrier, broadcast_object, shutdown
 from .errors import CheckpointError, ConfigError, ModelError
 from .measure import count_params
@@ -112,7 +112,8 @@ def check_forward(model: nn.Module, x: torch.Tensor, info: DataInfo, role: str, 
 
 def _eval_loader(data: DataBundle, split: str, cfg: Config, device: torch.device, dist: DistInfo) -> BatchLoader:
     return BatchLoader(data.split(split), cfg.train.eval_batch_size, shuffle=False, drop_last=False,
-                       mean=data.info.mean, std=data.info.std, device=device, rank=dist.rank, world=dist.world)
+                       mean=data.info.mean, std=data.info.std, device=device, rank=dist.rank, world=dist.world,
+                       channels_last=cfg.train.channels_last)
 
 
 def prepare(cfg: Config, command: str) -> Config:
@@ -195,6 +196,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     method.to(device)
     method.data = data
     method.setup(replace(sample, x=sample.x.to(device)))
+    apply_speed_options(tc, [method], [method.student, getattr(method, "teacher", None)])
 
     run_dir = make_run_dir(cfg, resume, dist)
     roles = {"student": (student_spec, student_args)}

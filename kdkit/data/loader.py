@@ -41,7 +41,8 @@ def _mix(*values: int) -> int:
 class BatchLoader:
     def __init__(self, data: ImageSet, batch_size: int, *, shuffle: bool, drop_last: bool,
                  mean: list[float], std: list[float], augment: Augment | None = None, seed: int = 0,
-                 device: torch.device | str = "cpu", rank: int = 0, world: int = 1, normalize: bool = True):
+                 device: torch.device | str = "cpu", rank: int = 0, world: int = 1, normalize: bool = True,
+                 channels_last: bool = False):
         self.data = data
         self.batch_size = min(batch_size, len(data)) if drop_last else batch_size
         self.shuffle = shuffle
@@ -51,6 +52,7 @@ class BatchLoader:
         self.device = torch.device(device)
         self.rank, self.world = rank, world
         self.normalize = normalize
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
         self.images = data.images.to(self.device) if self.device.type != "cpu" else data.images
@@ -90,5 +92,7 @@ class BatchLoader:
                 x = self.augment.apply(x, params)
             if self.normalize:
                 x = normalize(x, self.mean, self.std)
+            if self.memory_format is not torch.contiguous_format:
+                x = x.contiguous(memory_format=self.memory_format)
             y = None if self.labels is None else self.labels[local.to(self.labels.device)]
             yield Batch(x, y, local)

@@ -13,10 +13,12 @@ extra modules, optimizers, schedules, RNG states, the stage, epoch and step.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import Config, TrainConfig
 from ..data import BatchLoader, DataBundle, augment_from
 from ..errors import TrainingError
 from ..methods.base import Method, Stage, Update
@@ -36,6 +38,18 @@ from .metrics import Meter, MetricsLog, Progress, fmt
 from .optim import Schedule, build_optimizer, update_config
 
 FORMAT = "kdkit-train-state"
+
+
+def apply_speed_options(train: TrainConfig, modules: list[nn.Module], compiled: list[nn.Module | None]) -> None:
+    """``train.channels_last`` on `modules` and ``train.compile`` on the `compiled` models, in place (their
+    state_dict keys do not change)."""
+    if train.channels_last:
+        for m in modules:
+            m.to(memory_format=torch.channels_last)
+    if train.compile:
+        for m in compiled:
+            if m is not None:
+                m.compile()
 
 
 def autocast_for(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -139,7 +153,7 @@ class Engine:
             self._loaders[key] = BatchLoader(
                 data, bs, shuffle=train, drop_last=train, mean=self.data.info.mean, std=self.data.info.std,
                 augment=augment_from(c.data) if train else None, seed=c.seed, device=self.device,
-                rank=self.dist.rank, world=self.dist.world,
+                rank=self.dist.rank, world=self.dist.world, channels_last=c.train.channels_last,
             )
         return self._loaders[key]
 
@@ -313,13 +327,7 @@ class Engine:
             batches = (None for _ in range(first_step, steps))
         self.progress.start_epoch(desc, steps, first_step)
         for step, batch in enumerate(batches, start=first_step):
-            st.meter.add(self._step(stepper, stage, st, batch, (si, epoch, step)))
-            self.global_step += 1
-            if (step + 1) % c.log_every == 0:
-                self.metrics.write(event="step", stage=stage.name, epoch=epoch, step=step + 1,
-                                   global_step=self.global_step, lr=st.schedules[0].lr,
-                                   **{f"train/{k}": v for k, v in st.meter.means().items()})
-            self.progress.step(st.meter.means() if (step + 1) % 10 == 0 else None)
+            self._step_and_log(stepper, stage, st, batch, (si, epoch, step))
             if self._should_stop():
                 self._save(_Position(si, epoch, step + 1), st, t0)
                 self.progress.close()
@@ -331,6 +339,37 @@ class Engine:
                 self.progress.say(f"[{stage.name}] time budget of {c.time_budget_min} min reached at epoch "
                                   f"{epoch + 1} step {step + 1}")
                 break
+
+    def _step_and_log(self, stepper: nn.Module, stage: Stage, st: _StageState, batch: Any,
+                      where: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        """One step with the per-step bookkeeping of the loop: running means, step log, progress."""
+        step = where[2]
+        logged = self._step(stepper, stage, st, batch, where)
+        st.meter.add(logged)
+        self.global_step += 1
+        if (step + 1) % self.train_cfg.log_every == 0:
+            self.metrics.write(event="step", stage=stage.name, epoch=where[1], step=step + 1,
+                               global_step=self.global_step, lr=st.schedules[0].lr,
+                               **{f"train/{k}": v for k, v in st.meter.means().items()})
+        self.progress.step(st.meter.means() if (step + 1) % 10 == 0 else None)
+        return logged
+
+    def step_function(self, stage_index: int = 0,
+                      steps_per_epoch: int = 1000) -> Callable[[Any], dict[str, torch.Tensor]]:
+        """Training steps of one of the method's stages as a function of a batch, through exactly the code
+        :meth:`fit` runs per step (trainable parameters, optimizers, schedules, DDP, autocast, finiteness
+        check, running means, logging, progress), without epochs, evaluation or checkpoints; it returns the
+        step's logged losses. For timing (``kdkit bench speed``) and tests."""
+        stage = self.method.stages()[stage_index]
+        self._set_trainable(stage)
+        st = self._stage_state(stage, steps_per_epoch, None)
+        stepper = self._stepper(stage)
+        counter = itertools.count()
+
+        def step(batch: Any) -> dict[str, torch.Tensor]:
+            return self._step_and_log(stepper, stage, st, batch, (stage_index, 0, next(counter)))
+
+        return step
 
     def minutes(self, t0: float) -> float:
         """Minutes of training so far (earlier sessions of a resumed run included)."""

@@ -1,0 +1,1 @@
+"""Measurements of kdkit itself: ``kdkit bench speed`` (see :mod:`kdkit.bench.speed`)."""
