@@ -126,6 +126,10 @@ class TrainConfig:
     amp: bool = opt(False, "mixed precision (bfloat16 on CPU, float16 on CUDA)")
     channels_last: bool = opt(False, "models and batches in channels_last memory format")
     compile: bool = opt(False, "torch.compile the student and the teacher (the first steps compile)")
+    teacher_cache: bool = opt(True, "keep the frozen teacher's outputs per image when a stage's images repeat "
+                              "exactly (no random augmentation), so later epochs skip the teacher")
+    teacher_cache_mb: float = opt(2048.0, "teacher cache size kept in memory; past it, memory-mapped temporary files",
+                                  ge=0)
     deterministic: bool = opt(False, "deterministic algorithms (bit-identical reruns, slower on GPU)")
     select: Literal["best_val", "last"] = opt("best_val", "final model: best validation accuracy, or last")
     eval_every: int = opt(1, "evaluate on the validation split every N epochs", ge=1)

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from kdkit.bench.reference import SUPPORTED
 from kdkit.bench.speed import SpeedSettings, build_sides, run_speed
 from kdkit.cli import main
 from kdkit.config import load_config

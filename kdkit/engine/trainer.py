@@ -31,6 +31,7 @@ from ..config import Config, TrainConfig
 from ..data import BatchLoader, DataBundle, augment_from
 from ..errors import TrainingError
 from ..methods.base import Method, Stage, Update
+from ..teacher_cache import TeacherCache
 from .checkpoint import atomic_save
 from .distributed import DistInfo
 from .evaluate import evaluate
@@ -264,26 +265,44 @@ class Engine:
         stepper = self._stepper(stage)
         if stage.on_start is not None and start.epoch == 0 and start.step == 0:
             stage.on_start()
-        for epoch in range(start.epoch, stage.epochs):
-            if self.out_of_time:
-                break
-            first_step = start.step if epoch == start.epoch else 0
-            if first_step == 0:
-                st.meter = Meter()
-            epoch_t = time.time()
-            desc = f"[{tag}] epoch {epoch + 1}/{stage.epochs}"
-            self._train_epoch(si, stage, st, stepper, loader, steps, epoch, first_step, desc, t0)
-            record: dict[str, Any] = {f"train/{k}": v for k, v in st.meter.means().items()}
-            record["lr"] = st.schedules[0].lr
-            record.update(self._validate(stage, st, epoch))
-            if stage.on_epoch_end is not None:
-                record.update(stage.on_epoch_end(epoch) or {})
-            record["epoch_time_s"] = round(time.time() - epoch_t, 3)
-            self.metrics.write(event="epoch", stage=stage.name, epoch=epoch + 1, global_step=self.global_step, **record)
-            shown = {k.replace("train/", ""): v for k, v in record.items() if k != "epoch_time_s"}
-            self.progress.end_epoch(f"{desc}  {fmt(shown)}  ({record['epoch_time_s']:.1f}s)")
-            self._save(_Position(si, epoch + 1, 0), st, t0)
-        self._end_stage(stage, st, tag)
+        cache = self._teacher_cache(stage, loader)
+        try:
+            for epoch in range(start.epoch, stage.epochs):
+                if self.out_of_time:
+                    break
+                self._run_epoch(si, stage, st, stepper, loader, steps, epoch, start, tag, t0)
+        finally:
+            if cache is not None:
+                self.method.set_teacher_cache(None)
+                cache.close()
+        self._end_stage(stage, st, tag, cache)
+
+    def _run_epoch(self, si: int, stage: Stage, st: _StageState, stepper: nn.Module, loader: BatchLoader | None,
+                   steps: int, epoch: int, start: _Position, tag: str, t0: float) -> None:
+        first_step = start.step if epoch == start.epoch else 0
+        if first_step == 0:
+            st.meter = Meter()
+        epoch_t = time.time()
+        desc = f"[{tag}] epoch {epoch + 1}/{stage.epochs}"
+        self._train_epoch(si, stage, st, stepper, loader, steps, epoch, first_step, desc, t0)
+        record: dict[str, Any] = {f"train/{k}": v for k, v in st.meter.means().items()}
+        record["lr"] = st.schedules[0].lr
+        record.update(self._validate(stage, st, epoch))
+        if stage.on_epoch_end is not None:
+            record.update(stage.on_epoch_end(epoch) or {})
+        record["epoch_time_s"] = round(time.time() - epoch_t, 3)
+        self.metrics.write(event="epoch", stage=stage.name, epoch=epoch + 1, global_step=self.global_step, **record)
+        shown = {k.replace("train/", ""): v for k, v in record.items() if k != "epoch_time_s"}
+        self.progress.end_epoch(f"{desc}  {fmt(shown)}  ({record['epoch_time_s']:.1f}s)")
+        self._save(_Position(si, epoch + 1, 0), st, t0)
+
+    def _teacher_cache(self, stage: Stage, loader: BatchLoader | None) -> TeacherCache | None:
+        """A teacher cache for this stage when its images repeat exactly and the method takes it."""
+        c = self.train_cfg
+        if not c.teacher_cache or loader is None or loader.augment is not None or stage.epochs < 2:
+            return None
+        cache = TeacherCache(len(loader.data), c.teacher_cache_mb, self.run_dir)
+        return cache if self.method.set_teacher_cache(cache) else None
 
     def _stage_state(self, stage: Stage, steps: int, resume: dict[str, Any] | None) -> _StageState:
         """One optimizer and schedule per update, restored from `resume` when continuing the stage."""
@@ -411,9 +430,11 @@ class Engine:
             st.best_state = {k: v.detach().clone() for k, v in self.method.checkpoint_state().items()}
         return record
 
-    def _end_stage(self, stage: Stage, st: _StageState, tag: str) -> None:
+    def _end_stage(self, stage: Stage, st: _StageState, tag: str, cache: TeacherCache | None = None) -> None:
         """Keep the selected state, run the stage's end hook, record the stage."""
         result: dict[str, Any] = {"stage": stage.name, "epochs": stage.epochs}
+        if cache is not None:
+            result["teacher_cache"] = cache.stats()
         key, what = ("monitor", "monitor") if stage.monitor is not None else ("val_accuracy", "validation accuracy")
         if (stage.select or self.train_cfg.select) == "best_val" and st.best_state is not None:
             self.method.load_checkpoint_state(st.best_state)

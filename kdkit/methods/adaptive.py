@@ -249,7 +249,7 @@ class Adaptive(Distiller):
 
     def student_step(self, batch: Batch | None) -> dict[str, torch.Tensor]:
         assert batch is not None and self.weighting is not None
-        t_logits = self.teacher_forward(batch.x)
+        t_logits = self.teacher_logits(batch)
         s_logits = self.student(batch.x)
         cache: dict[tuple[str, str], torch.Tensor] = {}
         raw = {p.label: self.path_loss(p, batch, s_logits, t_logits, cache) for p in self.paths}

@@ -128,6 +128,11 @@ class Method(nn.Module):
     def finish(self) -> None:
         """Called once after training: release hooks and other training-only machinery."""
 
+    def set_teacher_cache(self, cache: Any) -> bool:
+        """Offered a :class:`kdkit.teacher_cache.TeacherCache` at the start of a stage whose images repeat
+        exactly (None at its end); return True if the method uses it. Default: not used."""
+        return False
+
     def extra_eval_models(self) -> dict[str, nn.Module]:
         """Further models to evaluate at the end (``test_accuracy_<name>`` in the summary)."""
         return {}

@@ -19,7 +19,11 @@ from ..errors import ModelError
 from ..losses import kd_loss
 from ..schema import opt
 from ..taps import Taps
+from ..teacher_cache import TeacherCache
 from .base import Method, Stage, Update, params_of
+
+#: the teacher cache's name for the logits (tap paths name the features)
+_LOGITS = "logits:"
 
 
 @dataclass
@@ -43,6 +47,7 @@ class Distiller(Method):
         if teacher is None:
             raise ModelError(f"method {self.name!r} needs a teacher: set teacher.checkpoint")
         self.teacher = frozen(teacher)
+        self.teacher_cache: TeacherCache | None = None
         self.student_taps: Taps | None = None
         self.teacher_taps: Taps | None = None
 
@@ -80,9 +85,42 @@ class Distiller(Method):
     def teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher(x)
 
+    def set_teacher_cache(self, cache: TeacherCache | None) -> bool:
+        """Serve this stage's teacher outputs from `cache` (None: stop). Refused (False) when the stage trains
+        the teacher, whose outputs then change from step to step."""
+        if cache is not None and any(p.requires_grad for p in self.teacher.parameters()):
+            cache = None
+        self.teacher_cache = cache
+        return cache is not None
+
+    def teacher_logits(self, batch: Batch) -> torch.Tensor:
+        """The teacher's logits on `batch` (and its taps filled); with a cache, the teacher runs only on the
+        images not cached yet."""
+        cache, taps = self.teacher_cache, self.teacher_taps
+        if cache is None:
+            return self.teacher_forward(batch.x)
+        miss = cache.missing(batch.index)
+        n_miss = int(miss.sum())
+        if n_miss:
+            fresh = miss.all()
+            t_logits = self.teacher_forward(batch.x if fresh else batch.x[miss.to(batch.x.device)])
+            seen = dict(taps.values) if taps is not None else {}
+            if not all(isinstance(v, torch.Tensor) for v in seen.values()):
+                self.teacher_cache = None  # a tapped layer returns a tuple or similar: nothing to index per image
+                return t_logits if fresh else self.teacher_forward(batch.x)
+            cache.store(batch.index[miss], {_LOGITS: t_logits, **seen})
+            if fresh:
+                cache.count(0, n_miss)
+                return t_logits
+        cache.count(len(batch) - n_miss, n_miss)
+        hit = cache.gather(batch.index, batch.x.device)
+        if taps is not None:
+            taps.values.update({k: v for k, v in hit.items() if k != _LOGITS})
+        return hit[_LOGITS]
+
     def student_step(self, batch: Batch | None) -> dict[str, torch.Tensor]:
         assert batch is not None
-        t_logits = self.teacher_forward(batch.x)
+        t_logits = self.teacher_logits(batch)
         s_logits = self.student(batch.x)
         losses: dict[str, torch.Tensor] = {}
         o = self.opts

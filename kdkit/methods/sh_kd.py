@@ -94,7 +94,7 @@ class SHKD(HeadSharing):
         z = self.student1(batch.x)
         out = {"ce": o.ce_weight * F.cross_entropy(z, batch.y)}
         if o.student_kd:
-            out["kd"] = o.kd_weight * kd_loss(z, self.teacher_forward(batch.x), o.temperature)
+            out["kd"] = o.kd_weight * kd_loss(z, self.teacher_logits(batch), o.temperature)
             assert self.teacher_taps is not None
             self.teacher_taps.clear()
         return out
