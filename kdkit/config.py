@@ -127,7 +127,8 @@ class TrainConfig:
     channels_last: bool = opt(False, "models and batches in channels_last memory format")
     compile: bool = opt(False, "torch.compile the student and the teacher (the first steps compile)")
     teacher_cache: bool = opt(True, "keep the frozen teacher's outputs per image when a stage's images repeat "
-                              "exactly (no random augmentation), so later epochs skip the teacher")
+                              "exactly (no random augmentation), so later epochs skip the teacher; off under "
+                              "train.deterministic, whose resumed runs must match bit for bit")
     teacher_cache_mb: float = opt(2048.0, "teacher cache size kept in memory; past it, memory-mapped temporary files",
                                   ge=0)
     deterministic: bool = opt(False, "deterministic algorithms (bit-identical reruns, slower on GPU)")

@@ -6,7 +6,8 @@ engine gives the method a :class:`TeacherCache` for the stage (``train.teacher_c
 stores what the teacher produced for each image, keyed by the image's index in its split, and on later
 batches it runs the teacher only on the images not stored yet (none, after an epoch or two) and reads the
 logits and tapped features of the others. The teacher is frozen and in eval mode, so an image's outputs do not
-depend on the rest of its batch.
+depend on the rest of its batch, up to the last bits of floating point (kernels differ with batch size); for
+that reason the cache is off under ``train.deterministic``, where a resumed run must match bit for bit.
 
 Buffers are allocated on first use, one per output (``[N, *shape]`` for a split of N images), on the
 outputs' device while the total stays under ``train.teacher_cache_mb``; past that, they are memory-mapped

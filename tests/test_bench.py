@@ -95,3 +95,14 @@ def test_every_method_runs_the_teacher_once_per_batch(method: str, extra: list[s
         step(b)
     handle.remove()
     assert len(calls) == len(batches)
+
+
+def test_channels_last_run_trains_like_the_default(tmp_path, cnn_teacher_file) -> None:
+    """train.channels_last changes the memory layout only: the same run ends at the same accuracy."""
+    from .conftest import distill_run
+
+    extra = {"method.name": "fitnets", "student.arch": "vgg8_bn", "student.width": 0.0625}
+    fast = distill_run(tmp_path / "cl", cnn_teacher_file, **extra, **{"train.channels_last": True})
+    plain = distill_run(tmp_path / "plain", cnn_teacher_file, **extra)
+    assert abs(fast.summary["test_accuracy"] - plain.summary["test_accuracy"]) < 0.02
+    assert fast.summary["test_accuracy"] > 0.5

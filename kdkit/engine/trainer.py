@@ -297,9 +297,13 @@ class Engine:
         self._save(_Position(si, epoch + 1, 0), st, t0)
 
     def _teacher_cache(self, stage: Stage, loader: BatchLoader | None) -> TeacherCache | None:
-        """A teacher cache for this stage when its images repeat exactly and the method takes it."""
+        """A teacher cache for this stage when its images repeat exactly and the method takes it.
+
+        Not in deterministic mode: the teacher's float result for an image changes in its last bits with the
+        size and make-up of the batch it ran in, so a run resumed with an empty cache would drift from the
+        uninterrupted run (whose cached values came from other batches)."""
         c = self.train_cfg
-        if not c.teacher_cache or loader is None or loader.augment is not None or stage.epochs < 2:
+        if not c.teacher_cache or c.deterministic or loader is None or loader.augment is not None or stage.epochs < 2:
             return None
         cache = TeacherCache(len(loader.data), c.teacher_cache_mb, self.run_dir)
         return cache if self.method.set_teacher_cache(cache) else None
