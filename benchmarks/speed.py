@@ -3,13 +3,15 @@
 Parts (``--parts``, default all), results in ``benchmarks/results/speed.json``:
 
 * ``step``: ``kdkit bench speed`` (kdkit's step against a hand-written loop with the same maths, alternating)
-  for LeNet-5 -> LeNet-5-half (batch 256, 1x28x28), resnet56 -> resnet20 (batch 128, 3x32x32), and the
-  adaptive method with its four default paths, FitNets and TH-KD on the LeNet pair.
+  for LeNet-5 -> LeNet-5-half (batch 256, 1x28x28; the loader rate with MNIST's 2-pixel random crops),
+  resnet56 -> resnet20 (batch 128, 3x32x32), and the adaptive method with its four default paths, FitNets
+  and TH-KD on the LeNet pair.
 * ``options``: the same LeNet and ResNet KD steps with ``train.channels_last``, ``train.amp`` (bfloat16
   autocast) and ``train.compile``, each alone.
 * ``mnist``: real MNIST KD runs (LeNet-5 teacher -> LeNet-5-half, no augmentation, batch 256, 3 epochs):
-  teacher cache on and off (epoch times, accuracy), with amp and channels_last (accuracy effect); and the
-  end-to-end epoch time against the step time alone (median step x steps per epoch).
+  teacher cache on and off (epoch times, accuracy), with amp, channels_last and compile (accuracy effect).
+* ``prediction``: the end-to-end epoch time of the ``mnist`` part's cache-off run against the step time alone
+  (median kdkit step on the same pair and settings x steps per epoch).
 * ``ddp``: one MNIST KD epoch with 1 and with 2 processes (torchrun, gloo).
 
     python benchmarks/speed.py --teacher runs/mnist/teacher_lenet5/model.pt
@@ -31,7 +33,7 @@ from common import REPO, machine, run
 LENET = {"teacher": "lenet5", "student": "lenet5_half", "batch_size": 256, "input_shape": (1, 28, 28)}
 RESNET = {"teacher": "resnet56", "student": "resnet20", "batch_size": 128, "input_shape": (3, 32, 32)}
 STEP_ROWS = {
-    "lenet kd": (LENET, "kd", [], 200),
+    "lenet kd": (LENET, "kd", ["data.augment.crop_padding=2"], 200),  # the loader rate with MNIST's augmentation
     "resnet kd": (RESNET, "kd", [], 30),
     "lenet adaptive (4 paths)": (LENET, "adaptive", [], 200),
     "lenet fitnets": (LENET, "fitnets", [], 200),
@@ -64,7 +66,8 @@ def epoch_times(run_dir: str) -> list[float]:
 def mnist_runs(a: argparse.Namespace, base: Path) -> dict[str, Any]:
     common = [f"data.root={a.root}", f"teacher.checkpoint={a.teacher}", *MNIST_KD]
     variants = {"cache off": ["train.teacher_cache=false"], "cache on": [],
-                "cache on, bf16 autocast": ["train.amp=true"], "cache on, channels_last": ["train.channels_last=true"]}
+                "cache on, bf16 autocast": ["train.amp=true"], "cache on, channels_last": ["train.channels_last=true"],
+                "cache on, torch.compile": ["train.compile=true"]}
     out: dict[str, Any] = {}
     for name, over in variants.items():
         r = run("distill", "configs/mnist/kd.yaml", [*common, *over], base / name.replace(" ", "_").replace(",", ""))
@@ -114,8 +117,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="MNIST LeNet-5 model.pt (configs/mnist/teacher_lenet5.yaml)")
     p.add_argument("--root", default="../shared/data/mnist")
-    p.add_argument("--parts", nargs="+", default=["step", "options", "mnist", "ddp"],
-                   choices=["step", "options", "mnist", "ddp"])
+    p.add_argument("--parts", nargs="+", default=["step", "options", "mnist", "prediction", "ddp"],
+                   choices=["step", "options", "mnist", "prediction", "ddp"])
+    p.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS),
+                   help="the speed options the options part measures")
+    p.add_argument("--option-pairs", nargs="+", default=["lenet kd", "resnet kd"], choices=["lenet kd", "resnet kd"],
+                   help="the KD steps the options part measures them on")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "speed.json"))
     p.add_argument("--runs", default="runs/bench-speed")
     a = p.parse_args()
@@ -131,10 +138,13 @@ def main() -> None:
         result["step"] = step_rows([], list(STEP_ROWS))
         save()
     if "options" in a.parts:
-        result["options"] = {opt: step_rows(over, ["lenet kd", "resnet kd"]) for opt, over in OPTIONS.items()}
-        save()
+        for opt in a.options:  # merged into earlier results, so options can be measured in several calls
+            result.setdefault("options", {}).setdefault(opt, {}).update(step_rows(OPTIONS[opt], a.option_pairs))
+            save()
     if "mnist" in a.parts:
         result["mnist"] = mnist_runs(a, base)
+        save()
+    if "prediction" in a.parts:  # in a fresh process it is not disturbed by what the compiled run left behind
         result["epoch_vs_step"] = step_prediction(a, result["mnist"])
         save()
     if "ddp" in a.parts:
