@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import kdkit
 
@@ -33,6 +35,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     two = _run(tmp_path / "two", 2)
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["global_batch_size"] == one["global_batch_size"] == 64
+    assert one["python"] == platform.python_version() and one["torch"] == torch.__version__ and one["seed"] == 0
     assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 0.003
     assert abs(two["val_accuracy"] - one["val_accuracy"]) <= 0.003
     # gradients averaged over two halves of each global batch equal the full-batch gradient: same weights
