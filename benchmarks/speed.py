@@ -39,6 +39,8 @@ STEP_ROWS = {
     "lenet fitnets": (LENET, "fitnets", [], 200),
     "lenet th_kd": (LENET, "th_kd", [], 200),
 }
+#: the KD steps the ``options`` part measures each option on
+OPTION_PAIRS = ["lenet kd", "resnet kd"]
 OPTIONS = {"channels_last": ["train.channels_last=true"], "bf16 autocast": ["train.amp=true"],
            "torch.compile": ["train.compile=true"]}
 #: the MNIST KD run of the ``mnist`` and ``ddp`` parts: no augmentation (so the teacher cache applies)
@@ -121,7 +123,7 @@ def main() -> None:
                    choices=["step", "options", "mnist", "prediction", "ddp"])
     p.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS),
                    help="the speed options the options part measures")
-    p.add_argument("--option-pairs", nargs="+", default=["lenet kd", "resnet kd"], choices=["lenet kd", "resnet kd"],
+    p.add_argument("--option-pairs", nargs="+", default=OPTION_PAIRS, choices=OPTION_PAIRS,
                    help="the KD steps the options part measures them on")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "speed.json"))
     p.add_argument("--runs", default="runs/bench-speed")
@@ -144,7 +146,7 @@ def main() -> None:
     if "mnist" in a.parts:
         result["mnist"] = mnist_runs(a, base)
         save()
-    if "prediction" in a.parts:  # in a fresh process it is not disturbed by what the compiled run left behind
+    if "prediction" in a.parts:  # a part of its own, so the prediction can be measured again without the runs
         result["epoch_vs_step"] = step_prediction(a, result["mnist"])
         save()
     if "ddp" in a.parts:
