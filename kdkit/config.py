@@ -123,6 +123,11 @@ class TrainConfig:
     gamma: float = opt(0.1, "step schedule: factor at each milestone", gt=0)
     warmup_epochs: float = opt(0.0, "linear warm-up length in epochs", ge=0)
     grad_clip: float | None = opt(None, "clip the gradient norm to this value", gt=0)
+    on_nonfinite: Literal["recover", "stop"] = opt(
+        "recover", "a non-finite loss or gradient: 'recover' restores the last good checkpoint, multiplies the "
+        "learning rate by train.recover_lr_factor and continues (a second fault stops the run); 'stop' stops at once")
+    recover_lr_factor: float = opt(0.1, "learning-rate factor applied once when recovering from a non-finite step",
+                                   gt=0, le=1)
     amp: bool = opt(False, "mixed precision (bfloat16 on CPU, float16 on CUDA)")
     channels_last: bool = opt(False, "models and batches in channels_last memory format")
     compile: bool = opt(False, "torch.compile the student and the teacher (the first steps compile)")

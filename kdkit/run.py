@@ -257,7 +257,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
                  "test": len(data.test), "input_shape": list(info.input_shape)},
         "stages": history, "world_size": dist.world, "device": str(device),
         "global_batch_size": tc.batch_size, "torch": torch.__version__, "kdkit": __version__,
-        "python": platform.python_version(),
+        "python": platform.python_version(), "faults": engine.faults,
     }
     if teacher is not None:
         summary.update(teacher=cfg.teacher.label, teacher_test_accuracy=teacher_test,  # type: ignore[union-attr]

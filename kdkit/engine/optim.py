@@ -55,6 +55,8 @@ class Schedule:
         epochs = self.total / max(1, steps_per_epoch)
         self.milestones = [round((m * epochs if m < 1 else m) * steps_per_epoch) for m in cfg.milestones]
         self.step_count = 0
+        #: a multiplier on top of the schedule (lowered by the engine after a non-finite step)
+        self.scale = 1.0
         self._apply()
 
     def factor(self, step: int) -> float:
@@ -70,7 +72,7 @@ class Schedule:
     def _apply(self) -> None:
         f = self.factor(self.step_count)
         for g, b in zip(self.optimizer.param_groups, self.base):
-            g["lr"] = b * f
+            g["lr"] = b * f * self.scale
 
     def step(self) -> None:
         self.step_count += 1

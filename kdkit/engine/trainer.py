@@ -8,6 +8,13 @@ clipping, optimizer and schedule step. After each epoch it evaluates on the vali
 best state (validation accuracy only: the test split is never looked at during training), logs to
 ``metrics.jsonl`` and writes an atomic checkpoint that holds everything needed to continue: models,
 extra modules, optimizers, schedules, RNG states, the stage, epoch and step.
+
+Faults: a non-finite loss or gradient stops the step before the optimizer moves. With
+``train.on_nonfinite=recover`` (the default) the engine restores the last good checkpoint (one is written
+before the first step), multiplies every learning rate by ``train.recover_lr_factor`` and continues; a
+second fault stops the run. A checkpoint that cannot be written (a full disk) leaves the previous one in
+place and training goes on with a warning. Both are logged in ``metrics.jsonl`` and listed in
+:attr:`Engine.faults` (``summary.json``: ``faults``).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from ..data import BatchLoader, DataBundle, augment_from
 from ..errors import TrainingError
 from ..methods.base import Method, Stage, Update
 from ..teacher_cache import TeacherCache
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, load_latest
 from .distributed import DistInfo
 from .evaluate import evaluate
 from .metrics import Meter, MetricsLog, Progress, fmt
@@ -119,6 +126,14 @@ class Interrupted(Exception):
     """Raised after a checkpoint was saved on SIGINT/SIGTERM."""
 
 
+class NonFiniteStep(TrainingError):
+    """A step's loss or gradient is not finite; `record` describes where (for the fault log)."""
+
+    def __init__(self, message: str, record: dict[str, Any]):
+        super().__init__(message)
+        self.record = record
+
+
 class Engine:
     def __init__(self, method: Method, data: DataBundle, cfg: Config, *, run_dir: Path | None, dist: DistInfo,
                  device: torch.device):
@@ -143,6 +158,9 @@ class Engine:
         #: (minutes of training, state_dict of the evaluated model) taken at train.snapshot_min
         self.snapshots: list[tuple[float, dict[str, torch.Tensor]]] = []
         self.out_of_time = False
+        #: learning-rate multiplier (train.recover_lr_factor after a recovery) and the faults met so far
+        self.lr_scale = 1.0
+        self.faults: list[dict[str, Any]] = []
 
     # ---- data -------------------------------------------------------------------------------
     def loader(self, split: str, train: bool, batch_size: int | None = None) -> BatchLoader:
@@ -172,6 +190,7 @@ class Engine:
             "elapsed": self.elapsed_before + time.time() - t0,
             "history": self.history,
             "snapshots": self.snapshots, "out_of_time": self.out_of_time,
+            "lr_scale": self.lr_scale, "faults": self.faults,
         }
         if st is not None:
             state["stage_state"] = {
@@ -183,7 +202,16 @@ class Engine:
             }
             if self.scaler is not None:
                 state["stage_state"]["scaler"] = self.scaler.state_dict()
-        atomic_save(state, self.ckpt_path, keep_previous=True)
+        try:
+            atomic_save(state, self.ckpt_path, keep_previous=True)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as either
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            fault = {"kind": "checkpoint write failed", "error": first, "global_step": self.global_step,
+                     "action": "kept the previous checkpoint; training continues"}
+            self.faults.append(fault)
+            self.metrics.write(event="fault", **fault)
+            warnings.warn(f"could not write the checkpoint {self.ckpt_path} ({first}); the previous one is kept "
+                          "and training continues: free disk space so the next checkpoint succeeds", stacklevel=2)
 
     def _restore(self, state: dict[str, Any]) -> _Position:
         self.method.load_checkpoint_state(state["method"])
@@ -194,6 +222,8 @@ class Engine:
         self.global_step = int(state.get("global_step", 0))
         self.snapshots = list(state.get("snapshots", []))
         self.out_of_time = bool(state.get("out_of_time", False))
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.faults = list(state.get("faults", []))
         p = state["position"]
         return _Position(p["stage"], p["epoch"], p["step"])
 
@@ -230,18 +260,64 @@ class Engine:
         stages = self.method.stages()
         pos = self._restore(resume) if resume is not None else _Position()
         t0 = time.time()
+        if resume is None:
+            self._save(pos, None, t0)  # the first "last good" checkpoint, for recovery from a fault
         with self._signals():
-            for si in range(pos.stage, len(stages)):
-                if self.out_of_time:
-                    self.history.append({"stage": stages[si].name, "skipped": "train.time_budget_min reached"})
-                    self.progress.say(f"[{stages[si].name}] skipped: the time budget is spent")
-                    continue
-                start = pos if si == pos.stage else _Position(si)
-                stage_resume = resume.get("stage_state") if (resume is not None and si == pos.stage) else None
-                self._run_stage(si, stages[si], len(stages), start, stage_resume, t0)
-                self._save(_Position(si + 1), None, t0)
+            while True:
+                try:
+                    self._run_stages(stages, pos, resume, t0)
+                    break
+                except NonFiniteStep as fault:
+                    resume = self._recover(fault, t0)
+                    t0 = time.time()
+                    pos = _Position(**resume["position"])
         self.elapsed = self.elapsed_before + time.time() - t0
         return self.history
+
+    def _run_stages(self, stages: list[Stage], pos: _Position, resume: dict[str, Any] | None, t0: float) -> None:
+        for si in range(pos.stage, len(stages)):
+            if self.out_of_time:
+                self.history.append({"stage": stages[si].name, "skipped": "train.time_budget_min reached"})
+                self.progress.say(f"[{stages[si].name}] skipped: the time budget is spent")
+                continue
+            start = pos if si == pos.stage else _Position(si)
+            stage_resume = resume.get("stage_state") if (resume is not None and si == pos.stage) else None
+            self._run_stage(si, stages[si], len(stages), start, stage_resume, t0)
+            self._save(_Position(si + 1), None, t0)
+
+    def _recover(self, fault: NonFiniteStep, t0: float) -> dict[str, Any]:
+        """Restore the last good checkpoint and lower the learning rate, once; then give up.
+
+        Returns the restored state (the caller continues from its position)."""
+        c = self.train_cfg
+        where = self.run_dir / "checkpoint.pt" if self.run_dir is not None else None
+        recovered = any(f["kind"].startswith("non-finite") for f in self.faults)
+        state = load_latest(where) if (where is not None and c.on_nonfinite == "recover" and
+                                       not recovered) else None
+        if state is None:
+            self.progress.close()
+            if c.on_nonfinite == "stop":
+                hint = "set train.on_nonfinite=recover to restore and continue with a lower learning rate"
+            elif recovered:
+                hint = (f"it happened again after restoring the last good checkpoint with the learning rate x "
+                        f"{c.recover_lr_factor}")
+            else:
+                hint = "no checkpoint to restore"
+            raise TrainingError(f"{fault} ({hint}); the last good checkpoint is kept: lower train.lr or set "
+                                "train.grad_clip, then resume with --resume") from None
+        elapsed = self.elapsed_before + time.time() - t0  # time spent on the lost steps still counts
+        self._restore(state)
+        self.elapsed_before = elapsed
+        self.lr_scale = c.recover_lr_factor
+        p = state["position"]
+        record = {**fault.record, "action": f"restored the checkpoint at stage {p['stage'] + 1} epoch "
+                  f"{p['epoch'] + 1} step {p['step']}; learning rate x {c.recover_lr_factor}"}
+        self.faults.append(record)
+        self.metrics.write(event="fault", **record)
+        self.progress.close()
+        self.progress.say(f"warning: {fault}; {record['action']}")
+        warnings.warn(f"{fault}; {record['action']}", stacklevel=2)
+        return state
 
     def _set_trainable(self, stage: Stage) -> None:
         trainable = {id(p) for p in stage.trainable()}
@@ -317,6 +393,8 @@ class Engine:
             optimizers.append(opt)
             schedules.append(Schedule(opt, ucfg, stage.epochs * steps * u.repeat, steps * u.repeat))
         st = _StageState(optimizers, schedules)
+        for sch in schedules:
+            sch.scale = self.lr_scale
         if resume is not None:
             for o, s in zip(optimizers, resume["optimizers"]):
                 o.load_state_dict(s)
@@ -452,6 +530,22 @@ class Engine:
         self.history.append(result)
         self.metrics.write(event="stage_end", **result)
 
+    def _all_ranks(self, ok: bool) -> bool:
+        """Whether `ok` holds on every process (under torchrun the ranks must agree to stop a step together)."""
+        if not self.dist.enabled:
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return not bool(flag.item())
+
+    def _fault(self, what: str, losses: dict[str, torch.Tensor], stage: Stage, where: tuple[int, int, int]) -> None:
+        bad = [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
+        terms = f" ({', '.join(bad)})" if (what == "loss" and bad) else ""
+        record = {"kind": f"non-finite {what}", "terms": bad, "stage": stage.name, "epoch": where[1] + 1,
+                  "step": where[2] + 1, "global_step": self.global_step + 1}
+        raise NonFiniteStep(f"non-finite {what}{terms} in stage {stage.name!r} epoch {where[1] + 1} step "
+                            f"{where[2] + 1}", record)
+
     def _step(self, stepper: nn.Module, stage: Stage, st: _StageState, batch: Any,
               where: tuple[int, int, int]) -> dict[str, torch.Tensor]:
         c = self.train_cfg
@@ -463,21 +557,18 @@ class Engine:
                 total = losses["loss"] if "loss" in losses else sum(losses.values())
                 if not isinstance(total, torch.Tensor):
                     raise TrainingError(f"update {u.name!r} of stage {stage.name!r} returned no loss")
-                if not torch.isfinite(total.detach()).all():
-                    bad = [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
-                    raise TrainingError(
-                        f"non-finite loss ({', '.join(bad) or 'total'}) in stage {stage.name!r} epoch {where[1] + 1} "
-                        f"step {where[2] + 1}; the last checkpoint is kept, resume with --resume after lowering "
-                        "train.lr or setting train.grad_clip"
-                    )
+                finite_loss = bool(torch.isfinite(total.detach()).all())
+                if not finite_loss and not self.dist.enabled:  # under DDP every rank must reach backward
+                    self._fault("loss", losses, stage, where)
                 opt.zero_grad(set_to_none=True)
                 if self.scaler is not None:
                     self.scaler.scale(total).backward()
                     self.scaler.unscale_(opt)
                 else:
                     total.backward()
-                if c.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(u.parameters(), c.grad_clip)
+                norm = _grad_norm(u.parameters(), c.grad_clip)
+                if not self._all_ranks(finite_loss and bool(torch.isfinite(norm))):
+                    self._fault("loss" if not finite_loss else "gradient", losses, stage, where)
                 if self.scaler is not None:
                     self.scaler.step(opt)
                     self.scaler.update()
@@ -490,3 +581,13 @@ class Engine:
             if "loss" not in losses and len(losses) > 1:
                 logged[prefix + "loss"] = total.detach()
         return logged
+
+
+def _grad_norm(params: Any, clip: float | None) -> torch.Tensor:
+    """The total gradient norm of `params` (clipped to `clip` when given): a non-finite value flags a fault."""
+    params = [p for p in params if p.grad is not None]
+    if clip is not None:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    if not params:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
