@@ -100,18 +100,20 @@ def _run(args: argparse.Namespace, command: str) -> int:
         overrides.insert(0, args.config)  # `kdkit train model.arch=mlp ...` with no recipe file
         args.config = None
     resume = args.resume is not None
+    default_method = "supervised" if command == "train" else "kd"
     if resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise KdkitError(f"--resume {run_dir}: no config.yaml there; give the folder of an earlier run")
         if args.config is None and overrides:
-            raise KdkitError("--resume continues a run as it was configured; overrides are not allowed")
-        cfg = load_config(args.config or run_dir / "config.yaml", overrides)
+            raise KdkitError("--resume continues a run as it was configured, so it takes no key=value overrides; "
+                             "to change settings, start a new run with another output_dir")
+        cfg = load_config(args.config or run_dir / "config.yaml", overrides, default_method=default_method)
         cfg.output_dir = str(run_dir)
     else:
         if args.config is None and not overrides:
             raise KdkitError(f"kdkit {command} needs a CONFIG file (see configs/) or key=value settings")
-        cfg = load_config(args.config, overrides, default_method="supervised" if command == "train" else "kd")
+        cfg = load_config(args.config, overrides, default_method=default_method)
     result = execute(cfg, command, resume=resume)
     s = result.summary
     if not result.is_main:

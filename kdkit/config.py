@@ -238,7 +238,10 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {first}") from None
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            first = f"{getattr(e, 'problem', None) or first} at line {mark.line + 1}, column {mark.column + 1}"
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {first}; fix the file there") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

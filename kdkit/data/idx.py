@@ -35,15 +35,16 @@ FILES = {
 def parse_idx(data: bytes, path: Path | str, ndim: int) -> np.ndarray:
     """Decode idx bytes holding a uint8 array of `ndim` dimensions."""
     if len(data) < 4:
-        raise DataError(f"{path}: {len(data)} bytes is too short for an idx file (truncated?)")
+        raise DataError(f"{path}: {len(data)} bytes is too short for an idx file (truncated?); download it again")
     zero, dtype, dims = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != 0x08:
-        raise DataError(f"{path}: not an idx uint8 file (magic {data[:4].hex()}, expected 0000080{ndim})")
+        raise DataError(f"{path}: not an idx uint8 file (magic {data[:4].hex()}, expected 0000080{ndim}); "
+                        "download the original file again")
     if dims != ndim:
         raise DataError(f"{path}: idx file has {dims} dimensions, expected {ndim}; are images and labels swapped?")
     header = 4 + 4 * dims
     if len(data) < header:
-        raise DataError(f"{path}: truncated idx header")
+        raise DataError(f"{path}: truncated idx header; download it again")
     shape = struct.unpack(">" + "I" * dims, data[4:header])
     need = int(np.prod(shape, dtype=np.int64))
     have = len(data) - header
@@ -68,7 +69,8 @@ def _split(root: Path, name: str, split: str) -> ImageSet:
         arrays.append((parse_idx(read_bytes(path), path, ndim), path))
     (images, ipath), (labels, lpath) = arrays
     if len(images) != len(labels):
-        raise DataError(f"{ipath} holds {len(images)} images but {lpath} holds {len(labels)} labels")
+        raise DataError(f"{ipath} holds {len(images)} images but {lpath} holds {len(labels)} labels; the two files "
+                        "are from different sets or one is cut short: download both again")
     n_classes = len(CLASSES[name])
     if labels.size and int(labels.max()) >= n_classes:
         raise DataError(f"{lpath}: label {int(labels.max())} outside 0..{n_classes - 1} for {name}")

@@ -48,8 +48,18 @@ def read(path: str | os.PathLike, weights_only: bool = True) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # torch raises many types for corrupt files (RuntimeError, UnpicklingError, EOFError...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a PyTorch file ({first[:200]})") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a PyTorch file ({_reason(e)}); point at a "
+                              "model.pt or checkpoint.pt written by kdkit, or a torch.save'd state_dict") from None
+
+
+def _reason(e: Exception) -> str:
+    """The useful line of a torch.load error (its weights-only errors open with a paragraph about torch 2.6)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        found = [x for x in lines if x.startswith(("Unsupported", "Trying to"))]
+        return (found[0] if found else "not a weights-only pickle")[:200] + (
+            "; a whole pickled nn.Module is not read: save its state_dict()" if "GLOBAL" in "".join(found) else "")
+    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 def load_latest(path: str | os.PathLike) -> dict[str, Any] | None:

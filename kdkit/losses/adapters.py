@@ -64,7 +64,7 @@ class Adapter(nn.Module):
         if len(s_shape) != len(t_shape) or len(s_shape) not in (2, 4):
             raise ModelError(
                 f"cannot adapt student layer {names[0]!r} {tuple(s_shape)} to teacher layer {names[1]!r} "
-                f"{tuple(t_shape)}: both must be [B, C, H, W] maps or [B, D] vectors"
+                f"{tuple(t_shape)}: both must be [B, C, H, W] maps or [B, D] vectors; pair layers of the same kind"
             )
         self.resize_to: tuple[int, int] | None = None
         if spatial != "any" and needs_resize(s_shape, t_shape, names, spatial == "resize"):
