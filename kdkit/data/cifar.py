@@ -56,8 +56,8 @@ def read_pickle(path: Path) -> dict[str, Any]:
     except _Refused as e:
         raise DataError(f"{path}: {e}; replace it with the file from the official archive") from None
     except Exception as e:  # corrupt pickles raise almost anything (UnpicklingError, EOFError, ValueError, ...)
-        raise DataError(f"{path}: not a readable CIFAR pickle batch ({e}); the file is corrupt or truncated, download it "
-                        "again") from None
+        raise DataError(f"{path}: not a readable CIFAR pickle batch ({e}); the file is corrupt or truncated, "
+                        "download it again") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
     return {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -98,7 +98,8 @@ def _batches(folder: Path, files: list[str], name: str) -> tuple[np.ndarray, np.
             data = np.asarray(d["data"])
             labels = np.asarray(d[lay["labels"]], dtype=np.int64).reshape(-1)
         except (ValueError, TypeError, OverflowError) as e:
-            raise DataError(f"{path}: 'data' or '{lay['labels']}' is not an array ({e}); is this a {name} batch?") from None
+            raise DataError(f"{path}: 'data' or '{lay['labels']}' is not an array ({e}); is this a {name} "
+                            "batch?") from None
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
             raise DataError(f"{path}: 'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072) rows of 32x32x3")
         if len(labels) != len(data) or (labels.size and (labels.min() < 0 or labels.max() >= lay["classes"])):
