@@ -20,11 +20,11 @@ demo: venv
 	$(VENV)/bin/kdkit demo
 
 test: venv
-	$(VENV)/bin/ruff check kdkit tests benchmarks
+	$(VENV)/bin/ruff check kdkit tests benchmarks examples
 	$(PY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check kdkit tests benchmarks
+	$(VENV)/bin/ruff check kdkit tests benchmarks examples
 
 bench-mnist: venv
 	$(PY) benchmarks/mnist_lenet.py

@@ -1,5 +1,7 @@
 """kdkit: knowledge distillation for any PyTorch model, with whatever data you have.
 
+    res = kdkit.distill(teacher, student, train_loader, method="kd", test_data=test_loader)
+    res = kdkit.train(model, "digits", train={"epochs": 5})
     kdkit.load("runs/x/model.pt")                 # a trained model, ready for inference
     kdkit.models.create("resnet20", num_classes=100)
 """
@@ -7,7 +9,8 @@
 __version__ = "0.1.0"
 
 from . import models
+from .api import Result, distill, train
 from .errors import KdkitError
 from .modelfile import load
 
-__all__ = ["KdkitError", "__version__", "load", "models"]
+__all__ = ["KdkitError", "Result", "__version__", "distill", "load", "models", "train"]

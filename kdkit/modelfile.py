@@ -21,7 +21,7 @@ from torch import nn
 from .config import ModelConfig
 from .data import DataInfo
 from .engine.checkpoint import atomic_save, read
-from .errors import CheckpointError, ModelError
+from .errors import CheckpointError, KdkitError, ModelError
 from .models import build
 
 FORMAT = "kdkit-model"
@@ -117,8 +117,16 @@ def load(path: str | os.PathLike) -> nn.Module:
     normalisation) so callers can prepare inputs the way the model was trained.
     """
     mf, state = read_model_file(path)
-    model = apply_patches(build(mf.arch, mf.module, **mf.args), mf.patches)
-    load_weights(model, state, mf.label, path)
+    try:
+        model = apply_patches(build(mf.arch, mf.module, **mf.args), mf.patches)
+        load_weights(model, state, mf.label, path)
+    except KdkitError as e:
+        if not mf.meta.get("python_object"):
+            raise
+        raise ModelError(
+            f"{path} holds the weights of a {mf.module} passed to kdkit as a Python object, whose constructor "
+            f"arguments kdkit does not know ({e}); build it yourself and load the weights: "
+            "model.load_state_dict(torch.load(path, weights_only=True)['state_dict'])") from None
     model.kdkit_info = mf  # type: ignore[assignment]
     return model.eval()
 

@@ -30,7 +30,7 @@ from .engine.distributed import barrier, broadcast_object, shutdown
 from .errors import CheckpointError, ConfigError, ModelError
 from .measure import count_params
 from .methods import Method, method_class
-from .modelfile import build_from_config, save_model
+from .modelfile import BuiltModel, build_from_config, save_model
 
 
 @dataclass
@@ -117,8 +117,9 @@ def _eval_loader(data: DataBundle, split: str, cfg: Config, device: torch.device
                        channels_last=cfg.train.channels_last)
 
 
-def prepare(cfg: Config, command: str) -> Config:
-    """Check that the config fits the command (train: a model; distill: a student and a teacher)."""
+def prepare(cfg: Config, command: str, given: frozenset[str] = frozenset()) -> Config:
+    """Check that the config fits the command (train: a model; distill: a student and a teacher); `given`
+    names the roles whose model the caller passes as an object (the Python API)."""
     cls = method_class(cfg.method.name)
     if command == "train":
         if cls.needs_teacher:
@@ -132,28 +133,35 @@ def prepare(cfg: Config, command: str) -> Config:
             raise ConfigError(f"method {cfg.method.name!r} trains a model alone; use kdkit train")
         if cfg.student is None:
             raise ConfigError("kdkit distill needs a 'student' section (student.arch=lenet5_half)")
-        if cfg.teacher is None or not cfg.teacher.checkpoint:
+        if cfg.teacher is None or not (cfg.teacher.checkpoint or "teacher" in given):
             raise ConfigError("kdkit distill needs a trained teacher: teacher.checkpoint=PATH/model.pt")
         if cfg.model is not None:
             raise ConfigError("kdkit distill uses 'student' and 'teacher'; 'model' belongs to kdkit train configs")
     return cfg
 
 
-def execute(cfg: Config, command: str, resume: bool = False) -> RunResult:
-    """Run `command` ("train" or "distill") for `cfg`; with `resume`, continue the run in cfg.output_dir."""
-    prepare(cfg, command)
+def execute(cfg: Config, command: str, resume: bool = False, *, data: DataBundle | None = None,
+            models: dict[str, nn.Module] | None = None) -> RunResult:
+    """Run `command` ("train" or "distill") for `cfg`; with `resume`, continue the run in cfg.output_dir.
+
+    The Python API (:mod:`kdkit.api`) passes `data` (a bundle made from the user's tensors or loaders, used
+    instead of reading ``cfg.data``) and `models` (the user's own modules by role: "model", "student",
+    "teacher"; their config sections then only label them)."""
+    models = dict(models or {})
+    prepare(cfg, command, frozenset(models))
     t_start = time.time()
     dist = init_distributed(cfg.train.device)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
-        return _execute(cfg, command, resume, dist, t_start)
+        return _execute(cfg, command, resume, dist, t_start, data, models)
     finally:
         torch.set_num_threads(threads)  # leave the process as we found it (demo, notebooks, tests)
         torch.use_deterministic_algorithms(deterministic)
         shutdown()
 
 
-def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: float) -> RunResult:
+def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: float, given_data: DataBundle | None,
+             models: dict[str, nn.Module]) -> RunResult:
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -163,22 +171,24 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     device = pick_device(tc.device, dist)
     cls = method_class(cfg.method.name)
     teacher_obj = None  # a data-free run reads the teacher's file once, for its normalisation and weights
-    if cls.reads_training_data:
+    if given_data is not None:
+        data = given_data if cls.reads_training_data else replace(given_data, train=None, fewshot=None)
+    elif cls.reads_training_data:
         data = load_data(cfg.data)
     else:  # data-free: never read the training images; normalise as the teacher was trained
-        stats, teacher_obj = _teacher_stats(cfg)
+        stats, teacher_obj = _teacher_stats(cfg) if "teacher" not in models else (None, None)
         data = load_data(cfg.data, train_images=False, stats=stats)
     info = data.info
 
     role = "model" if command == "train" else "student"
     student_spec: ModelConfig = cfg.model if command == "train" else cfg.student  # type: ignore[assignment]
-    built = build_from_config(student_spec, info, role)
+    built = _build(student_spec, info, role, models.get(role))
     student, student_spec, student_args = built.model, built.spec, built.args
     teacher = None
     t_built = None
     if command == "distill":
         assert cfg.teacher is not None
-        t_built = build_from_config(cfg.teacher, info, "teacher", loaded=teacher_obj)
+        t_built = _build(cfg.teacher, info, "teacher", models.get("teacher"), loaded=teacher_obj)
         teacher = t_built.model
         if t_built.file is not None:
             _check_normalisation(t_built.file.info, info)
@@ -267,10 +277,19 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     if dist.is_main:
         save_model(run_dir / "model.pt", exported, student_spec, student_args, info,
                    meta={"method": cfg.method.name, "test_accuracy": test["accuracy"], "seed": cfg.seed,
-                         "run_dir": str(run_dir), "data_root": cfg.data.root}, patches=method.export_patches())
+                         "run_dir": str(run_dir), "data_root": cfg.data.root, "python_object": role in models},
+                   patches=method.export_patches())
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     barrier(dist)
     return RunResult(run_dir, summary, exported, dist.is_main, method)
+
+
+def _build(spec: ModelConfig, info: DataInfo, role: str, given: nn.Module | None, loaded: Any = None) -> BuiltModel:
+    """The model of `role`: the caller's own module when given (its config section only labels it), else the
+    one its config section describes."""
+    if given is not None:
+        return BuiltModel(given, spec, {})
+    return build_from_config(spec, info, role, loaded=loaded)
 
 
 def _score_snapshots(engine: Engine, final: nn.Module, final_acc: float, loader: BatchLoader,

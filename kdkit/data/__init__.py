@@ -18,6 +18,12 @@ from .images import ImageSet, channel_stats, resize
 from .loader import Batch, BatchLoader
 from .splits import per_class, stratified_split
 
+
+def _memory(cfg: DataConfig, need_train: bool = True) -> tuple[ImageSet | None, ImageSet]:
+    raise DataError("data.name=memory means images handed over in Python (kdkit.distill / kdkit.train with your "
+                    "own tensors or loaders); there is nothing to read from disk: pick a dataset such as mnist")
+
+
 #: name -> reader(cfg, need_train) -> (training set, or None when not needed and stored apart; test set)
 DATASETS: dict[str, Callable[[DataConfig, bool], tuple[ImageSet | None, ImageSet]]] = {
     "digits": digits.load,
@@ -28,6 +34,7 @@ DATASETS: dict[str, Callable[[DataConfig, bool], tuple[ImageSet | None, ImageSet
     "cifar100": cifar.loader("cifar100"),
     "imagefolder": imagefolder.load,
     "svhn": svhn.load,
+    "memory": _memory,
 }
 
 
@@ -87,10 +94,18 @@ def load_data(cfg: DataConfig, train_images: bool = True,
     trained with, since there is no training set to compute it from.
     """
     train, test = DATASETS[cfg.name](cfg, train_images or cfg.val_split > 0)
+    return make_bundle(cfg, train, test, train_images, stats)
+
+
+def make_bundle(cfg: DataConfig, train: ImageSet | None, test: ImageSet, train_images: bool = True,
+                stats: tuple[list[float], list[float]] | None = None, val: ImageSet | None = None) -> DataBundle:
+    """The bundle of already-read image sets (see :func:`load_data`); a given `val` replaces the carved one."""
     if cfg.image_size:
         test = ImageSet(resize(test.images, cfg.image_size), test.labels, test.classes)
         if train is not None:
             train = ImageSet(resize(train.images, cfg.image_size), train.labels, train.classes)
+        if val is not None:
+            val = ImageSet(resize(val.images, cfg.image_size), val.labels, val.classes)
     if train is not None and train.shape != test.shape:
         raise DataError(f"{cfg.name}: training images are {train.shape} but test images {test.shape}; "
                         "set data.image_size")
@@ -101,8 +116,7 @@ def load_data(cfg: DataConfig, train_images: bool = True,
     else:
         mean, std = channel_stats((train if train is not None else test).images)
     info = DataInfo(cfg.name, list(test.classes), test.shape, mean, std, cfg.shots_per_class)
-    val = None
-    if cfg.val_split > 0:
+    if val is None and cfg.val_split > 0:
         assert train is not None and train.labels is not None
         keep, held = stratified_split(train.labels, cfg.val_split, cfg.split_seed)
         train, val = train.subset(keep), train.subset(held)
@@ -110,9 +124,13 @@ def load_data(cfg: DataConfig, train_images: bool = True,
         return DataBundle(info, None, val, test)
     assert train is not None
     fewshot = None
-    if cfg.shots_per_class:
+    if cfg.shots_per_class and train.labels is None:  # unlabeled images from the Python API: they are the set
+        fewshot = train
+    elif cfg.shots_per_class:
         fewshot = train.subset(per_class(train.labels, cfg.shots_per_class, cfg.split_seed,
                                          "data.shots_per_class")).unlabeled()
+    if cfg.train_subset and train.labels is None:
+        raise DataError("data.train_subset picks images per class, and these training images have no labels")
     if cfg.train_subset:
         train = train.subset(per_class(train.labels, cfg.train_subset, cfg.split_seed, "data.train_subset"))
     return DataBundle(info, train, val, test, fewshot)
@@ -124,5 +142,5 @@ def augment_from(cfg: DataConfig) -> Augment:
 
 __all__ = [
     "DATASETS", "Augment", "Batch", "BatchLoader", "DataBundle", "DataInfo", "ImageSet", "augment_from",
-    "load_data", "per_class", "stratified_split",
+    "load_data", "make_bundle", "per_class", "stratified_split",
 ]

@@ -85,7 +85,9 @@ class BatchLoader:
             total = len(idx)
             lo, hi = (self.rank * total) // self.world, ((self.rank + 1) * total) // self.world
             local = idx[lo:hi]
-            x = self.images[local.to(self.images.device)].float().div_(255.0)
+            x = self.images[local.to(self.images.device)].float()  # indexing copies: dividing in place is safe
+            if self.images.dtype == torch.uint8:
+                x.div_(255.0)
             if self.augment is not None:
                 g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, step, 1))
                 params = {k: v[lo:hi] for k, v in self.augment.sample(total, g).items()}

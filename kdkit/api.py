@@ -1,0 +1,167 @@
+"""kdkit from Python: the same runs as the command line, on your own modules and data.
+
+    import kdkit
+    res = kdkit.distill(teacher, student, train_loader, method="kd", test_data=test_loader,
+                        temperature=4, train={"epochs": 5, "lr": 0.01})
+    res.model, res.summary["test_accuracy"], res.run_dir
+
+Models are ``nn.Module`` objects (yours, trained or not), zoo names (``"resnet20"``) or paths to kdkit
+``model.pt`` files. Data is a kdkit dataset name (``"digits"``, ``"mnist"`` with ``data={"root": ...}``),
+or any ``DataLoader`` / iterable of ``(images, labels)`` batches (images alone for unlabeled modes), a
+dataset of ``(image, label)`` samples, or an ``(images, labels)`` pair of tensors (:mod:`kdkit.data.memory`).
+
+Options are the YAML recipes' keys: a section as a dict (``train={"epochs": 3}``), a dotted key
+(``**{"train.epochs": 3}``), or, for anything that is not a section name, a key of the method
+(``temperature=4`` is ``method.temperature``). They are validated exactly as recipes are: a misspelled key
+raises a :class:`~kdkit.errors.ConfigError` that names the closest valid one.
+
+Your models are used in place: the student is trained in place (``Result.model`` is the exported
+student); the teacher is put in eval mode with gradients off, as the command line does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TOP_KEYS, Config, ModelConfig, build_config
+from .errors import ConfigError, ModelError
+from .methods import Method, method_class
+
+ModelLike = nn.Module | str | os.PathLike
+#: the size of the label space: known, found from the model's output on images, or None (labels' max + 1)
+ClassCount = int | Callable[[torch.Tensor], int] | None
+
+
+@dataclass
+class Result:
+    """What a run gives back: the trained model, its summary (as in ``summary.json``) and where the run is."""
+
+    model: nn.Module
+    summary: dict[str, Any]
+    run_dir: Path | None
+    method: Method | None = None
+
+    @property
+    def test_accuracy(self) -> float:
+        return float(self.summary["test_accuracy"])
+
+
+def distill(teacher: ModelLike, student: ModelLike, train_data: Any = None, method: str = "kd",
+            val_data: Any = None, test_data: Any = None, **options: Any) -> Result:
+    """Distill `student` from `teacher` with `method` (any ``kdkit distill`` method; see docs/methods.md).
+
+    `train_data` is None for the data-free methods (rdskd, dafl, dfad, deepinversion), which then need
+    `test_data` (or a dataset name) to evaluate on."""
+    return _run("distill", {"teacher": teacher, "student": student}, method, train_data, val_data, test_data,
+                options)
+
+
+def train(model: ModelLike, train_data: Any, val_data: Any = None, test_data: Any = None,
+          **options: Any) -> Result:
+    """Train `model` alone with cross-entropy (``kdkit train``): a teacher, or a student baseline."""
+    return _run("train", {"model": model}, "supervised", train_data, val_data, test_data, options)
+
+
+def _options(options: dict[str, Any], method: str) -> dict[str, Any]:
+    """The raw nested config of the keyword options (sections, dotted keys, method keys)."""
+    raw: dict[str, Any] = {"method": {"name": method}, "train": {"progress": "lines"}}
+    for key, value in options.items():
+        parts = key.split(".")
+        if len(parts) == 1 and key not in TOP_KEYS:
+            parts = ["method", key]
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"option {key!r}: {p!r} is not a section")
+        last = parts[-1]
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            node[last].update(value)
+        else:
+            node[last] = value
+    if raw["method"].get("name", method) != method:
+        raise ConfigError(f"method given twice ({method!r} and method.name={raw['method']['name']!r}); give it once")
+    return raw
+
+
+def _model(role: str, model: ModelLike, raw: dict[str, Any], given: dict[str, nn.Module]) -> None:
+    if isinstance(model, nn.Module):
+        given[role] = model
+        raw.pop(role, None)
+    elif isinstance(model, (str, os.PathLike)):
+        text = os.fspath(model)
+        key = "checkpoint" if (text.endswith(".pt") or Path(text).is_file()) else "arch"
+        raw[role] = {key: text, **(raw.get(role) or {})}
+    else:
+        raise ConfigError(f"{role}: expected an nn.Module, a zoo model name or a kdkit model.pt path, "
+                          f"got {type(model).__name__}")
+
+
+def _run(command: str, models: dict[str, ModelLike], method: str, train_data: Any, val_data: Any, test_data: Any,
+         options: dict[str, Any]) -> Result:
+    from .data.memory import memory_bundle
+    from .run import execute
+
+    raw = _options(options, method)
+    given: dict[str, nn.Module] = {}
+    for role, m in models.items():
+        _model(role, m, raw, given)
+    in_memory = not isinstance(train_data, str) and not (train_data is None and isinstance(test_data, str))
+    if not in_memory:
+        name = train_data if isinstance(train_data, str) else test_data
+        if (val_data is not None and not isinstance(val_data, str)) or (test_data is not None and test_data != name):
+            raise ConfigError(f"with a kdkit dataset name ({name!r}) the splits come from the dataset: give "
+                              "val_data/test_data only with your own training data")
+        raw.setdefault("data", {})["name"] = name
+    else:
+        raw.setdefault("data", {})["name"] = "memory"
+        raw["data"].setdefault("normalize", False)  # the user's images go to the models as given
+    cfg = build_config(raw, default_method=method)
+    for role, module in given.items():
+        setattr(cfg, role, ModelConfig(module=f"{type(module).__module__}:{type(module).__qualname__}"))
+    bundle = None
+    if in_memory:
+        cls = method_class(cfg.method.name)
+        bundle = memory_bundle(cfg.data, train_data, val_data, test_data, _class_count(cfg, given, models),
+                               cls.reads_training_data)
+    res = execute(cfg, command, data=bundle, models=given)
+    return Result(res.model, res.summary, res.run_dir, res.method)
+
+
+def _class_count(cfg: Config, given: dict[str, nn.Module], models: dict[str, ModelLike]) -> ClassCount:
+    """How to tell the label space's size: the teacher's (or the trained model's) output size on two images,
+    or the class count in its model file; None (the labels' maximum + 1) for a zoo name."""
+    role = "teacher" if "teacher" in models else "model"
+    module = given.get(role)
+    if module is not None:
+        def outputs(x: torch.Tensor) -> int:
+            was = module.training
+            module.eval()
+            try:
+                with torch.no_grad():
+                    out = module(x[:2].to(next(module.parameters(), torch.empty(0)).device))
+            except RuntimeError as e:
+                raise ModelError(f"the {role} ({type(module).__name__}) cannot take these images "
+                                 f"{tuple(x.shape[1:])}: {str(e).splitlines()[0][:160]}") from None
+            finally:
+                module.train(was)
+            if not isinstance(out, torch.Tensor) or out.dim() != 2:
+                raise ModelError(f"the {role} ({type(module).__name__}) must return [batch, classes] logits")
+            return int(out.shape[1])
+        return outputs
+    spec: ModelConfig | None = getattr(cfg, role)
+    if spec is not None and spec.checkpoint:
+        from .engine.checkpoint import read
+        from .modelfile import is_model_file, parse_model_file
+
+        obj = read(spec.checkpoint)
+        if is_model_file(obj):
+            return parse_model_file(obj, spec.checkpoint)[0].info.num_classes
+    return None

@@ -1,0 +1,149 @@
+"""Image sets from the Python objects users already have: a ``DataLoader`` or any iterable of ``(images, labels)``
+batches (or of images alone), a map-style dataset of ``(image, label)`` samples, or an ``(images, labels)`` pair
+of tensors or NumPy arrays.
+
+Images are collected once into memory: uint8 pixels stay uint8 (0..255, normalised like kdkit's own datasets),
+anything else becomes float32 and is used as given, so a loader that already normalises its images feeds the
+models exactly what they were trained on (see ``data.normalize`` in :func:`memory_bundle`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from ..errors import DataError
+from . import DataBundle, make_bundle
+from .images import ImageSet
+from .splits import stratified_split
+
+
+def _tensor(x: Any, what: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    raise DataError(f"{what}: expected a tensor or NumPy array, got {type(x).__name__}")
+
+
+def _is_pair(data: Any) -> bool:
+    """(images [N, ...], labels [N]): two arrays, the second one-dimensional and as long as the first."""
+    return (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(d, (torch.Tensor, np.ndarray)) for d in data)
+            and data[0].ndim >= 2 and data[1].ndim == 1 and len(data[0]) == len(data[1]))
+
+
+def _pieces(data: Any, what: str) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """The image and label pieces of `data` (batches, samples or one pair), labels None when it has none."""
+    if _is_pair(data):
+        return [_tensor(data[0], what)], [_tensor(data[1], what)]
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        return [_tensor(data, what)], None
+    if not isinstance(data, Iterable) and not hasattr(data, "__getitem__"):
+        raise DataError(f"{what}: expected a DataLoader, an iterable of (images, labels) batches, a dataset of "
+                        f"(image, label) samples, or an (images, labels) pair; got {type(data).__name__}")
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    labeled: bool | None = None
+    for i, item in enumerate(data):
+        if isinstance(item, (tuple, list)):
+            x, y = item[0], (item[1] if len(item) > 1 else None)
+        elif isinstance(item, dict) and "image" in item:
+            x, y = item["image"], item.get("label")
+        else:
+            x, y = item, None
+        if labeled is None:
+            labeled = y is not None
+        elif labeled != (y is not None):
+            raise DataError(f"{what}: item {i} {'has no' if labeled else 'has a'} label unlike the items before it")
+        x = _tensor(x, f"{what} item {i}")
+        single = x.dim() == 3
+        xs.append(x.unsqueeze(0) if single else x)
+        if y is not None:
+            y = torch.as_tensor(y).detach().cpu()
+            ys.append(y.reshape(1) if single else y.reshape(-1))
+    if not xs:
+        raise DataError(f"{what} is empty")
+    return xs, (ys if labeled else None)
+
+
+def to_imageset(data: Any, what: str) -> ImageSet:
+    """One in-memory image set from `data` (see the module docstring); a DataError names what is wrong."""
+    xs, ys = _pieces(data, what)
+    shapes = {tuple(x.shape[1:]) for x in xs}
+    if any(x.dim() != 4 for x in xs) or len(shapes) != 1:
+        found = sorted({tuple(x.shape) for x in xs})[:3]
+        raise DataError(f"{what}: images must be [N, C, H, W] batches (or [C, H, W] samples) of one size; "
+                        f"got shapes {found}; resize them to one size first")
+    images = torch.cat(xs)
+    if images.dtype != torch.uint8:
+        images = images.float()
+        if not torch.isfinite(images).all():
+            raise DataError(f"{what}: images hold NaN or infinite values")
+    labels = None
+    if ys is not None:
+        labels = torch.cat(ys)
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise DataError(f"{what}: labels must be integer class indices, got {labels.dtype}")
+        labels = labels.long()
+        if len(labels) != len(images):
+            raise DataError(f"{what}: {len(images)} images but {len(labels)} labels")
+        if labels.numel() and int(labels.min()) < 0:
+            raise DataError(f"{what}: negative label {int(labels.min())}; labels are class indices 0..K-1")
+    return ImageSet(images, labels)
+
+
+def memory_bundle(cfg: DataConfig, train: Any, val: Any, test: Any,
+                  num_classes: int | Callable[[torch.Tensor], int] | None, reads_training_data: bool = True
+                  ) -> DataBundle:
+    """A :class:`DataBundle` from the user's objects.
+
+    `test` is required for data-free runs (the only images they see); otherwise, when it is None, a
+    ``data.test_split`` fraction of `train` is held out (stratified, ``data.split_seed``). `val` replaces
+    the validation split carved with ``data.val_split``. Labels must lie in 0..K-1, K being `num_classes`:
+    a count, a function of a batch of images (the teacher's output size), or None for the labels' maximum + 1."""
+    sets: dict[str, ImageSet | None] = {"train": None, "val": None, "test": None}
+    if reads_training_data:
+        if train is None:
+            raise DataError("train_data is None: this method learns from training images; pass a DataLoader, "
+                            "an iterable of (images, labels) or an (images, labels) pair")
+        sets["train"] = to_imageset(train, "train_data")
+    elif train is not None:
+        raise DataError("this method is data-free and reads no training images: pass train_data=None "
+                        "(test_data gives the evaluation images)")
+    for name, obj in (("val", val), ("test", test)):
+        if obj is not None:
+            sets[name] = to_imageset(obj, f"{name}_data")
+            if sets[name].labels is None:  # type: ignore[union-attr]
+                raise DataError(f"{name}_data has no labels: evaluation needs (images, labels)")
+    given = [s for s in sets.values() if s is not None]
+    if callable(num_classes):
+        num_classes = num_classes(given[0].images[:2].float() / given[0].scale)
+    elif num_classes is None:
+        num_classes = 1 + max(int(s.labels.max()) for s in given if s.labels is not None and s.labels.numel())
+    classes = [str(i) for i in range(num_classes)]
+    for name, s in sets.items():
+        if s is not None:
+            s.classes = classes
+            if s.labels is not None and s.labels.numel() and int(s.labels.max()) >= num_classes:
+                raise DataError(f"{name}_data: label {int(s.labels.max())} but the model outputs {num_classes} "
+                                "classes; labels must be 0..K-1 with K the model's output size")
+    tr = sets["train"]
+    if sets["test"] is None:
+        if tr is None or tr.labels is None:
+            raise DataError("give test_data (images and labels) to evaluate on: "
+                            + ("a data-free run has no training images to hold it out of"
+                               if tr is None else "train_data has no labels to hold a test split out of"))
+        keep, held = stratified_split(tr.labels, cfg.test_split, cfg.split_seed)
+        tr, sets["test"] = tr.subset(keep), tr.subset(held)
+    if tr is not None and tr.labels is None and sets["val"] is None:
+        cfg.val_split = 0.0  # nothing to carve a labeled validation split from
+    test_set = sets["test"]
+    assert test_set is not None
+    if tr is not None and tr.shape != test_set.shape:
+        raise DataError(f"train_data images are {tr.shape} but test images {test_set.shape}; give both one size")
+    return make_bundle(cfg, tr, test_set, reads_training_data, val=sets["val"])
