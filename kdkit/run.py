@@ -27,8 +27,9 @@ from .config import Config, ModelConfig
 from .data import Batch, BatchLoader, DataBundle, DataInfo, load_data
 from .engine import DistInfo, Engine, apply_speed_options, evaluate, init_distributed, load_latest
 from .engine.distributed import barrier, broadcast_object, shutdown
+from .engine.evaluate import agreement
 from .errors import CheckpointError, ConfigError, ModelError
-from .measure import count_params
+from .measure import count_params, model_card
 from .methods import Method, method_class
 from .modelfile import BuiltModel, build_from_config, save_model
 
@@ -274,6 +275,8 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
                        teacher_params=count_params(teacher))
     summary.update(extra)
     summary.update(method.summary())
+    summary["report_card"] = _report_card(exported, teacher, test["accuracy"], teacher_test, info,
+                                          _eval_loader(data, "test", cfg, device, dist), dist)
     if dist.is_main:
         save_model(run_dir / "model.pt", exported, student_spec, student_args, info,
                    meta={"method": cfg.method.name, "test_accuracy": test["accuracy"], "seed": cfg.seed,
@@ -282,6 +285,25 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     barrier(dist)
     return RunResult(run_dir, summary, exported, dist.is_main, method)
+
+
+def _report_card(student: nn.Module, teacher: nn.Module | None, student_acc: float, teacher_acc: float | None,
+                 info: DataInfo, test: BatchLoader, dist: DistInfo) -> dict[str, Any]:
+    """What distillation bought: each model's accuracy, size, MACs and CPU latency, and how often the student
+    agrees with the teacher on the test split (the timings run on rank 0 only)."""
+    card: dict[str, Any] = {}
+    agree = agreement(teacher, student, test, dist) if teacher is not None else None
+    if not dist.is_main:
+        return card
+    card["student" if teacher is not None else "model"] = model_card(student, info.input_shape, student_acc)
+    if teacher is not None:
+        card["teacher"] = model_card(teacher, info.input_shape, teacher_acc)
+        t, s = card["teacher"], card["student"]
+        card["top1_agreement"] = agree
+        card["compression"] = {"params": t["params"] / max(1, s["params"]), "macs": t["macs"] / max(1, s["macs"]),
+                               "size": t["size_bytes"] / max(1, s["size_bytes"]),
+                               "speedup_batch1": t["cpu_latency_ms_batch1"] / max(1e-9, s["cpu_latency_ms_batch1"])}
+    return card
 
 
 def _build(spec: ModelConfig, info: DataInfo, role: str, given: nn.Module | None, loaded: Any = None) -> BuiltModel:

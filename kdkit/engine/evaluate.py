@@ -38,3 +38,20 @@ def predictions(model: nn.Module, loader: BatchLoader) -> torch.Tensor:
     out = [model(b.x).argmax(1).cpu() for b in loader]
     model.train(was)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+@torch.no_grad()
+def agreement(a: nn.Module, b: nn.Module, loader: BatchLoader, dist: DistInfo | None = None) -> float:
+    """Fraction of `loader`'s images on which `a` and `b` predict the same class (top-1)."""
+    was = a.training, b.training
+    a.eval()
+    b.eval()
+    stats = torch.zeros(2, dtype=torch.float64, device=loader.device)
+    for batch in loader:
+        stats[0] += (a(batch.x).argmax(1) == b(batch.x).argmax(1)).sum()
+        stats[1] += len(batch.x)
+    a.train(was[0])
+    b.train(was[1])
+    if dist is not None:
+        all_reduce_sum(stats, dist)
+    return stats[0].item() / max(1.0, stats[1].item())

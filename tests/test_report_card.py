@@ -1,0 +1,53 @@
+"""The report card in every summary.json: accuracy, parameters, MACs, size, CPU latency, agreement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import kdkit
+from kdkit.data import BatchLoader
+from kdkit.data.images import ImageSet
+from kdkit.engine.evaluate import agreement, predictions
+from kdkit.measure import count_macs, model_card, size_bytes
+
+from .conftest import distill_run
+
+
+def test_macs_match_a_hand_count():
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    # conv: 4 output channels x 64 positions x 9 weights; linear: 256 x 10
+    assert count_macs(conv, (1, 8, 8)) == 4 * 64 * 9 + 256 * 10
+    assert count_macs(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), (1, 8, 8)) == 640
+
+
+def test_size_and_card_fields():
+    m = nn.Linear(100, 10)
+    assert 4 * 1010 < size_bytes(m) < 4 * 1010 + 2000  # the float32 weights plus torch.save's framing
+    card = model_card(m, (100,), 0.5)
+    assert card["params"] == 1010 and card["macs"] == 1000 and card["test_accuracy"] == 0.5
+    assert card["cpu_latency_ms_batch1"] > 0 and card["cpu_latency_ms_per_image_batch64"] > 0
+
+
+def test_agreement_counts_equal_top1_predictions():
+    x = torch.randint(0, 256, (10, 1, 2, 2), dtype=torch.uint8)
+    loader = BatchLoader(ImageSet(x, torch.zeros(10, dtype=torch.long)), 4, shuffle=False, drop_last=False,
+                         mean=[0.0], std=[1.0])
+    a = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    b = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    same = (predictions(a, loader) == predictions(b, loader)).float().mean().item()
+    assert agreement(a, b, loader) == pytest.approx(same) and agreement(a, a, loader) == 1.0
+
+
+def test_distill_summary_has_the_report_card(tmp_path, teacher_file):
+    res = distill_run(tmp_path / "r", teacher_file)
+    card = res.summary["report_card"]
+    s, t = card["student"], card["teacher"]
+    assert s["test_accuracy"] == res.summary["test_accuracy"] and t["test_accuracy"] == res.summary[
+        "teacher_test_accuracy"]
+    assert s["params"] == res.summary["params"] and t["params"] == res.summary["teacher_params"]
+    teacher = kdkit.load(teacher_file)
+    assert t["macs"] == count_macs(teacher, (1, 16, 16)) and s["macs"] < t["macs"]
+    assert card["compression"]["params"] == pytest.approx(t["params"] / s["params"])
+    assert 0.0 <= card["top1_agreement"] <= 1.0
