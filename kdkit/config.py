@@ -167,6 +167,12 @@ class MethodConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = opt(False, "also write the logged figures as TensorBoard scalars to RUN_DIR/tensorboard "
+                            "(needs the tensorboard package)")
+
+
+@dataclass
 class Config:
     name: str = "run"
     seed: int = 0
@@ -177,6 +183,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, as written to ``config.yaml``; loading it gives this config back."""
@@ -190,10 +197,11 @@ class Config:
         out["data"] = to_dict(self.data)
         out["method"] = {"name": self.method.name, **to_dict(self.method.options or {})}
         out["train"] = to_dict(self.train)
+        out["logging"] = to_dict(self.logging)
         return out
 
 
-TOP_KEYS = ("name", "seed", "output_dir", "model", "teacher", "student", "data", "method", "train")
+TOP_KEYS = ("name", "seed", "output_dir", "model", "teacher", "student", "data", "method", "train", "logging")
 
 
 def parse_value(text: str) -> Any:
@@ -267,6 +275,7 @@ def build_config(raw: dict[str, Any], default_method: str = "kd") -> Config:
         setattr(cfg, key, parse_model(raw.get(key), key))
     cfg.data = parse(DataConfig, raw.get("data") or {}, "data")
     cfg.train = parse(TrainConfig, raw.get("train") or {}, "train")
+    cfg.logging = parse(LoggingConfig, raw.get("logging") or {}, "logging")
     cfg.method = parse_method(raw.get("method"), default_method)
     return cfg
 

@@ -13,7 +13,7 @@ import sys
 import typing
 from typing import Any
 
-from .config import AugmentConfig, DataConfig, TrainConfig
+from .config import AugmentConfig, DataConfig, LoggingConfig, TrainConfig
 from .methods import METHODS
 from .schema import describe
 
@@ -87,6 +87,10 @@ def config_reference() -> str:
         "## `train`",
         "",
         *_table(TrainConfig, "train."),
+        "",
+        "## `logging`",
+        "",
+        *_table(LoggingConfig, "logging."),
         "",
         "## `method`",
         "",

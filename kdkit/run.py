@@ -122,6 +122,12 @@ def prepare(cfg: Config, command: str, given: frozenset[str] = frozenset()) -> C
     """Check that the config fits the command (train: a model; distill: a student and a teacher); `given`
     names the roles whose model the caller passes as an object (the Python API)."""
     cls = method_class(cfg.method.name)
+    if cfg.logging.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401  (imports the tensorboard package)
+        except ImportError:
+            raise ConfigError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                              "(or set logging.tensorboard=false)") from None
     if command == "train":
         if cls.needs_teacher:
             raise ConfigError(f"method {cfg.method.name!r} distills from a teacher; use kdkit distill")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -51,3 +54,37 @@ def test_distill_summary_has_the_report_card(tmp_path, teacher_file):
     assert t["macs"] == count_macs(teacher, (1, 16, 16)) and s["macs"] < t["macs"]
     assert card["compression"]["params"] == pytest.approx(t["params"] / s["params"])
     assert 0.0 <= card["top1_agreement"] <= 1.0
+
+
+def test_tensorboard_logging_writes_scalars_or_says_what_to_install(tmp_path, monkeypatch):
+    import types
+
+    from kdkit.cli import main
+
+    from .conftest import digits_overrides, train_run
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as when tensorboard is not installed
+    args = ["train", *digits_overrides(tmp_path / "a", **{"model.arch": "mlp", "logging.tensorboard": "true"})]
+    assert main(args) == 2
+    assert not (tmp_path / "a").exists()
+
+    written: list[tuple[str, float, int]] = []
+
+    class Writer:  # records what kdkit hands to TensorBoard's SummaryWriter
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    res = train_run(tmp_path / "b", **{"logging.tensorboard": "true", "train.log_every": 5})
+    epochs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in epochs if e["event"] == "epoch"]
+    got = {(tag, step): v for tag, v, step in written}
+    for e in epochs:
+        assert got[("epoch/val/accuracy", e["global_step"])] == e["val/accuracy"]
+    assert any(tag == "step/train/ce" for tag, _, _ in written)

@@ -21,10 +21,16 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsLog:
-    """Appends one JSON object per line; only the main process writes."""
+    """Appends one JSON object per line; only the main process writes. With `tensorboard`, every number of
+    a step or epoch record is also written as a TensorBoard scalar (``<event>/<name>`` at the global step)."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, tensorboard: bool = False):
         self.path = path
+        self.board = None
+        if tensorboard and path is not None:
+            from torch.utils.tensorboard import SummaryWriter  # checked before the run starts (kdkit.run.prepare)
+
+            self.board = SummaryWriter(str(path.parent / "tensorboard"))
 
     def write(self, **record: Any) -> None:
         if self.path is None:
@@ -32,6 +38,12 @@ class MetricsLog:
         record = {"time": round(time.time(), 3), **{k: _clean(v) for k, v in record.items()}}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.board is not None and record.get("event") in ("step", "epoch"):
+            step = int(record.get("global_step", 0))
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("time", "global_step"):
+                    self.board.add_scalar(f"{record['event']}/{k}", v, step)
+            self.board.flush()
 
     def lines(self) -> int:
         if self.path is None or not self.path.exists():

@@ -145,7 +145,7 @@ class Engine:
         self.dist = dist
         self.device = device
         main = dist.is_main and run_dir is not None
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl" if main else None)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl" if main else None, cfg.logging.tensorboard)
         self.ckpt_path = run_dir / "checkpoint.pt" if main else None
         self.progress = Progress(cfg.train.progress, dist.is_main)
         self.autocast = autocast_for(device, cfg.train.amp)
