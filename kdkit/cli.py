@@ -59,8 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--num-classes", type=int, default=10)
     m.add_argument("--in-channels", type=int, default=3)
 
-    r = sub.add_parser("report", help="plots (curves, per-path weights) and report.md for runs")
+    r = sub.add_parser("report", help="plots, report card and report.md for runs (a comparison for several)")
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--out", help="folder for the comparison report.md of several runs (default: here)")
 
     g = sub.add_parser("sample", help="images from a data-free run's generator (or synthesised set), as a PNG grid")
     g.add_argument("run_dir", metavar="RUN_DIR")
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from .report import report
 
-            for f in report(args.run_dirs):
+            for f in report(args.run_dirs, args.out):
                 print(f)
             return 0
         if args.command == "sample":

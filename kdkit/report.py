@@ -1,13 +1,19 @@
-"""``kdkit report RUN_DIR [RUN_DIR ...]``: plots and a short ``report.md`` from a run's files.
+"""``kdkit report RUN_DIR [RUN_DIR ...]``: plots and a ``report.md`` from a run's files.
 
-For each run it draws, from ``metrics.jsonl``, the training losses and validation accuracy per epoch
-(``curves.png``) and, when the method logged them, the effective per-path loss weights over time
-(``weights.png``). It works on finished runs and on runs still in progress.
+For each run it draws, from ``metrics.jsonl``: the training losses and validation accuracy per epoch
+(``curves.png``, stage boundaries marked); when the method logged them, the effective per-path loss weights
+(``weights.png``, adaptive), the generated samples' class histogram and diversity per epoch
+(``generated.png``, data-free; the latest sample grid is linked), and the last training loss of every stage
+(``stages.png``, multi-stage methods such as block-by-block grafting). ``report.md`` adds the report card of
+``summary.json`` (teacher against student: accuracy, parameters, MACs, size, CPU latency, agreement).
+With several runs, ``--out`` (default: the current folder) receives one ``report.md`` comparing them.
+It works on finished runs and on runs still in progress (no ``summary.json`` yet).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -90,29 +96,156 @@ def plot_weights(rows: list[dict[str, Any]], out: Path, title: str) -> Path | No
     return out
 
 
-def report(run_dirs: list[str | Path]) -> list[Path]:
-    """Write plots and ``report.md`` into each run directory; return the files written."""
+def plot_generated(rows: list[dict[str, Any]], out: Path, title: str) -> Path | None:
+    """Class histogram of the generated samples per epoch (a heat map) and their diversity (data-free)."""
+    epochs = [r for r in _epochs(rows) if "gen/class_histogram" in r]
+    if not epochs:
+        return None
+    import numpy as np
+
+    plt = _figure()
+    hist = np.array([r["gen/class_histogram"] for r in epochs], dtype=float)
+    hist /= np.maximum(1.0, hist.sum(1, keepdims=True))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    im = ax1.imshow(hist.T, aspect="auto", origin="lower", cmap="viridis", vmin=0,
+                    extent=(0.5, len(epochs) + 0.5, -0.5, hist.shape[1] - 0.5))
+    fig.colorbar(im, ax=ax1, label="fraction of generated samples")
+    ax1.set_xlabel("epoch (all stages)")
+    ax1.set_ylabel("teacher's class")
+    ax2.plot(range(1, len(epochs) + 1), [r.get("gen/diversity") for r in epochs], marker=".", label="diversity")
+    ax2.plot(range(1, len(epochs) + 1), [r.get("gen/class_entropy") for r in epochs], marker=".",
+             label="class entropy (1 = balanced)")
+    ax2.set_xlabel("epoch (all stages)")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"{title}: generated samples")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_stages(rows: list[dict[str, Any]], out: Path, title: str) -> Path | None:
+    """The last epoch's training losses of every stage, in order (one bar group per stage)."""
+    last: dict[str, dict[str, Any]] = {}
+    for r in _epochs(rows):
+        last[r.get("stage", "?")] = r
+    if len(last) < 2:
+        return None
+    plt = _figure()
+    keys = sorted({k for r in last.values() for k in r if k.startswith("train/")})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(last)), 4))
+    width = 0.8 / max(1, len(keys))
+    for i, k in enumerate(keys):
+        ax.bar([j + i * width for j in range(len(last))], [r.get(k, 0.0) for r in last.values()], width,
+               label=k[len("train/"):])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(last))], list(last), rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("training loss, last epoch of the stage")
+    ax.set_title(f"{title}: stages")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def card_lines(card: dict[str, Any]) -> list[str]:
+    """The report card as a markdown table (teacher and student, or the one trained model)."""
+    roles = [r for r in ("teacher", "student", "model") if r in card]
+    if not roles:
+        return []
+    rows = [("test accuracy", lambda c: _pct(c.get("test_accuracy"))), ("parameters", lambda c: f"{c['params']:,}"),
+            ("MACs per image", lambda c: f"{c['macs']:,}"),
+            ("size on disk", lambda c: f"{c['size_bytes'] / 1e6:.3f} MB"),
+            ("CPU latency, batch 1", lambda c: f"{c['cpu_latency_ms_batch1']:.3f} ms"),
+            ("CPU latency per image, batch 64", lambda c: f"{c['cpu_latency_ms_per_image_batch64']:.4f} ms")]
+    out = ["| | " + " | ".join(roles) + " |", "|---|" + "---|" * len(roles)]
+    out += [f"| {name} | " + " | ".join(fn(card[r]) for r in roles) + " |" for name, fn in rows]
+    if "top1_agreement" in card:
+        c = card["compression"]
+        out += ["", f"Student and teacher agree on {_pct(card['top1_agreement'])} of the test images (top-1). "
+                f"The student is {c['params']:.1f}x smaller in parameters, {c['macs']:.1f}x in MACs and "
+                f"{c['speedup_batch1']:.2f}x faster at batch 1."]
+    return out
+
+
+def _summary(d: Path) -> dict[str, Any]:
+    path = d / "summary.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}  # being written
+
+
+def report_run(d: Path) -> list[Path]:
+    """Plots and report.md for one run directory; the files written."""
+    rows = read_metrics(d)
+    summary = _summary(d)
+    title = d.name if summary.get("name") in (None, "run") else summary["name"]
+    plots = [plot_curves(rows, d / "curves.png", title), plot_weights(rows, d / "weights.png", title),
+             plot_generated(rows, d / "generated.png", title), plot_stages(rows, d / "stages.png", title)]
+    files = [f for f in plots if f is not None]
+    lines = [f"# {title}", "", f"Run directory: `{d}`", ""]
+    if summary:
+        for key in ("method", "model", "teacher", "test_accuracy", "val_accuracy", "teacher_test_accuracy",
+                    "wall_time_s", "seed"):
+            if summary.get(key) is not None:
+                v = summary[key]
+                lines.append(f"- {key}: {_pct(v)}" if "accuracy" in key else f"- {key}: {v}")
+        for f in summary.get("faults", []):
+            lines.append(f"- fault: {f.get('kind')} at step {f.get('global_step')}: {f.get('action')}")
+        card = card_lines(summary.get("report_card", {}))
+        if card:
+            lines += ["", "## Report card", "", *card]
+        weights = summary.get("final_weights")
+        if weights:
+            lines += ["", "Final effective weights:", ""] + [f"- {k}: {v:.4g}" for k, v in weights.items()]
+    else:
+        lines.append(f"In progress: {len(_epochs(rows))} epoch(s) logged.")
+    lines += ["", "## Plots", ""] + [f"![{f.stem}]({f.name})" for f in files]
+    grids = sorted((d / "samples").glob("*.png"), key=lambda p: p.stat().st_mtime) if (d / "samples").is_dir() else []
+    if grids:
+        lines += ["", f"Latest generated samples ({grids[-1].name}, {len(grids)} grids in samples/):", "",
+                  f"![samples](samples/{grids[-1].name})"]
+    (d / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return [*files, d / "report.md"]
+
+
+def comparison(run_dirs: list[Path], out: Path) -> Path:
+    """One markdown table comparing runs (finished or not) side by side."""
+    head = ("run", "method", "model", "test acc.", "teacher acc.", "agreement", "params", "MACs", "latency b1 (ms)",
+            "wall time (s)", "status")
+    lines = ["# Comparison", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d in run_dirs:
+        s = _summary(d)
+        card = s.get("report_card", {})
+        mine = card.get("student") or card.get("model") or {}
+        status = "finished" if s else f"in progress ({len(_epochs(read_metrics(d)))} epochs)"
+        link = f"[{d.parent.name}/{d.name}]({os.path.relpath(d / 'report.md', out)})"
+        cells = [link, s.get("method", "-"), s.get("model", "-"),
+                 _pct(s.get("test_accuracy")), _pct(s.get("teacher_test_accuracy")), _pct(card.get("top1_agreement")),
+                 f"{mine['params']:,}" if mine else "-", f"{mine['macs']:,}" if mine else "-",
+                 f"{mine['cpu_latency_ms_batch1']:.3f}" if mine else "-", str(s.get("wall_time_s", "-")), status]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def report(run_dirs: list[str | Path], out: str | Path | None = None) -> list[Path]:
+    """Write plots and ``report.md`` into each run directory, and with several runs a comparison
+    ``report.md`` into `out` (default: the current folder); return the files written."""
+    dirs = [Path(d) for d in run_dirs]
     written: list[Path] = []
-    for d in map(Path, run_dirs):
-        rows = read_metrics(d)
-        summary_path = d / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        title = summary.get("name") or d.name
-        files = [f for f in (plot_curves(rows, d / "curves.png", title), plot_weights(rows, d / "weights.png", title))
-                 if f is not None]
-        lines = [f"# {title}", "", f"Run directory: `{d}`", ""]
-        if summary:
-            for key in ("method", "test_accuracy", "val_accuracy", "teacher_test_accuracy", "params", "wall_time_s"):
-                if summary.get(key) is not None:
-                    v = summary[key]
-                    lines.append(f"- {key}: {100 * v:.2f}%" if "accuracy" in key else f"- {key}: {v}")
-            weights = summary.get("final_weights")
-            if weights:
-                lines += ["", "Final effective weights:", ""] + [f"- {k}: {v:.4g}" for k, v in weights.items()]
-        else:
-            epochs = _epochs(rows)
-            lines.append(f"In progress: {len(epochs)} epoch(s) logged.")
-        lines += [""] + [f"![{f.stem}]({f.name})" for f in files]
-        (d / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        written += [*files, d / "report.md"]
+    for d in dirs:
+        written += report_run(d)
+    if len(dirs) > 1:
+        target = Path(out) if out is not None else Path.cwd()
+        if target.resolve() in {d.resolve() for d in dirs}:
+            raise KdkitError(f"--out {target} is one of the runs; give another folder for the comparison")
+        written.append(comparison(dirs, target))
     return written

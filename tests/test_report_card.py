@@ -88,3 +88,28 @@ def test_tensorboard_logging_writes_scalars_or_says_what_to_install(tmp_path, mo
     for e in epochs:
         assert got[("epoch/val/accuracy", e["global_step"])] == e["val/accuracy"]
     assert any(tag == "step/train/ce" for tag, _, _ in written)
+
+
+def test_report_of_finished_running_and_several_runs(tmp_path, teacher_file, capsys):
+    from kdkit.cli import main
+
+    from .test_datafree import _datafree
+
+    kd = distill_run(tmp_path / "kd", teacher_file)
+    free = _datafree(tmp_path / "free", teacher_file, "rdskd", **{"method.generator_epochs": 2})
+    running = tmp_path / "running"  # a run still in its second epoch: metrics, no summary yet
+    running.mkdir()
+    lines = (kd.run_dir / "metrics.jsonl").read_text().splitlines()
+    first_epoch = next(i for i, x in enumerate(lines) if '"event": "epoch"' in x)
+    (running / "metrics.jsonl").write_text("\n".join(lines[:first_epoch + 1]) + '\n{"time": 1, "ev')  # mid-write
+    assert main(["report", str(kd.run_dir), str(free.run_dir), str(running), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out.split()
+    assert str(free.run_dir / "generated.png") in printed and str(free.run_dir / "stages.png") in printed
+    page = (kd.run_dir / "report.md").read_text()
+    assert "## Report card" in page and "| test accuracy |" in page and "agree on" in page
+    free_page = (free.run_dir / "report.md").read_text()
+    assert "![generated](generated.png)" in free_page and "![samples](samples/student_epoch002.png)" in free_page
+    assert "In progress: 1 epoch(s) logged." in (running / "report.md").read_text()
+    table = (tmp_path / "cmp" / "report.md").read_text()
+    assert table.count("| finished |") == 2 and "in progress (1 epochs)" in table
+    assert f"{100 * kd.summary['test_accuracy']:.2f}%" in table and "rdskd" in table
