@@ -231,5 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"kdkit: {e}; continue with --resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output went to a pipe closed early (`kdkit models | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     parser.error(f"unknown command {args.command}")
     return 2

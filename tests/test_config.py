@@ -88,3 +88,23 @@ def test_config_reference_page_is_generated_from_the_schema():
 
     page = (ROOT / "docs" / "config.md").read_text()
     assert page == config_reference(), "regenerate it: python -m kdkit.docgen > docs/config.md"
+
+
+def test_every_method_has_a_current_page():
+    from kdkit.docgen import method_page, public_methods
+
+    for name in public_methods():
+        path = ROOT / "docs" / "methods" / f"{name}.md"
+        assert path.is_file(), f"docs/methods/{name}.md is missing"
+        text = path.read_text()
+        assert "When to use" in text and "## Measured" in text and "## Options" in text, name
+        assert text == method_page(name, text), "regenerate: python -m kdkit.docgen --method-pages docs/methods"
+
+
+def test_relative_links_in_the_docs_point_at_files():
+    import re
+
+    pages = [ROOT / "README.md", ROOT / "RELIABILITY.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"
