@@ -49,6 +49,13 @@ def _figure():
     return plt
 
 
+def _save(plt: Any, fig: Any, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_curves(rows: list[dict[str, Any]], out: Path, title: str) -> Path | None:
     epochs = _epochs(rows)
     if not epochs:
@@ -69,10 +76,7 @@ def plot_curves(rows: list[dict[str, Any]], out: Path, title: str) -> Path | Non
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation accuracy (%)")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_weights(rows: list[dict[str, Any]], out: Path, title: str) -> Path | None:
@@ -90,10 +94,7 @@ def plot_weights(rows: list[dict[str, Any]], out: Path, title: str) -> Path | No
     ax.set_yscale("log")
     ax.set_title(f"{title}: per-path weights")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_generated(rows: list[dict[str, Any]], out: Path, title: str) -> Path | None:
@@ -118,10 +119,7 @@ def plot_generated(rows: list[dict[str, Any]], out: Path, title: str) -> Path | 
     ax2.set_xlabel("epoch (all stages)")
     ax2.legend(fontsize=7)
     fig.suptitle(f"{title}: generated samples")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_stages(rows: list[dict[str, Any]], out: Path, title: str) -> Path | None:
@@ -142,10 +140,7 @@ def plot_stages(rows: list[dict[str, Any]], out: Path, title: str) -> Path | Non
     ax.set_ylabel("training loss, last epoch of the stage")
     ax.set_title(f"{title}: stages")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def _pct(v: Any) -> str:
