@@ -311,7 +311,7 @@ def test_restart_on_collapse_reinitialises_and_reports(tmp_path, teacher_file):
 
 def test_datafree_resume_is_bit_identical(tmp_path, teacher_file, monkeypatch):
     extra = {"method.schedule": "joint", "method.bank_size": 96, "train.epochs": 2, "train.checkpoint_every": 3,
-             "train.deterministic": True}
+             "train.deterministic": True, "method.collapse_min_diversity": 100.0}  # a collapse event per epoch
     full = _datafree(tmp_path / "full", teacher_file, "rdskd", **extra)
     o = {"teacher.checkpoint": str(teacher_file), "student.arch": "mlp", "student.hidden": "[32]",
          "method.name": "rdskd", "method.steps_per_epoch": 8, "data.val_split": 0, "train.select": "last",
@@ -322,6 +322,10 @@ def test_datafree_resume_is_bit_identical(tmp_path, teacher_file, monkeypatch):
     resumed = execute(cfg, "distill", resume=True)
     a, b = full.method.state_dict(), resumed.method.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("teacher."))
+    # the events of the epoch before the crash come back from the checkpoint
+    assert len(full.summary["collapse_events"]) == 2
+    assert resumed.summary["collapse_events"] == full.summary["collapse_events"]
+    assert resumed.summary["final_diagnostics"] == full.summary["final_diagnostics"]
 
 
 def test_kdkit_sample_cli(tmp_path, teacher_file, capsys):

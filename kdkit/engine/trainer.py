@@ -184,7 +184,7 @@ class Engine:
             "format": FORMAT, "version": 1, "config": self.cfg.to_dict(),
             "position": {"stage": pos.stage, "epoch": pos.epoch, "step": pos.step},
             "global_step": self.global_step,
-            "method": self.method.checkpoint_state(),
+            "method": self.method.checkpoint_state(), "method_run_state": self.method.run_state(),
             "rng": rng_state(),
             "metrics_lines": self.metrics.lines(),
             "elapsed": self.elapsed_before + time.time() - t0,
@@ -215,6 +215,7 @@ class Engine:
 
     def _restore(self, state: dict[str, Any]) -> _Position:
         self.method.load_checkpoint_state(state["method"])
+        self.method.load_run_state(state.get("method_run_state", {}))
         set_rng_state(state["rng"])
         self.metrics.truncate(state["metrics_lines"])
         self.history = list(state.get("history", []))

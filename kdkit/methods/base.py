@@ -160,6 +160,14 @@ class Method(nn.Module):
             self.save_artifact(filename, model, role)
 
     # ---- helpers ----------------------------------------------------------------------------
+    def run_state(self) -> dict[str, Any]:
+        """Plain-Python bookkeeping the checkpoint must carry besides tensors (events, diagnostics), so a
+        resumed run reports what an uninterrupted one would; restored by :meth:`load_run_state`."""
+        return {}
+
+    def load_run_state(self, state: dict[str, Any]) -> None:
+        pass
+
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith(self.frozen_prefixes)}
 

@@ -129,6 +129,13 @@ class DataFree(Distiller):
         self.collapses: list[dict[str, Any]] = []
         self.last_diagnostics: dict[str, Any] = {}
 
+    def run_state(self) -> dict[str, Any]:
+        return {"collapses": self.collapses, "last_diagnostics": self.last_diagnostics}
+
+    def load_run_state(self, state: dict[str, Any]) -> None:
+        self.collapses = list(state.get("collapses", []))
+        self.last_diagnostics = dict(state.get("last_diagnostics", {}))
+
     # ---- where images come from -------------------------------------------------------------
     @property
     def batch_size(self) -> int:
