@@ -45,3 +45,19 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     # only rank 0 wrote: a single set of run files, one line per epoch
     lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert sum(x["event"] == "epoch" for x in lines) == 4
+
+
+@pytest.mark.slow
+def test_a_fault_on_one_process_is_recovered_by_all(tmp_path):
+    """NaN on rank 1 only: both processes restore the last checkpoint together and finish (no hang)."""
+    out = tmp_path / "fault"
+    args = digits_overrides(out, **{"model.arch": "null", "model.module": "tests.user_models:NaNOnRank1",
+                                    "train.epochs": 3, "train.batch_size": 64})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "kdkit", "train", *args]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    (fault,) = summary["faults"]
+    assert fault["kind"] == "non-finite gradient" and "learning rate x 0.1" in fault["action"]
