@@ -299,10 +299,27 @@ def test_deepinversion_needs_batchnorm(tmp_path, teacher_file):
         _datafree(tmp_path / "run", teacher_file, "deepinversion")
 
 
-def test_restart_on_collapse_reinitialises_and_reports(tmp_path, teacher_file):
+def test_restart_on_collapse_reinitialises_and_reports(tmp_path, teacher_file, monkeypatch):
+    from kdkit.engine import trainer
+    from kdkit.methods.datafree import DataFree
+
+    seen = []  # at each restart: how many generator parameters still had Adam state, before and after
+    real = trainer._forget
+
+    def watch(optimizers, params):
+        def with_state():
+            return sum(p in o.state for o in optimizers for p in params)
+
+        before = with_state()
+        real(optimizers, params)
+        seen.append((before, with_state()))
+
+    monkeypatch.setattr(trainer, "_forget", watch)
     with pytest.warns(UserWarning, match="generated images collapse.*re-initialising"):
         r = _datafree(tmp_path / "run", teacher_file, "dafl", **{"method.collapse_min_diversity": 100.0,
                                                                  "method.restart_on_collapse": True})
+    n_gen = len(list(r.method.generator.parameters()))
+    assert seen == [(n_gen, 0), (n_gen, 0)] and isinstance(r.method, DataFree)
     s = r.summary
     assert len(s["collapse_events"]) == 2 and s["collapsed_at_end"]
     assert all("re-initialised" in e["action"] for e in s["collapse_events"])

@@ -339,6 +339,7 @@ class Engine:
             raise TrainingError(f"stage {stage.name!r} reads no data and declares no steps_per_epoch")
         self._set_trainable(stage)
         st = self._stage_state(stage, steps, resume)
+        self.method.forget_optimizer_state = lambda params: _forget(st.optimizers, params)
         stepper = self._stepper(stage)
         if stage.on_start is not None and start.epoch == 0 and start.step == 0:
             stage.on_start()
@@ -592,3 +593,11 @@ def _grad_norm(params: Any, clip: float | None) -> torch.Tensor:
     if not params:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
+
+
+def _forget(optimizers: list[torch.optim.Optimizer], params: list[nn.Parameter]) -> None:
+    """Drop the optimizers' per-parameter state (momentum, Adam moments and step) of `params`."""
+    ids = {id(p) for p in params}
+    for opt in optimizers:
+        for p in [p for p in opt.state if id(p) in ids]:
+            del opt.state[p]

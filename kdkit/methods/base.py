@@ -155,6 +155,10 @@ class Method(nn.Module):
     #: (role "student" or "teacher" picks the architecture it is described with); None off rank 0
     save_artifact: Callable[[str, nn.Module, str], None] | None = None
 
+    #: set by the engine for the running stage: forget_optimizer_state(params) drops the optimizers' state
+    #: (e.g. Adam's moments) of `params`, for a method that re-initialises them mid-stage
+    forget_optimizer_state: Callable[[list[nn.Parameter]], None] | None = None
+
     def save_stage_model(self, filename: str, model: nn.Module, role: str) -> None:
         if self.save_artifact is not None:
             self.save_artifact(filename, model, role)

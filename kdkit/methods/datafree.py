@@ -223,6 +223,8 @@ class DataFree(Distiller):
             if restart:
                 assert self.generator is not None
                 self.generator.reset()
+                if self.forget_optimizer_state is not None:  # stale Adam moments would steer the new generator
+                    self.forget_optimizer_state(list(self.generator.parameters()))
                 if self.bank is not None:
                     self.bank.clear()
                 self._latest = None
