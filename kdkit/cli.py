@@ -231,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"kdkit: {e}; continue with --resume", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # a second Ctrl-C while the first was being handled: stop at once
+        print("kdkit: stopped at once by a second interrupt; the last checkpoint written is kept, continue with "
+              "--resume", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the output went to a pipe closed early (`kdkit models | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
