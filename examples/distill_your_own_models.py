@@ -3,7 +3,7 @@
 Neither model comes from kdkit's zoo: they are plain nn.Modules defined below. The teacher is trained with
 kdkit.train, then the student learns from it with FitNets hints between two named layers plus soft targets.
 
-    python examples/distill_your_own_models.py            # about a minute on 2 CPU cores
+    python examples/distill_your_own_models.py            # under a minute on 2 CPU cores
     python examples/distill_your_own_models.py --quick    # a few seconds (what the test runs)
 """
 
@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="one epoch each, for a smoke test")
     p.add_argument("--out", default="runs/examples/own_models", help="folder for the two runs")
     a = p.parse_args()
-    epochs = 1 if a.quick else 15
+    epochs = 1 if a.quick else 40
     torch.manual_seed(0)
     (x, y), test = digits_tensors()
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
@@ -47,7 +47,8 @@ def main() -> None:
     teacher = kdkit.train(ConvNet(width=32), loader, test_data=test, output_dir=f"{a.out}/teacher", **common)
     # the student's block2 (16 channels) learns the teacher's block2 (64 channels) through a 1x1 adapter
     student = kdkit.distill(teacher.model, ConvNet(width=8), loader, method="fitnets", test_data=test,
-                            pairs=[["block2", "block2"]], kd_weight=1.0, output_dir=f"{a.out}/student", **common)
+                            pairs=[["block2", "block2"]], hint_weight=1.0, kd_weight=1.0,
+                            output_dir=f"{a.out}/student", **common)
     print(f"teacher {100 * teacher.test_accuracy:.2f}% ({teacher.summary['params']:,} parameters) -> "
           f"student {100 * student.test_accuracy:.2f}% ({student.summary['params']:,} parameters); "
           f"run: {student.run_dir}")

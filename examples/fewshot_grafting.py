@@ -43,11 +43,11 @@ def main() -> None:
     # a few images per class, chosen with the labels (as a user picks them), then handed over without them
     few = torch.cat([torch.nonzero(y == c).flatten()[:a.shots] for c in range(10)])
     blocks = ["0", "1", "2"]
-    epochs = 1 if a.quick else 20
+    epochs = 1 if a.quick else 300  # one batch of the 10 x shots images per epoch
     student = kdkit.distill(teacher.model, convnet(8), x[few], method="netgraft", test_data=test,
                             teacher_blocks=blocks, student_blocks=blocks, block_epochs=epochs, net_epochs=epochs,
                             data={"shots_per_class": a.shots}, output_dir=f"{a.out}/student",
-                            train={"batch_size": 10 * a.shots, "optimizer": "adam", "lr": 0.003})
+                            train={"batch_size": 10 * a.shots})
     print(f"teacher {100 * teacher.test_accuracy:.2f}% -> grafted student {100 * student.test_accuracy:.2f}% "
           f"from {a.shots} unlabeled images per class ({student.summary['params']:,} parameters)")
 

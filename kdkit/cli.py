@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="plots, report card and report.md for runs (a comparison for several)")
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    r.add_argument("--out", help="folder for the comparison report.md of several runs (default: here)")
+    r.add_argument("--out", help="folder for the comparison report.md of several runs (default: their common folder)")
 
     g = sub.add_parser("sample", help="images from a data-free run's generator (or synthesised set), as a PNG grid")
     g.add_argument("run_dir", metavar="RUN_DIR")

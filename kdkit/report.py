@@ -6,7 +6,7 @@ For each run it draws, from ``metrics.jsonl``: the training losses and validatio
 (``generated.png``, data-free; the latest sample grid is linked), and the last training loss of every stage
 (``stages.png``, multi-stage methods such as block-by-block grafting). ``report.md`` adds the report card of
 ``summary.json`` (teacher against student: accuracy, parameters, MACs, size, CPU latency, agreement).
-With several runs, ``--out`` (default: the current folder) receives one ``report.md`` comparing them.
+With several runs, ``--out`` (default: the folder holding them all) receives one ``report.md`` comparing them.
 It works on finished runs and on runs still in progress (no ``summary.json`` yet).
 """
 
@@ -233,13 +233,13 @@ def comparison(run_dirs: list[Path], out: Path) -> Path:
 
 def report(run_dirs: list[str | Path], out: str | Path | None = None) -> list[Path]:
     """Write plots and ``report.md`` into each run directory, and with several runs a comparison
-    ``report.md`` into `out` (default: the current folder); return the files written."""
+    ``report.md`` into `out` (default: the folder holding them all); return the files written."""
     dirs = [Path(d) for d in run_dirs]
     written: list[Path] = []
     for d in dirs:
         written += report_run(d)
     if len(dirs) > 1:
-        target = Path(out) if out is not None else Path.cwd()
+        target = Path(out) if out is not None else Path(os.path.commonpath([d.resolve() for d in dirs]))
         if target.resolve() in {d.resolve() for d in dirs}:
             raise KdkitError(f"--out {target} is one of the runs; give another folder for the comparison")
         written.append(comparison(dirs, target))

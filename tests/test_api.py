@@ -109,6 +109,8 @@ def test_samples_batches_pairs_and_dataset_names_give_the_same_images():
     batches = to_imageset(DataLoader(TensorDataset(x, y), batch_size=7), "batches")
     samples = to_imageset(TensorDataset(x, y), "samples")
     images_only = to_imageset([x[:10], x[10:]], "images")
+    shuffled = to_imageset(DataLoader(TensorDataset(x, y), batch_size=7, shuffle=True), "shuffled")
+    assert torch.equal(shuffled.images, pair.images)  # read in order: the global RNG does not matter
     for s in (batches, samples):
         assert torch.equal(s.images, pair.images) and torch.equal(s.labels, pair.labels)
     assert images_only.labels is None and torch.equal(images_only.images, x)

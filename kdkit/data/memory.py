@@ -37,8 +37,21 @@ def _is_pair(data: Any) -> bool:
             and data[0].ndim >= 2 and data[1].ndim == 1 and len(data[0]) == len(data[1]))
 
 
+def _in_order(data: Any) -> Any:
+    """A shuffling DataLoader over a map-style dataset, read in the dataset's order instead: kdkit reshuffles
+    every epoch with its own seeded order, and the order in memory must not depend on the global RNG (or two
+    runs with the same seed would differ)."""
+    from torch.utils.data import DataLoader, IterableDataset, RandomSampler
+
+    if isinstance(data, DataLoader) and isinstance(data.sampler, RandomSampler) \
+            and not isinstance(data.dataset, IterableDataset):
+        return DataLoader(data.dataset, batch_size=data.batch_size or 1, shuffle=False, collate_fn=data.collate_fn)
+    return data
+
+
 def _pieces(data: Any, what: str) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """The image and label pieces of `data` (batches, samples or one pair), labels None when it has none."""
+    data = _in_order(data)
     if _is_pair(data):
         return [_tensor(data[0], what)], [_tensor(data[1], what)]
     if isinstance(data, (torch.Tensor, np.ndarray)):
