@@ -158,8 +158,7 @@ class Engine:
         #: (minutes of training, state_dict of the evaluated model) taken at train.snapshot_min
         self.snapshots: list[tuple[float, dict[str, torch.Tensor]]] = []
         self.out_of_time = False
-        #: learning-rate multiplier (train.recover_lr_factor after a recovery) and the faults met so far
-        self.lr_scale = 1.0
+        #: the faults met so far (non-finite steps recovered from, failed checkpoint writes)
         self.faults: list[dict[str, Any]] = []
 
     # ---- data -------------------------------------------------------------------------------
@@ -190,7 +189,7 @@ class Engine:
             "elapsed": self.elapsed_before + time.time() - t0,
             "history": self.history,
             "snapshots": self.snapshots, "out_of_time": self.out_of_time,
-            "lr_scale": self.lr_scale, "faults": self.faults,
+            "faults": self.faults,
         }
         if st is not None:
             state["stage_state"] = {
@@ -223,7 +222,6 @@ class Engine:
         self.global_step = int(state.get("global_step", 0))
         self.snapshots = list(state.get("snapshots", []))
         self.out_of_time = bool(state.get("out_of_time", False))
-        self.lr_scale = float(state.get("lr_scale", 1.0))
         self.faults = list(state.get("faults", []))
         p = state["position"]
         return _Position(p["stage"], p["epoch"], p["step"])
@@ -236,11 +234,7 @@ class Engine:
 
     def _should_stop(self) -> bool:
         """Whether a signal asked to stop; under torchrun all ranks agree, so they stop at the same step."""
-        if not self.dist.enabled:
-            return self._stop_signal is not None
-        flag = torch.tensor([0.0 if self._stop_signal is None else 1.0], device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return not self._all_ranks(self._stop_signal is None)
 
     @contextlib.contextmanager
     def _signals(self):
@@ -292,7 +286,7 @@ class Engine:
         Returns the restored state (the caller continues from its position)."""
         c = self.train_cfg
         where = self.run_dir / "checkpoint.pt" if self.run_dir is not None else None
-        recovered = any(f["kind"].startswith("non-finite") for f in self.faults)
+        recovered = self._recovered()
         state = load_latest(where) if (where is not None and c.on_nonfinite == "recover" and
                                        not recovered) else None
         if state is None:
@@ -309,7 +303,6 @@ class Engine:
         elapsed = self.elapsed_before + time.time() - t0  # time spent on the lost steps still counts
         self._restore(state)
         self.elapsed_before = elapsed
-        self.lr_scale = c.recover_lr_factor
         p = state["position"]
         record = {**fault.record, "action": f"restored the checkpoint at stage {p['stage'] + 1} epoch "
                   f"{p['epoch'] + 1} step {p['step']}; learning rate x {c.recover_lr_factor}"}
@@ -319,6 +312,14 @@ class Engine:
         self.progress.say(f"warning: {fault}; {record['action']}")
         warnings.warn(f"{fault}; {record['action']}", stacklevel=2)
         return state
+
+    def _recovered(self) -> bool:
+        return any(f["kind"].startswith("non-finite") for f in self.faults)
+
+    @property
+    def lr_scale(self) -> float:
+        """The learning-rate multiplier: train.recover_lr_factor once a non-finite step was recovered from."""
+        return self.train_cfg.recover_lr_factor if self._recovered() else 1.0
 
     def _set_trainable(self, stage: Stage) -> None:
         trainable = {id(p) for p in stage.trainable()}
