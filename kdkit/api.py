@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .config import TOP_KEYS, Config, ModelConfig, build_config
-from .errors import ConfigError, ModelError
+from .errors import ConfigError
 from .methods import Method, method_class
 
 ModelLike = nn.Module | str | os.PathLike
@@ -141,20 +141,10 @@ def _class_count(cfg: Config, given: dict[str, nn.Module], models: dict[str, Mod
     role = "teacher" if "teacher" in models else "model"
     module = given.get(role)
     if module is not None:
+        from .run import forward_two
+
         def outputs(x: torch.Tensor) -> int:
-            was = module.training
-            module.eval()
-            try:
-                with torch.no_grad():
-                    out = module(x[:2].to(next(module.parameters(), torch.empty(0)).device))
-            except RuntimeError as e:
-                raise ModelError(f"the {role} ({type(module).__name__}) cannot take these images "
-                                 f"{tuple(x.shape[1:])}: {str(e).splitlines()[0][:160]}") from None
-            finally:
-                module.train(was)
-            if not isinstance(out, torch.Tensor) or out.dim() != 2:
-                raise ModelError(f"the {role} ({type(module).__name__}) must return [batch, classes] logits")
-            return int(out.shape[1])
+            return int(forward_two(module, x, f"the {role} ({type(module).__name__})").shape[1])
         return outputs
     spec: ModelConfig | None = getattr(cfg, role)
     if spec is not None and spec.checkpoint:

@@ -101,6 +101,19 @@ def test_bad_data_is_a_clear_error(taught):
         kdkit.distill(teacher.model, Net(4), (x, y), method="dafl", test_data=(x, y), output_dir=str(out / "y"))
 
 
+def test_a_teacher_that_does_not_fit_the_images_is_a_clear_error(taught, tmp_path):
+    teacher, _, _ = taught
+    x, y = _data()
+    with pytest.raises(ModelError, match=r"the teacher \(Net\) cannot take inputs of shape \(3, 8, 8\): "):
+        kdkit.distill(teacher.model, Net(4), (x.expand(-1, 3, -1, -1), y), output_dir=str(tmp_path / "a"))
+    features = nn.Sequential(nn.Conv2d(1, 10, 3))  # returns feature maps, not logits
+    with pytest.raises(ModelError, match=r"the teacher \(Sequential\) outputs \(2, 10, 6, 6\) for a batch of 2; "
+                                         r"it must return \[batch, classes\] logits"):
+        kdkit.distill(features, Net(4), (x, y), output_dir=str(tmp_path / "b"))
+    assert features.training  # the probe ran it in eval mode and put it back
+    assert not any(tmp_path.iterdir())  # no run folder was written
+
+
 def test_samples_batches_pairs_and_dataset_names_give_the_same_images():
     from kdkit.data.memory import to_imageset
 
