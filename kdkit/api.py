@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .config import TOP_KEYS, Config, ModelConfig, build_config
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .methods import Method, method_class
 
 ModelLike = nn.Module | str | os.PathLike
@@ -143,8 +143,14 @@ def _class_count(cfg: Config, given: dict[str, nn.Module], models: dict[str, Mod
     if module is not None:
         from .run import forward_two
 
+        who = f"the {role} ({type(module).__name__})"
+
         def outputs(x: torch.Tensor) -> int:
-            return int(forward_two(module, x, f"the {role} ({type(module).__name__})").shape[1])
+            out = forward_two(module, x, who)
+            if not isinstance(out, torch.Tensor) or out.dim() != 2:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ModelError(f"{who} outputs {shape} for a batch of 2; it must return [batch, classes] logits")
+            return int(out.shape[1])
         return outputs
     spec: ModelConfig | None = getattr(cfg, role)
     if spec is not None and spec.checkpoint:

@@ -89,38 +89,35 @@ def make_run_dir(cfg: Config, resume: bool, dist: DistInfo) -> Path:
     return Path(broadcast_object(path, dist))
 
 
-def forward_two(model: nn.Module, x: torch.Tensor, who: str, where: str = "", fix: str = "") -> torch.Tensor:
+def forward_two(model: nn.Module, x: torch.Tensor, who: str, where: str = "", fix: str = "") -> Any:
     """Run the model once, in eval mode and without gradients, on the first two images of `x` (moved to the
-    model's device), restoring its mode after. A model that cannot take them, or that does not return
-    [batch, classes] logits, gives one ModelError naming `who`, the input shape, `where` the images come from
-    and the `fix`."""
+    model's device), restoring its mode after, and return what it returns. A model that cannot take the
+    images gives one ModelError naming `who`, the input shape, `where` they come from and the `fix`; what the
+    output must look like is the caller's to check."""
     was = model.training
     model.eval()
     device = next(model.parameters(), torch.empty(0)).device
     try:
         with torch.no_grad():
-            out = model(x[:2].to(device))
+            return model(x[:2].to(device))
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise ModelError(f"{who} cannot take inputs of shape {tuple(x.shape[1:])}{where}: {first[:160]}{fix}"
                          ) from None
     finally:
         model.train(was)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(f"{who} outputs {shape} for a batch of 2; it must return [batch, classes] logits")
-    return out
 
 
 def check_forward(model: nn.Module, x: torch.Tensor, info: DataInfo, role: str, label: str) -> None:
-    """Run the model once on two images: a clear error if it cannot take the data's inputs or gives another
-    number of classes than the data has."""
+    """Run the model once on two images: a clear error if it cannot take the data's inputs or does not give
+    [batch, classes] logits for the data's classes."""
     out = forward_two(model, x, f"{role} {label}", f" from {info.name}",
                       "; set data.image_size (or the model's input_size/in_channels) to match")
-    if out.shape[1] != info.num_classes:
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != info.num_classes:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelError(
-            f"{role} {label} outputs {tuple(out.shape)} for a batch of 2, expected (2, {info.num_classes}) logits "
-            f"for {info.name}'s {info.num_classes} classes; set num_classes or adapt the model's forward"
+            f"{role} {label} outputs {shape} for a batch of 2, expected (2, {info.num_classes}) logits for "
+            f"{info.name}'s {info.num_classes} classes; set num_classes or adapt the model's forward"
         )
 
 
