@@ -5,7 +5,7 @@ see 100 labeled images per class (seeded; a 1,000-image validation split is carv
 teacher's knowledge on those images. Rows, each over the given seeds:
 
 * the student alone (cross-entropy);
-* each single path (+ cross-entropy): soft_target, logits, hint, attention, nst, feature_map,
+* each single path (+ cross-entropy): soft_target, logits, hint, attention, gram, feature_map,
   softmax_regression;
 * all seven paths with equal, fixed, uncertainty (the paper's rule), GradNorm and DWA weighting.
 
@@ -33,7 +33,7 @@ from common import run as run_one
 
 HERE = Path(__file__).resolve().parent
 
-PATHS = ["soft_target", "logits", "hint", "attention", "nst", "feature_map", "softmax_regression"]
+PATHS = ["soft_target", "logits", "hint", "attention", "gram", "feature_map", "softmax_regression"]
 ALL = "[" + ", ".join(PATHS) + "]"
 OPTIMIZERS = {
     "adam": [],  # the recipes' own (Adam, lr 1e-3)

@@ -7,7 +7,7 @@ that drift in the machine's speed affects both alike. Prints JSON with the media
     python benchmarks/step_time.py --teacher runs/.../teacher/model.pt --data mnist --root ../shared/data/mnist \
         --student lenet5_half --batch-size 64 --steps 200 \
         --a method.name=kd --b method.name=adaptive \
-        'method.paths=[soft_target, logits, hint, attention, nst, feature_map, softmax_regression]'
+        'method.paths=[soft_target, logits, hint, attention, gram, feature_map, softmax_regression]'
 """
 
 from __future__ import annotations

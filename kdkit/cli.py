@@ -184,8 +184,26 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_run_warnings() -> None:
+    """Print kdkit's warnings about the run as one line, ``kdkit: warning: ...``; others as Python does."""
+    import warnings
+
+    from .errors import RunWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, RunWarning):
+            print(f"kdkit: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    _show_run_warnings()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

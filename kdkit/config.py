@@ -184,6 +184,9 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    #: the recipe's own name when the run was renamed for the data it reads (kdkit.run.named_for_data);
+    #: recorded in summary.json, not in config.yaml
+    recipe_name: str | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, as written to ``config.yaml``; loading it gives this config back."""

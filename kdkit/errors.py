@@ -8,6 +8,7 @@ it without a traceback and exits with status 2.
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Iterable
 
 
@@ -55,3 +56,15 @@ def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     if not found:
         return ""
     return " (did you mean " + " or ".join(repr(f) for f in found) + "?)"
+
+
+class RunWarning(UserWarning):
+    """Something about the user's run that they should act on (a collapsed generator, a fault recovered
+    from, a checkpoint that could not be written). Its message names the run and the option to change; the
+    command line prints it as ``kdkit: warning: ...``, never with a line of kdkit's own source."""
+
+
+def warn(message: str) -> None:
+    """Issue a :class:`RunWarning`. It is attributed to ``kdkit`` rather than to the line of kdkit's code
+    that noticed the problem, which would mean nothing to the user."""
+    warnings.warn_explicit(message, RunWarning, filename="kdkit", lineno=0, module="kdkit")

@@ -178,6 +178,48 @@ def compose(first: nn.Module | None, second: nn.Module | None) -> tuple[torch.Te
     return w, b
 
 
+def input_consumers(block: nn.Module, x: torch.Tensor) -> list[str]:
+    """Paths (inside `block`) of the convolution and linear layers that read the block's input `x` itself,
+    found by running the block once: in a VGG stage its first convolution, in a residual block its first
+    convolution and the shortcut's."""
+    found: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, a, name=name: found.append(name) if a and a[0] is x else None)
+               for name, m in block.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was = block.training
+    try:
+        block.eval()
+        with torch.no_grad():
+            block(x)
+    finally:
+        block.train(was)
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(found))
+
+
+def widened(layer: nn.Module, width: int) -> dict[str, Any]:
+    """The :func:`layer` arguments of `layer` with `width` input channels (features)."""
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            raise ModelError(f"cannot widen a grouped convolution ({layer})")
+        return {"kind": "conv", "cin": width, "cout": layer.out_channels, "kernel_size": list(layer.kernel_size),
+                "stride": list(layer.stride), "padding": list(layer.padding) if not isinstance(layer.padding, str)
+                else layer.padding, "dilation": list(layer.dilation), "bias": layer.bias is not None}
+    if isinstance(layer, nn.Linear):
+        return {"kind": "linear", "cin": width, "cout": layer.out_features, "bias": layer.bias is not None}
+    raise ModelError(f"cannot widen a {type(layer).__name__}")
+
+
+def layer(kind: str, cin: int, cout: int, bias: bool = True, kernel_size: Any = 1, stride: Any = 1,
+          padding: Any = 0, dilation: Any = 1) -> nn.Module:
+    """A fresh convolution or linear layer (PyTorch's default initialisation): a student layer that reads a
+    wider input than its architecture's (kdkit.methods.netgraft, ``input_adapter: widen``)."""
+    if kind == "conv":
+        return nn.Conv2d(cin, cout, tuple(kernel_size), tuple(stride),
+                         padding if isinstance(padding, str) else tuple(padding), tuple(dilation), bias=bias)
+    return nn.Linear(cin, cout, bias=bias)
+
+
 # ---- modules the exported student may keep, rebuilt from patches by kdkit.load ------------------------
 def prepend(module: nn.Module, kind: str, cin: int, cout: int) -> nn.Sequential:
     """``Sequential(adapter, module)``: a channel map kept in front of a block."""

@@ -6,12 +6,13 @@ on ``student`` with ``teacher``) come here; the CLI, the demo and the Python API
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import random
+import re
 import time
-import warnings
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +29,7 @@ from .data import Batch, BatchLoader, DataBundle, DataInfo, load_data
 from .engine import DistInfo, Engine, apply_speed_options, evaluate, init_distributed, load_latest
 from .engine.distributed import barrier, broadcast_object, shutdown
 from .engine.evaluate import agreement
-from .errors import CheckpointError, ConfigError, ModelError
+from .errors import CheckpointError, ConfigError, ModelError, warn
 from .measure import count_params, model_card
 from .methods import Method, method_class
 from .modelfile import BuiltModel, build_from_config, save_model
@@ -63,6 +64,43 @@ def pick_device(pref: str, dist: DistInfo) -> torch.device:
     if pref != "cpu":
         raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {pref!r}")
     return torch.device("cpu")
+
+
+def _dataset_pattern() -> re.Pattern[str]:
+    from .data import DATASETS
+
+    names = sorted((n for n in DATASETS if n != "memory"), key=len, reverse=True)  # fashion-mnist before mnist
+    return re.compile(r"(?<![A-Za-z0-9])(" + "|".join(re.escape(n) for n in names) + r")(?![A-Za-z0-9])")
+
+
+def named_for_data(cfg: Config) -> Config:
+    """The config with its run name and output folder naming the dataset it reads.
+
+    A recipe written for one dataset and pointed at another (``configs/mnist/kd.yaml data.name=fashion-mnist``)
+    would otherwise name its run, folder, plots and reports after the recipe's dataset. Every dataset name
+    that appears as a word in ``name`` or ``output_dir`` and differs from ``data.name`` is replaced by it; the
+    recipe's name is kept as ``recipe_name`` in the summary."""
+    if cfg.data.name == "memory":
+        return cfg
+    pattern = _dataset_pattern()
+
+    def fix(text: str | None) -> str | None:
+        return None if text is None else pattern.sub(cfg.data.name, text)
+
+    name, out = fix(cfg.name), fix(cfg.output_dir)
+    if name == cfg.name and out == cfg.output_dir:
+        return cfg
+    return replace(cfg, name=name or cfg.name, output_dir=out, recipe_name=cfg.name)
+
+
+def parameters_fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's parameters and buffers: equal for two runs that start the student from the
+    same initialisation (what a paired comparison needs)."""
+    h = hashlib.sha1()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def make_run_dir(cfg: Config, resume: bool, dist: DistInfo) -> Path:
@@ -165,6 +203,8 @@ def execute(cfg: Config, command: str, resume: bool = False, *, data: DataBundle
     "teacher"; their config sections then only label them)."""
     models = dict(models or {})
     prepare(cfg, command, frozenset(models))
+    if not resume:
+        cfg = named_for_data(cfg)
     t_start = time.time()
     dist = init_distributed(cfg.train.device)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
@@ -200,6 +240,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     student_spec: ModelConfig = cfg.model if command == "train" else cfg.student  # type: ignore[assignment]
     built = _build(student_spec, info, role, models.get(role))
     student, student_spec, student_args = built.model, built.spec, built.args
+    init_fingerprint = parameters_fingerprint(student)
     teacher = None
     t_built = None
     if command == "distill":
@@ -243,8 +284,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         _check_same_config(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")), cfg, run_dir)
         state = load_latest(run_dir / "checkpoint.pt")
         if state is None:
-            warnings.warn(f"{run_dir} holds no checkpoint yet (stopped in its first epoch); starting it again",
-                          stacklevel=2)
+            warn(f"{run_dir} holds no checkpoint yet (stopped in its first epoch); starting it again")
             if dist.is_main:
                 (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     elif dist.is_main:
@@ -269,8 +309,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     if tc.snapshot_min:
         extra["snapshots"] = _score_snapshots(engine, final, test["accuracy"], _eval_loader(data, "test", cfg, device,
                                                                                          dist), dist)
-    if engine.out_of_time:
-        extra["stopped_by_time_budget"] = True
+    extra.update(_progress_facts(engine, history, test["accuracy"], None if val is None else val["accuracy"]))
     exported = method.export_model()
     summary: dict[str, Any] = {
         "name": cfg.name, "command": command, "method": cfg.method.name, "seed": cfg.seed,
@@ -282,9 +321,13 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
                  "val": len(data.val) if data.val is not None else 0,
                  "test": len(data.test), "input_shape": list(info.input_shape)},
         "stages": history, "world_size": dist.world, "device": str(device),
-        "global_batch_size": tc.batch_size, "torch": torch.__version__, "kdkit": __version__,
+        "global_batch_size": _last_batch(history, tc.batch_size), "torch": torch.__version__, "kdkit": __version__,
         "python": platform.python_version(), "faults": engine.faults,
+        "pairing": {"student_init": init_fingerprint,
+                    "data_order": next((h["data_order"] for h in history if h.get("data_order")), None)},
     }
+    if cfg.recipe_name:
+        summary["recipe_name"] = cfg.recipe_name
     if teacher is not None:
         summary.update(teacher=cfg.teacher.label, teacher_test_accuracy=teacher_test,  # type: ignore[union-attr]
                        teacher_params=count_params(teacher))
@@ -293,6 +336,8 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     summary["report_card"] = _report_card(exported, teacher, test["accuracy"], teacher_test, info,
                                           _eval_loader(data, "test", cfg, device, dist), dist)
     if dist.is_main:
+        summary["report_card"].update(method.card_fields())
+    if dist.is_main:
         save_model(run_dir / "model.pt", exported, student_spec, student_args, info,
                    meta={"method": cfg.method.name, "test_accuracy": test["accuracy"], "seed": cfg.seed,
                          "run_dir": str(run_dir), "data_root": cfg.data.root, "python_object": role in models},
@@ -300,6 +345,31 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     barrier(dist)
     return RunResult(run_dir, summary, exported, dist.is_main, method)
+
+
+def _last_batch(history: list[dict[str, Any]], default: int) -> int:
+    """The global batch of the last stage that ran (the one that made the reported model)."""
+    ran = [h for h in history if h.get("batch_size")]
+    return int(ran[-1]["batch_size"]) if ran else default
+
+
+def _progress_facts(engine: Engine, history: list[dict[str, Any]], test_acc: float,
+                    val_acc: float | None) -> dict[str, Any]:
+    """How far training got and which state was kept: where it stopped (``reached``: stage, epoch and step,
+    1-based), whether the time budget stopped it, and the last state's accuracy beside the kept one's
+    (``test_accuracy_last`` equals ``test_accuracy`` when the last epoch was kept)."""
+    ran = [h for h in history if "reached" in h]
+    out: dict[str, Any] = {"stopped_by_time_budget": bool(engine.out_of_time)}
+    if ran:
+        last = ran[-1]
+        out["reached"] = {"stage": last["stage"], **last["reached"], "epochs": last["epochs"],
+                          "steps_per_epoch": last["steps_per_epoch"]}
+        out["selected"] = {"stage": last["stage"], "rule": last["selected"], "epoch": last["selected_epoch"]}
+    out["stopped_by"] = None if engine.stopped is None else engine.stopped["by"]
+    lm = engine.last_model_eval
+    out["test_accuracy_last"] = test_acc if lm is None else lm["test_accuracy"]
+    out["val_accuracy_last"] = val_acc if lm is None else lm["val_accuracy"]
+    return out
 
 
 def _report_card(student: nn.Module, teacher: nn.Module | None, student_acc: float, teacher_acc: float | None,
@@ -360,19 +430,18 @@ def _teacher_stats(cfg: Config) -> tuple[tuple[list[float], list[float]] | None,
         mf, _ = parse_model_file(obj, cfg.teacher.checkpoint)
         return (mf.info.mean, mf.info.std), obj
     if cfg.data.normalize:
-        warnings.warn(
+        warn(
             f"{cfg.teacher.checkpoint} records no input normalisation (not a kdkit model file) and a data-free run "
             "reads no training images: the test images' statistics are used for evaluation; set "
-            "data.normalize=false if the teacher takes raw [0, 1] images", stacklevel=3)
+            "data.normalize=false if the teacher takes raw [0, 1] images")
     return None, obj
 
 
 def _check_normalisation(trained: DataInfo, info: DataInfo) -> None:
     diff = max(abs(a - b) for a, b in zip(trained.mean + trained.std, info.mean + info.std))
     if diff > 0.02:
-        warnings.warn(
-            f"the teacher was trained with normalisation mean={trained.mean} std={trained.std} but this data "
-            f"gives mean={info.mean} std={info.std}; its accuracy may suffer", stacklevel=2)
+        warn(f"the teacher was trained with normalisation mean={trained.mean} std={trained.std} but this data "
+             f"gives mean={info.mean} std={info.std}; its accuracy may suffer: was it trained on {info.name}?")
 
 
 def _check_same_config(saved: dict[str, Any], cfg: Config, run_dir: Path) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from kdkit.config import load_config
 from kdkit.errors import ConfigError, ModelError
-from kdkit.losses import NSTLoss, SoftmaxRegressionLoss, logit_regression
+from kdkit.losses import GramLoss, NSTLoss, SoftmaxRegressionLoss, logit_regression
 from kdkit.losses.regression import feature_map_loss
 from kdkit.report import report
 from kdkit.weighting import (
@@ -26,25 +26,45 @@ from kdkit.weighting import (
 
 from .conftest import crash_at, digits_overrides, distill_run
 
-ALL = "[soft_target, logits, hint, attention, nst, feature_map, softmax_regression]"
+ALL = "[soft_target, logits, hint, attention, gram, feature_map, softmax_regression]"
 STUDENT = {"student.arch": "vgg8_bn", "student.width": 0.0625}
 
 
 # ---------------------------------------------------------------------------------------- path losses
 
 
-def test_nst_matches_hand_computation():
+def test_gram_path_matches_hand_computation():
     fs = torch.tensor([[[[3.0, 4.0]], [[1.0, 0.0]]]])  # normalised channels: [.6, .8], [1, 0]
     ft = torch.tensor([[[[0.0, 2.0]], [[1.0, 1.0]]]])  # [0, 1], [1/sqrt2, 1/sqrt2]
     gs = [[1.0, 0.6], [0.6, 1.0]]
     r = 1 / math.sqrt(2)
     gt = [[1.0, r], [r, 1.0]]
     expected = sum((gs[i][j] - gt[i][j]) ** 2 for i in range(2) for j in range(2)) / 4
-    assert NSTLoss()(fs, ft).item() == pytest.approx(expected, rel=1e-6)
+    assert GramLoss()(fs, ft).item() == pytest.approx(expected, rel=1e-6)
     # spatial sizes may differ: each Gram matrix is over its own map
-    assert NSTLoss()(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)).item() >= 0
+    assert GramLoss()(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)).item() >= 0
     with pytest.raises(ModelError, match="equal channel counts"):
-        NSTLoss()(torch.randn(2, 3, 4, 4), torch.randn(2, 4, 4, 4))
+        GramLoss()(torch.randn(2, 3, 4, 4), torch.randn(2, 4, 4, 4))
+
+
+def test_nst_mmd_matches_hand_computation():
+    """The NST paper's MMD^2 with the polynomial kernel (a.b)^2 over the normalised channel maps."""
+    fs = torch.tensor([[[[3.0, 4.0]], [[1.0, 0.0]]]])  # s = [.6, .8], [1, 0]
+    ft = torch.tensor([[[[0.0, 2.0]], [[1.0, 1.0]]]])  # t = [0, 1], [r, r] with r = 1/sqrt2
+    # k(t,t) = [[1, .5], [.5, 1]]: mean .75; k(s,s) = [[1, .36], [.36, 1]]: mean .68;
+    # k(s,t) = [[.64, (1.4 r)^2 = .98], [0, .5]]: mean .53;  MMD^2 = .75 + .68 - 2 * .53 = .37
+    assert NSTLoss()(fs, ft).item() == pytest.approx(0.37, rel=1e-5)
+    assert NSTLoss()(ft, ft).item() == pytest.approx(0.0, abs=1e-6)
+    # the channel counts may differ (no adapter needed); spatial sizes may not, unless resized
+    assert NSTLoss()(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)).item() >= 0
+    with pytest.raises(ModelError, match="equal size.*method.resize=true"):
+        NSTLoss()(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2))
+    assert NSTLoss(resize=True)(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)).item() >= 0
+
+
+def test_nst_path_name_is_refused_with_both_meanings():
+    with pytest.raises(ConfigError, match="'gram' is the Gram-matrix MSE.*'nst_mmd' is the NST paper"):
+        load_config(None, ["method.name=adaptive", "method.paths=[nst, logits]"])
 
 
 def test_regression_paths_match_hand_computation():
@@ -146,7 +166,7 @@ def test_all_paths_train_with_every_weighting(tmp_path, cnn_teacher_file, weight
     res = distill_run(tmp_path / "r", cnn_teacher_file, **{
         "method.name": "adaptive", "method.paths": ALL, "method.weighting": weighting, "train.epochs": 3, **STUDENT})
     s = res.summary
-    assert s["paths"] == ["soft_target", "logits", "hint", "attention", "nst", "feature_map", "softmax_regression"]
+    assert s["paths"] == ["soft_target", "logits", "hint", "attention", "gram", "feature_map", "softmax_regression"]
     assert s["test_accuracy"] > 0.3 and set(s["final_weights"]) == {f"weight/{p}" for p in s["paths"]}
     epochs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()
               if json.loads(x)["event"] == "epoch"]
@@ -181,6 +201,21 @@ def test_uncertainty_log_variances_are_trained_with_the_student(tmp_path, cnn_te
     assert s.shape == (4,) and (s != 0).all()
 
 
+def test_uncertainty_weights_train_with_the_authors_optimizer(tmp_path, cnn_teacher_file):
+    """The s_i get SGD at 0.1 (momentum 0.9) whatever the student's optimizer: under the student's Adam at 1e-3
+    they could move by at most about 1e-3 per step, which is equal weighting in all but name."""
+    extra = {"method.name": "adaptive", "train.epochs": 2, "train.lr": 0.001, **STUDENT}
+    moved = {}
+    for name, wo in (("authors", None), ("student's adam", "{}")):
+        res = distill_run(tmp_path / name.replace(" ", "_"), cnn_teacher_file,
+                          **extra, **({"method.weights_optimizer": wo} if wo else {}))
+        steps = res.summary["stages"][0]["steps"]
+        s = torch.load(res.run_dir / "checkpoint.pt", weights_only=True)["method"]["weighting.log_var"]
+        moved[name] = float(s.abs().max())
+    assert moved["student's adam"] <= steps * 0.001 * 1.1  # Adam's steps are about lr each
+    assert moved["authors"] > 10 * moved["student's adam"]
+
+
 def test_paths_with_bad_layers_fail_before_training(tmp_path, cnn_teacher_file):
     with pytest.raises(ModelError, match=r"no module 'stage9'; closest: .*stage"):
         distill_run(tmp_path / "a", cnn_teacher_file, **{
@@ -203,6 +238,7 @@ def test_paths_with_bad_layers_fail_before_training(tmp_path, cnn_teacher_file):
     ("method.paths=[{name: logits, pairs: [[a, b]]}]", "'logits' compares outputs, not layers"),
     ("method.paths=[ce]", "CE is both a path and ce_weight"),
     ("method.weighting=uncertainy", "did you mean 'uncertainty'"),
+    ("method.weights_optimizer={optimizer: sdg}", r"weights_optimizer: train.optimizer: 'sdg' is not one of"),
 ])
 def test_adaptive_config_errors(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):

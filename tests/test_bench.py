@@ -18,7 +18,7 @@ from kdkit.methods import method_class
 from kdkit.models import create
 
 LENET = {"teacher": "lenet5", "student": "lenet5_half", "input_shape": (1, 28, 28), "batch_size": 16}
-ADAPTIVE_ALL = "method.paths=[soft_target, logits, hint, attention, nst]"
+ADAPTIVE_ALL = "method.paths=[soft_target, logits, hint, attention, gram]"
 
 
 @pytest.mark.parametrize(("method", "extra"), [
@@ -73,7 +73,7 @@ def test_bench_speed_command_prints_json(capsys: pytest.CaptureFixture[str]) -> 
 
 @pytest.mark.parametrize(("method", "extra", "stage"), [
     ("kd", [], 0), ("fitnets", [], 0), ("attention", [], 0), ("th_kd", [], 0),
-    ("adaptive", ["method.paths=[soft_target, logits, hint, attention, nst, feature_map, softmax_regression]"], 0),
+    ("adaptive", ["method.paths=[soft_target, logits, hint, attention, gram, feature_map, softmax_regression]"], 0),
     ("sh_kd", [], 1), ("sh_kd", [], 2),
 ])
 def test_every_method_runs_the_teacher_once_per_batch(method: str, extra: list[str], stage: int) -> None:

@@ -17,11 +17,12 @@ from kdkit.cli import main
 from kdkit.config import TrainConfig, load_config
 from kdkit.data import DataInfo
 from kdkit.diagnostics import inspect_samples
-from kdkit.errors import ModelError
+from kdkit.errors import ModelError, RunWarning
 from kdkit.generators import DAFLGenerator, load_generator, upsample2x
 from kdkit.losses.datafree import (
     BNStatistics,
     activation_loss,
+    clamped_mean_kl,
     diversity_seeking_loss,
     exp_penalty,
     information_entropy_loss,
@@ -167,6 +168,35 @@ def test_generator_shapes_sampling_and_errors():
         DAFLGenerator((1, 30, 30))
 
 
+def test_adaptive_deepinversion_competition_terms_by_hand():
+    p, q = torch.tensor([[0.5, 0.5]]), torch.tensor([[1.0, 0.0]])
+    # the authors': clamp p, q, m = (p+q)/2 to [.01, .99]: p = [.5, .5], q = [.99, .01], m = [.75, .25]
+    kl_mp = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    kl_mq = 0.75 * math.log(0.75 / 0.99) + 0.25 * math.log(0.25 / 0.01)
+    assert clamped_mean_kl(p, q).item() == pytest.approx((kl_mp + kl_mq) / 2, rel=1e-5)  # 0.3637
+    # the true JS runs the KLs the other way, on the unclamped distributions
+    js = 0.5 * (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)) + 0.5 * (1.0 * math.log(1.0 / 0.75))
+    assert js_divergence(p, q).item() == pytest.approx(js, rel=1e-5)
+
+
+def test_dafl_reads_the_first_fully_connected_layers_input_and_dfad_has_its_own_bn_eps():
+    from kdkit.methods import method_class
+    from kdkit.models import create
+
+    info = DataInfo("mnist", [str(i) for i in range(10)], (1, 28, 28), [0.0], [1.0])
+    made = {}
+    for name in ("dafl", "dfad"):
+        cls = method_class(name)
+        made[name] = cls(cls.Options(), student=create("lenet5_half", in_channels=1, input_size=28),
+                         teacher=create("lenet5", in_channels=1, input_size=28), info=info, train=TrainConfig())
+    dafl = made["dafl"]
+    assert dafl.feature_path == "embed.0:input"  # LeNet-5's 120-d conv3 output, as DAFL's code; not fc1's 84-d
+    dafl.teacher(torch.randn(2, 1, 28, 28))
+    assert dafl.teacher_taps[dafl.feature_path].shape == (2, 120)
+    eps = {n: [b.eps for b in m.generator.modules() if isinstance(b, nn.BatchNorm2d)][1:3] for n, m in made.items()}
+    assert eps == {"dafl": [0.8, 0.8], "dfad": [1e-5, 1e-5]}
+
+
 # ------------------------------------------------------------------------------- RDSKD's references
 
 
@@ -294,6 +324,17 @@ def test_deepinversion_optimises_the_pixels_towards_the_targets(tmp_path, cnn_te
     assert hits > 0.8, (ce, hits)  # random pixels start near chance (0.1)
 
 
+def test_deepinversion_keeps_the_last_iterate_like_the_authors_or_the_best(tmp_path, cnn_teacher_file):
+    kept = {}
+    for keep in ("last", "best"):
+        r = _datafree(tmp_path / keep, cnn_teacher_file, "deepinversion",
+                      **{"method.batches": 1, "method.iterations": 30, "method.keep": keep, "train.epochs": 1})
+        m = r.method
+        kept[keep] = (torch.equal(m.best[0], m.images[0].detach()), float(m.best_cost[0]))
+    assert kept["last"] == (True, math.inf)  # the final pixels; no cost tracked
+    assert kept["best"][0] is False and kept["best"][1] < math.inf
+
+
 def test_deepinversion_needs_batchnorm(tmp_path, teacher_file):
     with pytest.raises(ModelError, match="needs a teacher with BatchNorm.*use rdskd, dafl or dfad"):
         _datafree(tmp_path / "run", teacher_file, "deepinversion")
@@ -315,15 +356,34 @@ def test_restart_on_collapse_reinitialises_and_reports(tmp_path, teacher_file, m
         seen.append((before, with_state()))
 
     monkeypatch.setattr(trainer, "_forget", watch)
-    with pytest.warns(UserWarning, match="generated images collapse.*re-initialising"):
+    with pytest.warns(RunWarning, match="epoch 1: the generated images collapsed.*re-initialised"):
         r = _datafree(tmp_path / "run", teacher_file, "dafl", **{"method.collapse_min_diversity": 100.0,
-                                                                 "method.restart_on_collapse": True})
+                                                                 "method.on_collapse": "restart"})
     n_gen = len(list(r.method.generator.parameters()))
     assert seen == [(n_gen, 0), (n_gen, 0)] and isinstance(r.method, DataFree)
     s = r.summary
     assert len(s["collapse_events"]) == 2 and s["collapsed_at_end"]
     assert all("re-initialised" in e["action"] for e in s["collapse_events"])
     assert "near-identical" in s["collapse_events"][0]["reasons"][0]
+    card = s["report_card"]["generator_collapse"]
+    assert card["events"] == 2 and card["handling"] == "restart" and card["collapsed_at_end"]
+
+
+def test_collapse_can_stop_training_and_restarts_are_bounded(tmp_path, teacher_file):
+    """on_collapse=stop ends training after the epoch that collapsed, keeping the model so far, and says so in
+    the summary; with restart, after collapse_restarts re-initialisations the next collapse stops training."""
+    base = {"method.collapse_min_diversity": 100.0, "train.epochs": 4}  # every epoch looks collapsed
+    with pytest.warns(RunWarning, match="training stops here"):
+        r = _datafree(tmp_path / "stop", teacher_file, "dafl", **base, **{"method.on_collapse": "stop"})
+    s = r.summary
+    assert s["stopped_by"].startswith("generator collapse") and s["reached"]["epoch"] == 1
+    assert s["stages"][0]["completed"] is False and len(s["collapse_events"]) == 1
+    with pytest.warns(RunWarning, match="re-initialised 2 time"):
+        r = _datafree(tmp_path / "bounded", teacher_file, "dafl", **base,
+                      **{"method.on_collapse": "restart", "method.collapse_restarts": 2})
+    s = r.summary
+    assert [e["action"].split(" ")[0] for e in s["collapse_events"]] == ["generator", "generator", "training"]
+    assert s["reached"]["epoch"] == 3 and s["stopped_by"].startswith("generator collapse")
 
 
 def test_datafree_resume_is_bit_identical(tmp_path, teacher_file, monkeypatch):

@@ -190,3 +190,33 @@ def test_sh_kd_resume_after_stage_one_does_not_repeat_it(tmp_path, teacher_file,
 def test_sh_kd_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="apply to final=th_kd"):
         load_config(None, digits_overrides(tmp_path, **{"method.name": "sh_kd", "method.th_weight": 1.0}))
+
+
+def test_sh_kd_stage2_is_the_authors_teacher_training(tmp_path, teacher_file):
+    """Stage 2 trains the teacher on the whole labeled set (not the students' subset) with its own settings."""
+    res = execute(_sh_cfg(tmp_path / "r", teacher_file, **{
+        "data.train_subset": 10, "method.teacher_batch_size": 32,
+        "method.teacher_optimizer": "{optimizer: sgd, lr: 0.01, schedule: constant}"}), "distill")
+    s1, s2, s3 = res.summary["stages"]
+    assert s1["steps_per_epoch"] == s3["steps_per_epoch"] == 1  # 100 images (10 per class), batch 64
+    assert s2["steps_per_epoch"] == 1294 // 32 and s2["batch_size"] == 32  # every labeled training image
+    assert s2["lr_end"] == {"teacher": 0.01} and s3["lr_end"]["student"] == 0.0
+    with pytest.raises(ConfigError, match="teacher_optimizer: set epochs with teacher_epochs"):
+        _sh_cfg(tmp_path / "x", teacher_file, **{"method.teacher_optimizer": "{epochs: 3}"})
+
+
+def test_sh_kd_stage2_evaluates_the_teacher_in_eval_mode(tmp_path, cnn_teacher_file):
+    """Validation of the stage-2 teacher must not run it in training mode: with BatchNorm, that would select the
+    epoch on train-mode accuracy and let validation images overwrite the running statistics."""
+    from kdkit.engine import evaluate
+
+    m, _, _, data = build(tmp_path, cnn_teacher_file, method="sh_kd",
+                          **{"student.arch": "vgg8_bn", "student.width": 0.0625})
+    view = m.stages()[1].evaluate()
+    m.teacher.train()  # as the engine leaves it during stage 2
+    bn = next(x for x in m.teacher.modules() if isinstance(x, nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    loader = BatchLoader(data.val, 64, shuffle=False, drop_last=False, mean=data.info.mean, std=data.info.std)
+    evaluate(view, loader)
+    assert torch.equal(bn.running_mean, before)
+    assert m.teacher.training  # and training mode is restored afterwards

@@ -154,6 +154,45 @@ def test_kept_blocks_are_the_teachers_and_stay_frozen(tmp_path, teachers):
     assert s["export_max_abs_diff"] < 1e-5
 
 
+@pytest.mark.parametrize("arch,keep,widened", [
+    ("vgg8_bn", "[stage1, stage2]", ["stage3.0"]),
+    ("resnet8", "[stem, layer1]", ["layer2.0.conv1", "layer2.0.shortcut.0"]),
+])
+def test_first_grafted_block_reads_the_teachers_width(tmp_path, teachers, arch, keep, widened):
+    """As in the authors' code, the block grafted right after the kept teacher blocks takes the teacher's width
+    itself (its input layers are built wider: a VGG stage's first conv, a residual block's conv1 and shortcut):
+    no adapter at that boundary, and the exported student still equals the grafted network."""
+    res = graft(tmp_path / "w", teachers[arch], arch, **{"method.keep_blocks": keep})
+    s = res.summary
+    assert s["widened_inputs"] == widened
+    first = s["blocks"].index(s["grafted"][0])
+    assert str(first) not in res.method.adapters_in
+    loaded = kdkit.load(res.run_dir / "model.pt")
+    for path in widened:
+        assert loaded.get_submodule(path).weight.shape[1] == res.method.teacher.get_submodule(path).weight.shape[1]
+    x = torch.randn(6, 1, 16, 16)
+    res.model.eval()
+    assert torch.allclose(loaded(x), res.model(x), atol=1e-5) and s["export_max_abs_diff"] < 1e-5
+    other = graft(tmp_path / "a", teachers[arch], arch, **{"method.keep_blocks": keep,
+                                                           "method.input_adapter": "adapter"})
+    assert other.summary["widened_inputs"] == [] and str(first) in other.method.adapters_in
+
+
+def test_every_epoch_reads_every_shot_and_stage2_is_one_adam(tmp_path, teachers):
+    """The authors' loader keeps the last partial batch (50 images at batch 16 x 5/10 = 8: 7 steps, not 6), and
+    their stage 2 trains the chain, adapters included, with one Adam at its learning rate, not rescaled by N/10."""
+    res = graft(tmp_path, teachers["vgg8_bn"], "vgg8_bn", **{"method.batch_size": 16, "method.scale_with_shots": True,
+                                                             "data.shots_per_class": 5})
+    stages = res.summary["stages"]
+    assert all(st["steps_per_epoch"] == 7 and st["batch_size"] == 8 for st in stages)
+    chain = [st for st in stages if st["stage"].startswith("chain")]
+    blocks = [st for st in stages if st["stage"].startswith("block")]
+    assert all(st["lr_end"] == {st["stage"]: 1e-4} for st in chain)
+    assert all(st["lr_end"] == {st["stage"]: 2.5e-4 * 0.5} for st in blocks)
+    groups = res.method.stages()[-1].updates[0].params
+    assert len(groups) == 2 and groups[1].get("lr_scale", 1.0) == 1.0  # adapters at the chain's rate
+
+
 def test_agreement_selection_uses_no_labels(tmp_path, teachers):
     res = graft(tmp_path, teachers["resnet8"], "resnet8", **{"method.select": "agreement"})
     lines = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]

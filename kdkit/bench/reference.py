@@ -9,7 +9,7 @@ and the learned extra modules (adapters, projectors, uncertainty weights), so bo
 weights and, step for step, compute the same mathematics. ``tests/test_bench.py`` checks that one step of
 each gives the same loss and the same updated weights as kdkit's engine.
 
-Supported: ``kd``, ``fitnets``, ``adaptive`` (paths soft_target, logits, hint, attention, nst with
+Supported: ``kd``, ``fitnets``, ``adaptive`` (paths soft_target, logits, hint, attention, gram with
 uncertainty, equal or fixed weighting) and ``th_kd`` (without the optional th_ce and embedding terms).
 """
 
@@ -62,7 +62,7 @@ class HandLoop:
         self.pairs: list[tuple[str, str]] = []
         self.adapters = nn.ModuleList()
         extra: list[nn.Module] = []
-        decay_free: list[nn.Parameter] = []
+        own_groups: list[dict[str, Any]] = []  # parameters with settings of their own
         if name == "fitnets":
             self.pairs = list(method.pairs)
             self.adapters = copy.deepcopy(nn.ModuleList(loss.adapter for loss in method.pair_losses))
@@ -70,8 +70,10 @@ class HandLoop:
         elif name == "adaptive":
             self._adaptive_init(method)
             extra.append(self.adapters)
-            if self.log_var is not None:
-                decay_free.append(self.log_var)
+            if self.log_var is not None:  # the s_i: their own optimizer, or the student's without weight decay
+                wo = method.opts.weights_optimizer
+                own_groups.append({"params": [self.log_var], **({"optimizer": dict(wo)} if wo else
+                                                                 {"weight_decay": 0.0})})
         elif name == "th_kd":
             if method.opts.th_ce_weight or method.opts.emb_weight:
                 raise ConfigError("the hand-written th_kd loop covers ce, kd and th terms only; set "
@@ -88,8 +90,7 @@ class HandLoop:
             m.train()
         params = [p for m in (self.student, *extra) for p in m.parameters()]
         groups: list[dict[str, Any]] = [{"params": params}]
-        if decay_free:
-            groups.append({"params": decay_free, "weight_decay": 0.0})
+        groups += own_groups
         self.optimizer = build_optimizer(groups, train)  # the same torch optimizer and hyperparameters
 
     def _adaptive_init(self, method: Any) -> None:
@@ -98,7 +99,7 @@ class HandLoop:
             raise ConfigError("the hand-written adaptive loop covers uncertainty, equal and fixed weighting without "
                               "layer_wise or resize")
         self.paths = [(p.kind, list(p.pairs), p.weight) for p in method.paths]
-        unsupported = sorted({k for k, _, _ in self.paths} - {"soft_target", "logits", "hint", "attention", "nst"})
+        unsupported = sorted({k for k, _, _ in self.paths} - {"soft_target", "logits", "hint", "attention", "gram"})
         if unsupported:
             raise ConfigError(f"the hand-written adaptive loop has no path {', '.join(unsupported)}")
         order = sorted(method.pair_index, key=method.pair_index.get)

@@ -2,7 +2,9 @@
 
 ``load_data(cfg.data)`` returns a :class:`DataBundle`: the training set (after the validation split and
 ``train_subset``), the validation and test sets, an unlabeled few-shot view when
-``shots_per_class`` is set, and :class:`DataInfo` (classes, input shape, normalisation).
+``shots_per_class`` is set, the whole labeled training set (split ``train_full``, for a stage that
+trains a teacher on everything, e.g. SH-KD's), and :class:`DataInfo` (classes, input shape,
+normalisation).
 """
 
 from __future__ import annotations
@@ -71,9 +73,12 @@ class DataBundle:
     val: ImageSet | None
     test: ImageSet
     fewshot: ImageSet | None = None  # unlabeled: images only
+    #: the whole labeled training set when ``data.train_subset`` keeps only part of it (else the same as train)
+    train_full: ImageSet | None = None
 
     def split(self, name: str) -> ImageSet:
-        sets = {"train": self.train, "val": self.val, "test": self.test, "fewshot": self.fewshot}
+        sets = {"train": self.train, "val": self.val, "test": self.test, "fewshot": self.fewshot,
+                "train_full": self.train_full if self.train_full is not None else self.train}
         if name not in sets:
             raise DataError(f"unknown data split {name!r}; splits: {', '.join(sets)}")
         s = sets[name]
@@ -131,9 +136,11 @@ def make_bundle(cfg: DataConfig, train: ImageSet | None, test: ImageSet, train_i
                                          "data.shots_per_class")).unlabeled()
     if cfg.train_subset and train.labels is None:
         raise DataError("data.train_subset picks images per class, and these training images have no labels")
+    full = None
     if cfg.train_subset:
+        full = train
         train = train.subset(per_class(train.labels, cfg.train_subset, cfg.split_seed, "data.train_subset"))
-    return DataBundle(info, train, val, test, fewshot)
+    return DataBundle(info, train, val, test, fewshot, full)
 
 
 def augment_from(cfg: DataConfig) -> Augment:

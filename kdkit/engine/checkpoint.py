@@ -7,13 +7,12 @@ complete file; :func:`load_latest` falls back to it (with a warning) when the ne
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, warn
 
 
 def atomic_save(obj: Any, path: str | os.PathLike, keep_previous: bool = False) -> None:
@@ -72,6 +71,6 @@ def load_latest(path: str | os.PathLike) -> dict[str, Any] | None:
         return read(path)
     except CheckpointError as e:
         if prev.exists():
-            warnings.warn(f"{e}; resuming from the previous checkpoint {prev}", stacklevel=2)
+            warn(f"{e}; resuming from the previous checkpoint {prev}")
             return read(prev)
         raise

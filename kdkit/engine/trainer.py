@@ -20,6 +20,7 @@ place and training goes on with a warning. Both are logged in ``metrics.jsonl`` 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import random
 import signal
@@ -36,14 +37,14 @@ from torch import nn
 
 from ..config import Config, TrainConfig
 from ..data import BatchLoader, DataBundle, augment_from
-from ..errors import TrainingError
+from ..errors import TrainingError, warn
 from ..methods.base import Method, Stage, Update
 from ..teacher_cache import TeacherCache
 from .checkpoint import atomic_save, load_latest
 from .distributed import DistInfo
 from .evaluate import evaluate
 from .metrics import Meter, MetricsLog, Progress, fmt
-from .optim import Schedule, build_optimizer, update_config
+from .optim import Optimizers, Schedules, build_optimizer, update_config
 
 FORMAT = "kdkit-train-state"
 
@@ -113,13 +114,14 @@ class _Position:
 
 @dataclass
 class _StageState:
-    optimizers: list[torch.optim.Optimizer]
-    schedules: list[Schedule]
+    optimizers: list[Optimizers]
+    schedules: list[Schedules]
     meter: Meter = field(default_factory=Meter)
     best_acc: float = -1.0
     best_epoch: int = -1
     best_state: dict[str, torch.Tensor] | None = None
     last_val: dict[str, float] = field(default_factory=dict)
+    steps_done: int = 0  # optimizer steps of the stage's first update so far (its repeats included)
 
 
 class Interrupted(Exception):
@@ -150,26 +152,32 @@ class Engine:
         self.progress = Progress(cfg.train.progress, dist.is_main)
         self.autocast = autocast_for(device, cfg.train.amp)
         self.scaler = torch.amp.GradScaler("cuda") if (cfg.train.amp and device.type == "cuda") else None
-        self._loaders: dict[tuple[str, bool, int | None], BatchLoader] = {}
+        self._loaders: dict[tuple[str, bool, int | None, bool], BatchLoader] = {}
         self.history: list[dict[str, Any]] = []
         self.elapsed_before = 0.0
         self.global_step = 0
         self._stop_signal: int | None = None
         #: (minutes of training, state_dict of the evaluated model) taken at train.snapshot_min
         self.snapshots: list[tuple[float, dict[str, torch.Tensor]]] = []
-        self.out_of_time = False
+        #: why and where training ended early, else None: {"by": "time_budget" | the method's reason,
+        #: "stage", "epoch", "step" (1-based), "steps_per_epoch"}; later stages are then skipped
+        self.stopped: dict[str, Any] | None = None
+        #: the last state of the final stage, evaluated when model selection kept another epoch (else None):
+        #: {"stage", "epoch", "step", "val_accuracy", "test_accuracy"}; read by the run summary (best vs last)
+        self.last_model_eval: dict[str, Any] | None = None
         #: the faults met so far (non-finite steps recovered from, failed checkpoint writes)
         self.faults: list[dict[str, Any]] = []
 
     # ---- data -------------------------------------------------------------------------------
-    def loader(self, split: str, train: bool, batch_size: int | None = None) -> BatchLoader:
-        key = (split, train, batch_size)
+    def loader(self, split: str, train: bool, batch_size: int | None = None, drop_last: bool = True) -> BatchLoader:
+        key = (split, train, batch_size, drop_last)
         if key not in self._loaders:
             c = self.cfg
             data = self.data.split(split)
             bs = batch_size or (c.train.batch_size if train else c.train.eval_batch_size)
             self._loaders[key] = BatchLoader(
-                data, bs, shuffle=train, drop_last=train, mean=self.data.info.mean, std=self.data.info.std,
+                data, bs, shuffle=train, drop_last=train and drop_last, mean=self.data.info.mean,
+                std=self.data.info.std,
                 augment=augment_from(c.data) if train else None, seed=c.seed, device=self.device,
                 rank=self.dist.rank, world=self.dist.world, channels_last=c.train.channels_last,
             )
@@ -188,7 +196,8 @@ class Engine:
             "metrics_lines": self.metrics.lines(),
             "elapsed": self.elapsed_before + time.time() - t0,
             "history": self.history,
-            "snapshots": self.snapshots, "out_of_time": self.out_of_time,
+            "snapshots": self.snapshots, "stopped": self.stopped,
+            "last_model_eval": self.last_model_eval,
             "faults": self.faults,
         }
         if st is not None:
@@ -197,7 +206,7 @@ class Engine:
                 "schedules": [s.state_dict() for s in st.schedules],
                 "meter": st.meter.state_dict(),
                 "best_acc": st.best_acc, "best_epoch": st.best_epoch, "best_state": st.best_state,
-                "last_val": st.last_val,
+                "last_val": st.last_val, "steps_done": st.steps_done,
             }
             if self.scaler is not None:
                 state["stage_state"]["scaler"] = self.scaler.state_dict()
@@ -209,8 +218,8 @@ class Engine:
                      "action": "kept the previous checkpoint; training continues"}
             self.faults.append(fault)
             self.metrics.write(event="fault", **fault)
-            warnings.warn(f"could not write the checkpoint {self.ckpt_path} ({first}); the previous one is kept "
-                          "and training continues: free disk space so the next checkpoint succeeds", stacklevel=2)
+            warn(f"could not write the checkpoint {self.ckpt_path} ({first}); the previous one is kept and "
+                 "training continues: free disk space so the next checkpoint succeeds")
 
     def _restore(self, state: dict[str, Any]) -> _Position:
         self.method.load_checkpoint_state(state["method"])
@@ -221,7 +230,9 @@ class Engine:
         self.elapsed_before = float(state.get("elapsed", 0.0))
         self.global_step = int(state.get("global_step", 0))
         self.snapshots = list(state.get("snapshots", []))
-        self.out_of_time = bool(state.get("out_of_time", False))
+        self.stopped = state.get("stopped") or (
+            {"by": "time_budget", "stage": None} if state.get("out_of_time") else None)  # kdkit 0.1 checkpoints
+        self.last_model_eval = state.get("last_model_eval")
         self.faults = list(state.get("faults", []))
         p = state["position"]
         return _Position(p["stage"], p["epoch"], p["step"])
@@ -271,13 +282,15 @@ class Engine:
 
     def _run_stages(self, stages: list[Stage], pos: _Position, resume: dict[str, Any] | None, t0: float) -> None:
         for si in range(pos.stage, len(stages)):
-            if self.out_of_time:
-                self.history.append({"stage": stages[si].name, "skipped": "train.time_budget_min reached"})
-                self.progress.say(f"[{stages[si].name}] skipped: the time budget is spent")
+            if self.stopped:
+                why = ("train.time_budget_min reached" if self.out_of_time else
+                       f"training stopped early ({self.stopped['by']})")
+                self.history.append({"stage": stages[si].name, "skipped": why})
+                self.progress.say(f"[{stages[si].name}] skipped: {why}")
                 continue
             start = pos if si == pos.stage else _Position(si)
             stage_resume = resume.get("stage_state") if (resume is not None and si == pos.stage) else None
-            self._run_stage(si, stages[si], len(stages), start, stage_resume, t0)
+            self._run_stage(si, stages[si], len(stages), start, stage_resume, t0, final=si == len(stages) - 1)
             self._save(_Position(si + 1), None, t0)
 
     def _recover(self, fault: NonFiniteStep, t0: float) -> dict[str, Any]:
@@ -310,7 +323,7 @@ class Engine:
         self.metrics.write(event="fault", **record)
         self.progress.close()
         self.progress.say(f"warning: {fault}; {record['action']}")
-        warnings.warn(f"{fault}; {record['action']}", stacklevel=2)
+        warn(f"{self.run_dir or 'this run'}: {fault}; {record['action']}")
         return state
 
     def _recovered(self) -> bool:
@@ -330,9 +343,10 @@ class Engine:
             m.train()
 
     def _run_stage(self, si: int, stage: Stage, n_stages: int, start: _Position, resume: dict[str, Any] | None,
-                   t0: float) -> None:
+                   t0: float, final: bool = True) -> None:
         tag = stage.name if n_stages == 1 else f"{stage.name} {si + 1}/{n_stages}"
-        loader = self.loader(stage.data, train=True, batch_size=stage.batch_size) if stage.data is not None else None
+        loader = (self.loader(stage.data, train=True, batch_size=stage.batch_size, drop_last=stage.drop_last)
+                  if stage.data is not None else None)
         if loader is not None and len(loader) == 0:
             raise TrainingError(f"stage {stage.name!r}: the {stage.data} split is empty")
         steps = len(loader) if loader is not None else int(stage.steps_per_epoch or 0)
@@ -340,21 +354,24 @@ class Engine:
             raise TrainingError(f"stage {stage.name!r} reads no data and declares no steps_per_epoch")
         self._set_trainable(stage)
         st = self._stage_state(stage, steps, resume)
-        self.method.forget_optimizer_state = lambda params: _forget(st.optimizers, params)
+        self.method.forget_optimizer_state = lambda params: _forget([m for o in st.optimizers for m in o.members],
+                                                                    params)
         stepper = self._stepper(stage)
         if stage.on_start is not None and start.epoch == 0 and start.step == 0:
             stage.on_start()
         cache = self._teacher_cache(stage, loader)
         try:
             for epoch in range(start.epoch, stage.epochs):
-                if self.out_of_time:
+                if self.stopped:
                     break
                 self._run_epoch(si, stage, st, stepper, loader, steps, epoch, start, tag, t0)
         finally:
             if cache is not None:
                 self.method.set_teacher_cache(None)
                 cache.close()
-        self._end_stage(stage, st, tag, cache)
+        facts = {"batch_size": loader.batch_size if loader is not None else stage.batch_size,
+                 "steps_per_epoch": steps, "data_order": _order_fingerprint(loader, si)}
+        self._end_stage(stage, st, tag, cache, facts, final=final or self.stopped is not None)
 
     def _run_epoch(self, si: int, stage: Stage, st: _StageState, stepper: nn.Module, loader: BatchLoader | None,
                    steps: int, epoch: int, start: _Position, tag: str, t0: float) -> None:
@@ -369,6 +386,10 @@ class Engine:
         record.update(self._validate(stage, st, epoch))
         if stage.on_epoch_end is not None:
             record.update(stage.on_epoch_end(epoch) or {})
+        if self.method.stop_request and not self.stopped:
+            self.stopped = {"by": self.method.stop_request, "stage": stage.name, "epoch": epoch + 1, "step": steps,
+                            "steps_per_epoch": steps}
+            self.progress.say(f"[{tag}] training stops after epoch {epoch + 1}: {self.method.stop_request}")
         record["epoch_time_s"] = round(time.time() - epoch_t, 3)
         self.metrics.write(event="epoch", stage=stage.name, epoch=epoch + 1, global_step=self.global_step, **record)
         shown = {k.replace("train/", ""): v for k, v in record.items() if k != "epoch_time_s"}
@@ -391,10 +412,10 @@ class Engine:
         """One optimizer and schedule per update, restored from `resume` when continuing the stage."""
         optimizers, schedules = [], []
         for u in stage.updates:
-            ucfg = update_config(self.train_cfg, u.optimizer, f"update {u.name!r} of stage {stage.name!r}")
-            opt = build_optimizer(u.params, ucfg)
+            where = f"update {u.name!r} of stage {stage.name!r}"
+            opt = build_optimizer(u.params, update_config(self.train_cfg, u.optimizer, where), where)
             optimizers.append(opt)
-            schedules.append(Schedule(opt, ucfg, stage.epochs * steps * u.repeat, steps * u.repeat))
+            schedules.append(Schedules(opt, stage.epochs * steps * u.repeat, steps * u.repeat))
         st = _StageState(optimizers, schedules)
         for sch in schedules:
             sch.scale = self.lr_scale
@@ -406,6 +427,7 @@ class Engine:
             st.meter.load_state_dict(resume["meter"])
             st.best_acc, st.best_epoch = resume["best_acc"], resume["best_epoch"]
             st.best_state, st.last_val = resume["best_state"], resume.get("last_val", {})
+            st.steps_done = int(resume.get("steps_done", 0))
             if self.scaler is not None and "scaler" in resume:
                 self.scaler.load_state_dict(resume["scaler"])
         return st
@@ -425,7 +447,7 @@ class Engine:
                      steps: int, epoch: int, first_step: int, desc: str, t0: float) -> None:
         c = self.train_cfg
         if loader is not None:
-            loader.set_epoch(si * 1_000_003 + epoch)
+            loader.set_epoch(si * 1_000_003 + epoch)  # as _order_fingerprint
             batches: Any = loader.iterate(first_step)
         else:
             batches = (None for _ in range(first_step, steps))
@@ -440,6 +462,8 @@ class Engine:
             if c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and step + 1 < steps:
                 self._save(_Position(si, epoch, step + 1), st, t0)
             if self._clock(t0):
+                self.stopped = {"by": "time_budget", "stage": stage.name, "epoch": epoch + 1, "step": step + 1,
+                                "steps_per_epoch": steps}
                 self.progress.say(f"[{stage.name}] time budget of {c.time_budget_min} min reached at epoch "
                                   f"{epoch + 1} step {step + 1}")
                 break
@@ -475,6 +499,11 @@ class Engine:
 
         return step
 
+    @property
+    def out_of_time(self) -> bool:
+        """Whether train.time_budget_min ended training."""
+        return self.stopped is not None and self.stopped["by"] == "time_budget"
+
     def minutes(self, t0: float) -> float:
         """Minutes of training so far (earlier sessions of a resumed run included)."""
         return (self.elapsed_before + time.time() - t0) / 60.0
@@ -488,9 +517,7 @@ class Engine:
         while len(self.snapshots) < len(c.snapshot_min) and now >= c.snapshot_min[len(self.snapshots)]:
             state = {k: v.detach().clone() for k, v in self.method.eval_model().state_dict().items()}
             self.snapshots.append((c.snapshot_min[len(self.snapshots)], state))
-        if c.time_budget_min is not None and now >= c.time_budget_min:
-            self.out_of_time = True
-        return self.out_of_time
+        return c.time_budget_min is not None and now >= c.time_budget_min
 
     def _validate(self, stage: Stage, st: _StageState, epoch: int) -> dict[str, float]:
         """Validation accuracy (or the stage's label-free monitor) when due; remembers the best state.
@@ -515,23 +542,56 @@ class Engine:
             st.best_state = {k: v.detach().clone() for k, v in self.method.checkpoint_state().items()}
         return record
 
-    def _end_stage(self, stage: Stage, st: _StageState, tag: str, cache: TeacherCache | None = None) -> None:
-        """Keep the selected state, run the stage's end hook, record the stage."""
-        result: dict[str, Any] = {"stage": stage.name, "epochs": stage.epochs}
+    def _end_stage(self, stage: Stage, st: _StageState, tag: str, cache: TeacherCache | None,
+                   facts: dict[str, Any], final: bool) -> None:
+        """Keep the selected state, run the stage's end hook, record the stage as it ran.
+
+        The record says what was used (global batch, steps per epoch, optimizer steps, the learning rate at
+        the end of every update), where training stopped (``reached``, and ``stopped_by`` when the time
+        budget ended it early) and which epoch was kept. For the run's final stage, when selection kept
+        another epoch than the last, the last state is also scored (validation and test) before the kept
+        one is restored: the summary reports best against last. Nothing here chooses anything by it."""
+        stop = self.stopped if (self.stopped and self.stopped["stage"] == stage.name) else None
+        steps = facts["steps_per_epoch"]
+        reached = ({"epoch": stop["epoch"], "step": stop["step"]} if stop is not None
+                   else {"epoch": stage.epochs, "step": steps})
+        result: dict[str, Any] = {
+            "stage": stage.name, "epochs": stage.epochs, **facts, "steps": st.steps_done,
+            "reached": reached, "completed": (reached["epoch"], reached["step"]) == (stage.epochs, steps),
+            "stopped_by": None if stop is None else stop["by"],
+            "lr_end": {u.name: sch.lr for u, sch in zip(stage.updates, st.schedules)},
+        }
         if cache is not None:
             result["teacher_cache"] = cache.stats()
         key, what = ("monitor", "monitor") if stage.monitor is not None else ("val_accuracy", "validation accuracy")
-        if (stage.select or self.train_cfg.select) == "best_val" and st.best_state is not None:
+        select = stage.select or self.train_cfg.select
+        last_epoch = reached["epoch"]
+        if select == "best_val" and st.best_state is not None:
+            kept_last = st.best_epoch + 1 == last_epoch and reached["step"] == steps
+            if final and not kept_last:
+                self.last_model_eval = self._score_last(stage, st, reached)
+            elif final:
+                self.last_model_eval = None
             self.method.load_checkpoint_state(st.best_state)
-            result.update({"selected_epoch": st.best_epoch + 1, key: st.best_acc})
-            if st.best_epoch + 1 != stage.epochs:
+            result.update({"selected": "best_val", "selected_epoch": st.best_epoch + 1, key: st.best_acc})
+            if not kept_last:
                 self.progress.say(f"[{tag}] kept epoch {st.best_epoch + 1} (best {what} {100 * st.best_acc:.2f}%)")
         else:
-            result.update({"selected_epoch": stage.epochs, key: st.last_val.get("accuracy")})
+            if final:
+                self.last_model_eval = None
+            result.update({"selected": "last", "selected_epoch": last_epoch, key: st.last_val.get("accuracy")})
         if stage.on_end is not None:
             stage.on_end()
         self.history.append(result)
         self.metrics.write(event="stage_end", **result)
+
+    def _score_last(self, stage: Stage, st: _StageState, reached: dict[str, int]) -> dict[str, Any]:
+        """Validation and test accuracy of the stage's current (last) state, for the best-vs-last report."""
+        model = (stage.evaluate or self.method.eval_model)()
+        with self.autocast:
+            test = evaluate(model, self.loader("test", train=False), self.dist)
+        return {"stage": stage.name, **reached, "val_accuracy": st.last_val.get("accuracy"),
+                "test_accuracy": test["accuracy"]}
 
     def _all_ranks(self, ok: bool) -> bool:
         """Whether `ok` holds on every process (under torchrun the ranks must agree to stop a step together)."""
@@ -566,18 +626,18 @@ class Engine:
                 opt.zero_grad(set_to_none=True)
                 if self.scaler is not None:
                     self.scaler.scale(total).backward()
-                    self.scaler.unscale_(opt)
+                    opt.unscale_(self.scaler)
                 else:
                     total.backward()
                 norm = _grad_norm(u.parameters(), c.grad_clip)
                 if not self._all_ranks(finite_loss and bool(torch.isfinite(norm))):
                     self._fault("loss" if not finite_loss else "gradient", losses, stage, where)
+                opt.step(self.scaler)
                 if self.scaler is not None:
-                    self.scaler.step(opt)
                     self.scaler.update()
-                else:
-                    opt.step()
                 sch.step()
+                if i == 0:
+                    st.steps_done += 1
             prefix = "" if len(stage.updates) == 1 else f"{u.name}/"
             for k, v in losses.items():
                 logged[prefix + k] = v.detach()
@@ -594,6 +654,15 @@ def _grad_norm(params: Any, clip: float | None) -> torch.Tensor:
     if not params:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
+
+
+def _order_fingerprint(loader: BatchLoader | None, stage_index: int) -> str | None:
+    """A short hash of the order in which the stage's first epoch reads its images (None for generated data):
+    two runs with equal fingerprints saw their images in the same order (paired comparisons check it)."""
+    if loader is None:
+        return None
+    loader.set_epoch(stage_index * 1_000_003)
+    return hashlib.sha1(loader.order().numpy().tobytes()).hexdigest()[:12]
 
 
 def _forget(optimizers: list[torch.optim.Optimizer], params: list[nn.Parameter]) -> None:

@@ -3,12 +3,13 @@
 from .adapters import Adapter
 from .attention import AttentionLoss, attention_map
 from .embedding import embedding_distance
+from .gram import GramLoss, gram
 from .hint import HintLoss
 from .kd import KDLoss, kd_loss
-from .nst import NSTLoss, gram
+from .nst import NSTLoss, nst_mmd
 from .regression import FeatureMapLoss, SoftmaxRegressionLoss, logit_regression, pooled
 
 __all__ = [
-    "Adapter", "AttentionLoss", "FeatureMapLoss", "HintLoss", "KDLoss", "NSTLoss", "SoftmaxRegressionLoss",
-    "attention_map", "embedding_distance", "gram", "kd_loss", "logit_regression", "pooled",
+    "Adapter", "AttentionLoss", "FeatureMapLoss", "GramLoss", "HintLoss", "KDLoss", "NSTLoss", "SoftmaxRegressionLoss",
+    "attention_map", "embedding_distance", "gram", "kd_loss", "logit_regression", "nst_mmd", "pooled",
 ]

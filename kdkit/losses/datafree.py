@@ -95,6 +95,17 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (0.5 * (kl_pm + kl_qm)).mean()
 
 
+def clamped_mean_kl(p: torch.Tensor, q: torch.Tensor, lo: float = 0.01, hi: float = 0.99) -> torch.Tensor:
+    """The Adaptive DeepInversion authors' "JS" term: (KL(m || p) + KL(m || q)) / 2 with m = (p + q) / 2, where
+    p, q and m are each clamped to [lo, hi] (not renormalised) first; KL averaged over the batch. It is not the
+    Jensen-Shannon divergence (:func:`js_divergence`), whose KLs run the other way."""
+    m = (0.5 * (p + q)).clamp(lo, hi)
+    p, q = p.clamp(lo, hi), q.clamp(lo, hi)
+    kl_mp = (m * (torch.log(m) - torch.log(p))).sum(dim=1)
+    kl_mq = (m * (torch.log(m) - torch.log(q))).sum(dim=1)
+    return (0.5 * (kl_mp + kl_mq)).mean()
+
+
 class BNStatistics:
     """Records, on every forward of `model`, R_bn = sum over its BatchNorm layers of
     ``||mean(x) - running_mean||_2 + ||var(x) - running_var||_2`` of each layer's input (biased variance

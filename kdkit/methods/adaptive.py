@@ -8,7 +8,9 @@ Knowledge flows along several paths at once, each one loss ``L_i`` between the s
 ``logits``             mean((z_s - z_t)^2)                                              (Ba & Caruana)
 ``hint``               mean((r(F_s) - F_t)^2) on layer pairs, r a learned adapter            (FitNets)
 ``attention``          mean((A(F_s) - A(F_t))^2), A the normalised channel sum of |F|^2           (AT)
-``nst``                mean((G(r(F_s)) - G(F_t))^2), G the Gram of L2-normalised channel maps   (NST)
+``gram``               mean((G(r(F_s)) - G(F_t))^2), G the Gram of L2-normalised channel maps: the
+                       path the authors' code calls "NST"                        (kdkit.losses.gram)
+``nst_mmd``            MMD^2 between the channel maps, polynomial kernel: the NST paper's loss   (NST)
 ``feature_map``        mean((pool(r(F_s)) - pool(F_t))^2), globally pooled features        (SRRL FM)
 ``softmax_regression`` mean((h_t(r(e_s)) - z_t)^2), student embedding through the teacher's frozen
                        classifier h_t                                                     (SRRL SR)
@@ -25,8 +27,16 @@ The paths become one loss through a :mod:`kdkit.weighting` strategy; the paper's
 
     L = ce_weight * CE(z_s, y) + alpha * ( sum_i exp(-s_i) w_i L_i + sum_i s_i )
 
-with s_i learned with the student (init 0, no weight decay) and w_i the per-path ``weight``. Effective
-weights are logged to ``metrics.jsonl`` every epoch (``weight/<path>``).
+with s_i learned (init 0) and w_i the per-path ``weight``. In the authors' code the s_i share the
+model's optimizer, SGD at 0.1 with momentum 0.9 and weight decay 1e-4 (their CIFAR schedule); kdkit gives
+them that optimizer whatever the student's is (``weights_optimizer``): under the student's Adam at 1e-3
+they could move by about 1e-3 per step, and 1,500 steps leave the weights inside [0.47, 2.1], which is
+equal weighting in all but name. Effective weights are logged to ``metrics.jsonl`` every epoch
+(``weight/<path>``).
+
+The authors' "all" configuration aggregates four paths, ``[gram, logits, attention, soft_target]`` (the
+default), with attention on the raw stage outputs and the Gram path on adapted ones; their equal-weight
+baseline is ``[attention, soft_target]``.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ from torch import nn
 
 from ..data import Batch
 from ..errors import ConfigError, ModelError
-from ..losses import Adapter, AttentionLoss, NSTLoss, SoftmaxRegressionLoss, kd_loss
+from ..losses import Adapter, AttentionLoss, GramLoss, NSTLoss, SoftmaxRegressionLoss, kd_loss
 from ..losses.adapters import AdapterKind, needs_resize
 from ..losses.regression import feature_map_loss, logit_regression
 from ..models import model_parts
@@ -52,9 +62,13 @@ from .base import Stage, Update, params_of
 from .distiller import Distiller
 from .pairs import matched_stages
 
-PathKind = Literal["soft_target", "logits", "hint", "attention", "nst", "feature_map", "softmax_regression", "ce"]
-FEATURE_PATHS = ("hint", "attention", "nst", "feature_map")
-ADAPTED = ("hint", "nst", "feature_map")  # paths that compare adapted student features
+PathKind = Literal["soft_target", "logits", "hint", "attention", "gram", "nst_mmd", "feature_map",
+                   "softmax_regression", "ce", "nst"]
+FEATURE_PATHS = ("hint", "attention", "gram", "nst_mmd", "feature_map")
+ADAPTED = ("hint", "gram", "feature_map")  # paths that compare adapted student features
+MAP_PATHS = ("attention", "gram", "nst_mmd")  # paths that need [B, C, H, W] maps
+#: the s_i's optimizer in the authors' code (their CIFAR schedule: SGD 0.1, momentum 0.9, weight decay 1e-4)
+AUTHORS_WEIGHTS_OPTIMIZER = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4}
 
 
 @dataclass
@@ -68,8 +82,8 @@ class PathSpec:
 @dataclass
 class AdaptiveOptions:
     paths: list[PathKind | PathSpec] = opt(
-        ["soft_target", "logits", "attention", "nst"],
-        "paths: kinds, or mappings {name, pairs, weight, label}; default: the paper's four")
+        ["gram", "logits", "attention", "soft_target"],
+        "paths: kinds, or mappings {name, pairs, weight, label}; default: the authors' four")
     weighting: Literal["equal", "fixed", "uncertainty", "gradnorm", "dwa"] = opt(
         "uncertainty", "how the paths become one loss (see kdkit.weighting)")
     alpha: float = opt(1.0, "weight of the aggregated distillation loss against the CE term", ge=0)
@@ -84,6 +98,9 @@ class AdaptiveOptions:
     gradnorm_lr: float = opt(0.025, "GradNorm learning rate of the loss weights", gt=0)
     gradnorm_layer: str | None = opt(None, "GradNorm shared weights W: a student module (default: its first stage)")
     dwa_temperature: float = opt(2.0, "DWA temperature T", gt=0)
+    weights_optimizer: dict[str, Any] = opt(
+        AUTHORS_WEIGHTS_OPTIMIZER, "uncertainty: optimizer settings of the s_i (train-section keys; the authors' "
+        "SGD by default; {} trains them with the student's optimizer, without weight decay)")
     specs: list[PathSpec] = field(default_factory=list, init=False, repr=False)
 
     def validate(self, where: str) -> None:
@@ -100,6 +117,15 @@ class AdaptiveOptions:
             for p in s.pairs:
                 if len(p) != 2:
                     raise ConfigError(f"{where}.paths: {s.name} pair {p} is not [student_layer, teacher_layer]")
+        if "nst" in [s.name for s in self.specs]:
+            raise ConfigError(f"{where}.paths: 'nst' is ambiguous and was split in two: 'gram' is the Gram-matrix "
+                              "MSE that the Adaptive Distillation code calls NST (what 'nst' meant before), "
+                              "'nst_mmd' is the NST paper's polynomial-kernel MMD; use one of them")
+        if self.weights_optimizer:
+            from ..config import TrainConfig
+            from ..engine.optim import update_config
+
+            update_config(TrainConfig(), self.weights_optimizer, f"{where}.weights_optimizer")
         if "ce" in labels and self.ce_weight > 0:
             raise ConfigError(f"{where}: CE is both a path and ce_weight={self.ce_weight}; set ce_weight=0")
 
@@ -186,7 +212,8 @@ class Adaptive(Distiller):
             self.path_losses["softmax_regression"] = SoftmaxRegressionLoss(head, adapter).to(sample.x.device)
         if any(p.kind == "attention" for p in self.paths):
             self.path_losses["attention"] = AttentionLoss(resize=self.opts.resize)
-        self.path_losses["nst"] = NSTLoss()
+        self.path_losses["gram"] = GramLoss()
+        self.path_losses["nst_mmd"] = NSTLoss(resize=self.opts.resize)
         self.weighting = make_weighting(
             self.opts.weighting, [p.label for p in self.paths], {p.label: p.weight for p in self.paths},
             shared=self._shared_params, gradnorm_alpha=self.opts.gradnorm_alpha, gradnorm_lr=self.opts.gradnorm_lr,
@@ -195,10 +222,10 @@ class Adaptive(Distiller):
 
     def _check_pair(self, kind: str, s: str, t: str, s_shape: torch.Size, t_shape: torch.Size,
                     device: torch.device) -> None:
-        if kind in ("attention", "nst") and (len(s_shape) != 4 or len(t_shape) != 4):
+        if kind in MAP_PATHS and (len(s_shape) != 4 or len(t_shape) != 4):
             raise ModelError(f"path {kind!r} needs [B, C, H, W] maps: student {s!r} is {tuple(s_shape)}, "
                              f"teacher {t!r} is {tuple(t_shape)}; pick convolutional layers")
-        if kind in ("hint", "attention"):
+        if kind in ("hint", "attention", "nst_mmd"):
             needs_resize(s_shape, t_shape, (s, t), self.opts.resize)
         if kind in ADAPTED and (s, t) not in self.pair_index:
             i = self.pair_index[(s, t)] = len(self.pair_index)
@@ -235,14 +262,14 @@ class Adaptive(Distiller):
         total = s_logits.new_zeros(())
         for s, t in path.pairs:
             ft = self.teacher_taps[t].detach()
-            if k == "attention":
-                total = total + self.path_losses["attention"](self.student_taps[s], ft)
+            if k in ("attention", "nst_mmd"):  # raw student maps: channel counts may differ
+                total = total + self.path_losses[k](self.student_taps[s], ft)
                 continue
             fs = self.adapted(s, t, cache)
             if k == "hint":
                 total = total + F.mse_loss(fs.float(), ft.float())
-            elif k == "nst":
-                total = total + self.path_losses["nst"](fs, ft)
+            elif k == "gram":
+                total = total + self.path_losses["gram"](fs, ft)
             else:  # feature_map: the adapter is already applied
                 total = total + feature_map_loss(fs, ft)
         return total
@@ -282,7 +309,10 @@ class Adaptive(Distiller):
     def stages(self) -> list[Stage]:
         assert self.weighting is not None, "setup() must run before stages()"
         trained = [self.student, self.adapters, self.path_losses]
-        params: list[Any] = params_of(*trained) + self.weighting.param_groups()
+        weights = self.weighting.param_groups()
+        if self.opts.weights_optimizer:  # the s_i with their own optimizer (the authors' SGD by default)
+            weights = [{"params": g["params"], "optimizer": dict(self.opts.weights_optimizer)} for g in weights]
+        params: list[Any] = params_of(*trained) + weights
         return [Stage("distill", [Update("student", params, self.student_step)], self.train_cfg.epochs,
                       train_modules=[*trained, self.weighting], on_epoch_end=self._end_epoch)]
 

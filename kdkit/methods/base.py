@@ -75,6 +75,8 @@ class Stage:
     on_epoch_end: Callable[[int], dict[str, float] | None] | None = None
     #: the global batch size of this stage (default: train.batch_size)
     batch_size: int | None = None
+    #: whether an epoch drops its last partial batch (kdkit's default for training) or keeps it
+    drop_last: bool = True
     #: a label-free score (higher is better) computed after each epoch; when given, the best epoch is
     #: chosen by it instead of by validation accuracy (unless select is "last")
     monitor: Callable[[], float] | None = None
@@ -125,6 +127,10 @@ class Method(nn.Module):
         """Extra figures for ``summary.json``."""
         return {}
 
+    def card_fields(self) -> dict[str, Any]:
+        """Extra entries for the report card (``summary.json``: ``report_card``), e.g. a generator's collapse."""
+        return {}
+
     def finish(self) -> None:
         """Called once after training: release hooks and other training-only machinery."""
 
@@ -154,6 +160,10 @@ class Method(nn.Module):
     #: set by the runner: save_artifact(filename, model, role) writes a model file into the run directory
     #: (role "student" or "teacher" picks the architecture it is described with); None off rank 0
     save_artifact: Callable[[str, nn.Module, str], None] | None = None
+
+    #: set by a method (to a one-line reason) to end training after the current epoch; later stages are
+    #: skipped and the summary records the reason as ``stopped_by``
+    stop_request: str | None = None
 
     #: set by the engine for the running stage: forget_optimizer_state(params) drops the optimizers' state
     #: (e.g. Adam's moments) of `params`, for a method that re-initialises them mid-stage

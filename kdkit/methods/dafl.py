@@ -4,7 +4,9 @@ The generator G minimises ``L_G = w_oh L_oh + w_a L_a + w_ie L_ie`` on the teach
 (the input of its classifier) for generated images x:
 
 * one-hot ``L_oh = CE(o, argmax o)`` (the teacher should be confident);
-* activation ``L_a = -mean |f|`` (the teacher's features should fire strongly);
+* activation ``L_a = -mean |f|`` (the teacher's features should fire strongly), f the input of the teacher's
+  first fully-connected layer, as in the authors' code: LeNet-5's 120-d conv3 output, ResNet's pooled
+  features;
 * information entropy ``L_ie = sum_k pbar_k log10 pbar_k`` (every class equally often; log10 as in the
   authors' code).
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..losses.datafree import activation_loss, information_entropy_loss, one_hot_loss
 from ..models.parts import model_parts
@@ -35,7 +38,15 @@ class DAFLOptions(GeneratorOptions):
     activation_weight: float = opt(0.1, "weight w_a of the activation loss", ge=0)
     entropy_weight: float = opt(5.0, "weight w_ie of the information-entropy loss", ge=0)
     entropy_log_base: float = opt(10.0, "logarithm base of the information entropy (the authors' code: 10)", gt=1)
-    feature_layer: str | None = opt(None, "the teacher's feature layer for L_a (default: its classifier's input)")
+    feature_layer: str | None = opt(None, "the teacher's feature tap for L_a (default: the input of its first "
+                                          "nn.Linear, the authors' choice)")
+
+
+def first_linear_input(model: nn.Module) -> str:
+    """Tap path of the input of `model`'s first ``nn.Linear`` (its flattened features before any
+    fully-connected layer); the classifier's input when none is found first."""
+    first = next((name for name, m in model.named_modules() if isinstance(m, nn.Linear)), None)
+    return f"{first or model_parts(model).classifier}:input"
 
 
 @register
@@ -46,7 +57,7 @@ class DAFL(DataFree):
 
     def __init__(self, opts: Any, **kw: Any):
         super().__init__(opts, **kw)
-        self.feature_path = opts.feature_layer or f"{model_parts(self.teacher).classifier}:input"
+        self.feature_path = opts.feature_layer or first_linear_input(self.teacher)
         self.tap([], [self.feature_path])
 
     def generator_step(self, batch: Any) -> dict[str, torch.Tensor]:

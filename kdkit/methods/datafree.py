@@ -19,7 +19,6 @@ Compute knobs (the authors' settings are the defaults; the MNIST recipes change 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from ..diagnostics import collapse_threshold, inspect_samples, save_grid
+from ..errors import warn
 from ..generators import DAFLGenerator, save_generator
 from ..losses import kd_loss
 from ..schema import opt
@@ -50,7 +50,11 @@ class DataFreeOptions:
         None, "collapse when one class holds more than this fraction of the samples (default max(0.5, 1.5/K))",
         gt=0, le=1)
     collapse_min_diversity: float = opt(0.1, "collapse when the samples' diversity falls below this", ge=0)
-    restart_on_collapse: bool = opt(False, "re-initialise the generator when a collapse is detected")
+    on_collapse: Literal["continue", "restart", "stop"] = opt(
+        "restart", "when the generated images collapse (one class, or no diversity): re-initialise the generator "
+        "and its optimizer state ('restart'), end training keeping the model selected so far ('stop'), or only "
+        "warn ('continue')")
+    collapse_restarts: int = opt(3, "on_collapse=restart: re-initialise at most this many times, then stop", ge=0)
 
 
 @dataclass
@@ -217,24 +221,49 @@ class DataFree(Distiller):
         if d["collapse"]:
             record["gen/collapse_reasons"] = d["collapse"]
         if d["collapse"]:
-            event = {"stage": stage, "epoch": epoch + 1, "reasons": d["collapse"]}
-            restart = o.restart_on_collapse and self.generator is not None and self.generator.training
-            msg = f"[{stage}] epoch {epoch + 1}: generated images collapse: {'; '.join(d['collapse'])}"
-            if restart:
-                assert self.generator is not None
-                self.generator.reset()
-                if self.forget_optimizer_state is not None:  # stale Adam moments would steer the new generator
-                    self.forget_optimizer_state(list(self.generator.parameters()))
-                if self.bank is not None:
-                    self.bank.clear()
-                self._latest = None
-                event["action"] = "generator re-initialised (method.restart_on_collapse)"
-                msg += "; re-initialising the generator"
-            else:
-                msg += "; set method.restart_on_collapse=true to re-initialise it, or change the generator's lr"
-            self.collapses.append(event)
-            warnings.warn(msg, stacklevel=2)
+            self._handle_collapse(stage, epoch, d["collapse"])
         return record
+
+    def _handle_collapse(self, stage: str, epoch: int, reasons: list[str]) -> None:
+        """Record a collapse, act on it as ``on_collapse`` says, and warn with what was done."""
+        o = self.opts
+        event: dict[str, Any] = {"stage": stage, "epoch": epoch + 1, "reasons": reasons}
+        trains_generator = self.generator is not None and self.generator.training
+        restarts = sum(1 for e in self.collapses if e.get("action", "").startswith("generator re-initialised"))
+        msg = f"{self.run_dir or 'this run'}: [{stage}] epoch {epoch + 1}: the generated images collapsed " \
+              f"({'; '.join(reasons)})"
+        action = o.on_collapse
+        if action == "restart" and not trains_generator:
+            action = "continue"
+            msg += "; this stage does not train the generator, so it cannot be re-initialised"
+        elif action == "restart" and restarts >= o.collapse_restarts:
+            action = "stop"
+            msg += f"; it was re-initialised {restarts} time(s) already (method.collapse_restarts)"
+        if action == "restart":
+            assert self.generator is not None
+            self.generator.reset()
+            if self.forget_optimizer_state is not None:  # stale Adam moments would steer the new generator
+                self.forget_optimizer_state(list(self.generator.parameters()))
+            if self.bank is not None:
+                self.bank.clear()
+            self._latest = None
+            event["action"] = "generator re-initialised (method.on_collapse=restart)"
+            msg += "; the generator was re-initialised (method.on_collapse=restart)"
+        elif action == "stop":
+            event["action"] = "training stopped"
+            self.stop_request = f"generator collapse at {stage} epoch {epoch + 1}"
+            msg += "; training stops here and keeps the model selected so far; try a lower method.generator_lr"
+        else:
+            event["action"] = "none"
+            msg += ("; a collapsed generator teaches the student nothing: set method.on_collapse=restart or stop, "
+                    "or lower method.generator_lr")
+        self.collapses.append(event)
+        warn(msg)
+
+    def card_fields(self) -> dict[str, Any]:
+        return {"generator_collapse": {"events": len(self.collapses), "handling": self.opts.on_collapse,
+                                       "collapsed_at_end": bool(self.last_diagnostics.get("collapse")),
+                                       "actions": sorted({e.get("action", "") for e in self.collapses})}}
 
     # ---- results ----------------------------------------------------------------------------
     def finish(self) -> None:

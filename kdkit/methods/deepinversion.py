@@ -8,11 +8,20 @@ batch statistics equal to its running ones:
 
 with x~ a random jitter (roll by up to ``jitter`` pixels) of x,
 ``R_bn = sum_l ||mu_l(x~) - mu_l^run||_2 + ||var_l(x~) - var_l^run||_2``, ``R_TV`` the L2 total variation
-and, for Adaptive DeepInversion (``competition_weight > 0``), ``R_comp = 1 - JS(p_t^T, p_s^T)``: images on
-which the student already agrees with the teacher are pushed to where it does not (the student then trains
-along, on the batches made so far). Each batch keeps its lowest-loss iterate, as the authors' code does.
-The student is then distilled on the synthesised set (T^2 KL at ``temperature``; the teacher's logits on
-the set are computed once).
+and, for Adaptive DeepInversion (``competition_weight > 0``), a competition term that pushes images on which
+the student already agrees with the teacher to where it does not (the student then trains along, on the
+batches made so far):
+
+* ``competition: authors`` (default): the authors' code, ``R_comp = 1 - clamp((KL(M||P) + KL(M||Q)) / 2, 0, 1)``
+  with P, Q the student's and teacher's softmax at T, M = (P + Q) / 2, and P, Q, M each clamped to
+  [0.01, 0.99] (not renormalised) before the KLs;
+* ``competition: js``: ``R_comp = 1 - clamp(JS(P, Q), 0, 1)``, the true Jensen-Shannon divergence the paper
+  writes (JS = (KL(P||M) + KL(Q||M)) / 2).
+
+Each batch keeps its last iterate (``keep: last``): the authors' CIFAR-10 code records a "best" iterate as
+``inputs.data``, which shares storage with the optimised images and so holds the last one; ``keep: best``
+keeps the lowest-loss iterate instead. The student is then distilled on the synthesised set (T^2 KL at
+``temperature``; the teacher's logits on the set are computed once).
 
 Defaults are the authors' CIFAR-10 settings (2,000 Adam steps at 0.1 per batch, w_bn 100, w_tv 2.5e-5,
 w_l2 0, jitter 2, competition at T = 3). The teacher must have BatchNorm layers.
@@ -22,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +39,7 @@ from torch import nn
 
 from ..engine.checkpoint import atomic_save
 from ..errors import ModelError
-from ..losses.datafree import BNStatistics, js_divergence, total_variation
+from ..losses.datafree import BNStatistics, clamped_mean_kl, js_divergence, total_variation
 from ..schema import opt
 from . import register
 from .base import Stage, Update
@@ -49,6 +58,10 @@ class DeepInversionOptions(DataFreeOptions):
     jitter: int = opt(2, "random roll of up to this many pixels per step", ge=0)
     competition_weight: float = opt(0.0, "Adaptive DeepInversion: weight of 1 - JS(teacher, student); 0: off", ge=0)
     competition_temperature: float = opt(3.0, "temperature of the competition term", gt=0)
+    competition: Literal["authors", "js"] = opt(
+        "authors", "competition term: the authors' clamped KL(M||P) + KL(M||Q), or the true Jensen-Shannon divergence")
+    keep: Literal["last", "best"] = opt("last", "per batch: the last iterate (what the authors' code keeps) or the "
+                                                "lowest-loss one")
 
 
 @register
@@ -93,11 +106,12 @@ class DeepInversion(DataFree):
             loss = terms["ce"] + o_.bn_weight * terms["bn"] + o_.tv_weight * terms["tv"] + o_.l2_weight * terms["l2"]
             if o_.competition_weight > 0:
                 t = o_.competition_temperature
-                js = js_divergence(F.softmax(o / t, dim=1), F.softmax(self.student(x) / t, dim=1))
-                terms["competition"] = 1.0 - js.clamp(0.0, 1.0)
+                p, q = F.softmax(self.student(x) / t, dim=1), F.softmax(o / t, dim=1)
+                div = js_divergence(p, q) if o_.competition == "js" else clamped_mean_kl(p, q)
+                terms["competition"] = 1.0 - div.clamp(0.0, 1.0)
                 loss = loss + o_.competition_weight * terms["competition"]
             cost = float(loss.detach())
-            if cost < float(self.best_cost[b]):  # the iterate being scored is the one before this step
+            if o_.keep == "best" and cost < float(self.best_cost[b]):  # scored: the iterate before this step
                 self.best_cost[b] = cost
                 self.best[b].copy_(self.images[b].detach())
             return {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
@@ -105,7 +119,7 @@ class DeepInversion(DataFree):
         return step
 
     def synthesised(self) -> torch.Tensor:
-        """The finished batches (their best iterates), one tensor."""
+        """The finished batches (their kept iterates), one tensor."""
         return self.best[: int(self.done)].flatten(0, 1)
 
     def student_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +129,10 @@ class DeepInversion(DataFree):
         idx = torch.randint(len(images), (self.batch_size,)).to(images.device)
         return images[idx], self._set_logits[idx]
 
+    @torch.no_grad()
     def _finish_batch(self, b: int) -> None:
+        if self.opts.keep == "last":
+            self.best[b].copy_(self.images[b].detach())
         self.done.fill_(b + 1)
 
     def stages(self) -> list[Stage]:

@@ -29,6 +29,8 @@ from .datafree import DataFree, GeneratorOptions
 class DFADOptions(GeneratorOptions):
     student_steps: int = opt(5, "student steps per generator step (the authors' 5)", ge=1)
     steps_per_epoch: int = opt(50, "generator steps per epoch (the authors' 50)", gt=0)
+    generator_bn_eps: float = opt(1e-5, "eps of the generator's middle BatchNorms (DFAD's own generator: PyTorch's "
+                                  "1e-5; DAFL's code passes 0.8)", gt=0)
 
 
 @register

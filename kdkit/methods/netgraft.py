@@ -4,7 +4,9 @@ Network Grafting for Few-Shot Knowledge Distillation", AAAI 2021).
 For a teacher and a few *unlabeled* images per class. Teacher and student are cut into the same number
 of blocks (see :mod:`kdkit.grafting`); where a student block's width differs from the teacher's, 1x1
 convolution adapters (bias, Kaiming init) translate channels into it (teacher -> student) and out of it
-(student -> teacher).
+(student -> teacher). Where kept teacher blocks (``keep_blocks``) meet the first grafted block, that block
+reads the teacher's full width itself, as in the authors' code: the layers that take its input are built
+wider, and no adapter sits there (``input_adapter: widen``; ``adapter`` puts a 1x1 adapter there instead).
 
 1. Block grafting: each student block, wrapped in its adapters, replaces its teacher block inside the
    otherwise frozen teacher and is trained alone (one stage per block).
@@ -15,11 +17,16 @@ Loss, with z the grafted network's logits and t the teacher's (default ``loss: n
 
     L = (1/B) sum_b || z_b/||z_b|| - t_b/||t_b|| ||^2        or, with loss: kl, T^2 KL(p_t || p_z) at T
 
+(the authors sum over the batch instead of averaging: the same steps under Adam, up to its eps).
+
 Labels are never read: the stages iterate the few-shot view, which holds images only. Defaults are the
-authors' (Adam; blocks 2.5e-4, adapters 2.5e-3 in stage 1, chain 1e-4 in stage 2; batch 64), each
-learning rate and the batch rescaled by N/10 as in their code (``scale_with_shots``). The final model is
-chosen without labels: the last epoch of each stage, or the epoch whose grafted network agrees best with
-the teacher's predictions on the few-shot images (``select: agreement``).
+authors' (``graft_block.py``, ``graft_net.py``): Adam; in stage 1 blocks at 2.5e-4 and adapters at 2.5e-3,
+both and the batch (64) rescaled by N/10 (``scale_with_shots``); in stage 2 one Adam at 1e-4 for the whole
+chain, adapters included, not rescaled; every epoch reads all N-shot images, the last batch partial. The
+authors' CIFAR schedule is 100, 60, 60 epochs for the three grafted blocks and 100 per chain length
+(``block_epochs`` takes a list). The final model is chosen without labels (the authors select stage 2's
+epoch on the test set; kdkit never does): the last epoch of each stage, or the epoch whose grafted network
+agrees best with the teacher's predictions on the few-shot images (``select: agreement``).
 
 At the end the adapters at each boundary are folded into one affine map, folded further into the next
 block's first convolution or linear layer where that is exact, and the rest kept as 1x1 layers: the
@@ -46,11 +53,14 @@ from ..grafting import (
     fold_into,
     gap_between,
     graft_blocks,
+    input_consumers,
     l2n_mse,
+    layer,
     load_affine,
     make_adapter,
     max_abs_diff,
     swapped,
+    widened,
 )
 from ..losses import kd_loss
 from ..schema import opt
@@ -64,14 +74,20 @@ from .distiller import frozen
 class NetGraftOptions:
     loss: Literal["norm_mse", "kl"] = opt("norm_mse", "MSE of L2-normalised logits (the paper's), or KL at T")
     temperature: float = opt(4.0, "temperature of loss=kl", gt=0)
-    block_epochs: int = opt(60, "stage 1: epochs per grafted block", ge=0)
+    block_epochs: int | list[int] = opt(60, "stage 1: epochs per grafted block (a list: one per grafted block, "
+                                               "in order; the authors' CIFAR: [100, 60, 60])")
     net_epochs: int = opt(100, "stage 2: epochs per chain length", ge=0)
     block_lr: float = opt(2.5e-4, "stage 1 learning rate of the student blocks (Adam)", gt=0)
     adapter_lr: float = opt(2.5e-3, "stage 1 learning rate of the adapters", gt=0)
     net_lr: float = opt(1e-4, "stage 2 learning rate of the student blocks", gt=0)
-    net_adapter_lr: float = opt(2.5e-3, "stage 2 learning rate of the adapters", gt=0)
+    net_adapter_lr: float | None = opt(None, "stage 2 learning rate of the adapters (default: net_lr, the "
+                                                 "authors' one Adam for the whole chain)", gt=0)
     batch_size: int = opt(64, "batch size (rescaled by N/10 with scale_with_shots)", gt=0)
-    scale_with_shots: bool = opt(True, "multiply the learning rates and the batch size by N/10, as the authors do")
+    scale_with_shots: bool = opt(True, "multiply stage 1's learning rates and the batch size by N/10, as the "
+                                       "authors do (their stage 2 learning rate is not rescaled)")
+    input_adapter: Literal["widen", "adapter"] = opt(
+        "widen", "where kept teacher blocks meet the first grafted block: that block reads the teacher's width "
+        "itself (the authors'), or through a 1x1 adapter")
     keep_blocks: list[str] = opt([], "student blocks replaced by the teacher's (full width) and not grafted")
     copy_teacher: bool = opt(True, "kept blocks start from the teacher's weights (else re-initialised, grafted)")
     teacher_blocks: list[str] = opt([], "the teacher's blocks in forward order (default: from its stages)")
@@ -93,6 +109,11 @@ class _Grafted(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with swapped(self._teacher[0], dict(zip(self._paths, self.wrapped))):
             return self._teacher[0](x)
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
 
 
 @register
@@ -144,6 +165,7 @@ class NetGraft(Method):
         self.adapters_out = nn.ModuleDict()
         self.in_dims: list[int] = []  # rank of each student block's input (4: maps, 2: vectors)
         self.exported: nn.Module | None = None
+        self.widen_patches: list[dict[str, Any]] = []  # first grafted layers built wider (input_adapter: widen)
         self.patches: list[dict[str, Any]] = []
         self.export_diff: float | None = None
         self.folded = 0
@@ -153,6 +175,7 @@ class NetGraft(Method):
     def setup(self, sample: Batch) -> None:
         x = sample.x[:2]
         shapes = {}
+        inputs = {}
         for who, model, blocks in (("t", self.teacher, self.t_blocks), ("s", self._as_built[0], self.s_blocks)):
             with Taps(model, [*blocks, *(f"{b}:input" for b in blocks)]) as taps:
                 was = model.training
@@ -160,6 +183,8 @@ class NetGraft(Method):
                 model(x)
                 model.train(was)
                 shapes[who] = [(taps[f"{b}:input"].shape, taps[b].shape) for b in blocks]
+                inputs[who] = [taps[f"{b}:input"] for b in blocks]
+        as_built = self._as_built[0]
         for i in self.replaced:  # teacher blocks in the student take and give the teacher's shapes
             shapes["s"][i] = shapes["t"][i]
         self._as_built = []
@@ -170,10 +195,49 @@ class NetGraft(Method):
                 if len(a) != len(b) or a[2:] != b[2:]:
                     raise ModelError(f"block {names[0]!r} of the student and {names[1]!r} of the teacher differ in "
                                      f"{what} shape beyond channels: {tuple(b)} vs {tuple(a)}")
-            if t_in[1] != s_in[1]:
+            if t_in[1] != s_in[1] and not self._widen_input(i, as_built, inputs, shapes):
                 self.adapters_in[str(i)] = make_adapter(t_in[1], s_in[1], len(t_in)).to(x.device)
             if t_out[1] != s_out[1]:
                 self.adapters_out[str(i)] = make_adapter(s_out[1], t_out[1], len(t_out)).to(x.device)
+
+    def _widen_input(self, i: int, as_built: nn.Module, inputs: dict[str, list[torch.Tensor]],
+                     shapes: dict[str, list[Any]]) -> bool:
+        """``input_adapter: widen``: when block i is grafted right after a block of the teacher's architecture,
+        rebuild the layers that read its input to take the teacher's width (as the authors' student does).
+        True when done; False leaves the boundary to a 1x1 adapter (another option, or a block whose input
+        also feeds something that cannot be widened, e.g. an identity shortcut)."""
+        if self.opts.input_adapter != "widen" or i == 0 or i - 1 not in self.replaced or i in self.replaced:
+            return False
+        path = self.s_blocks[i]
+        consumers = input_consumers(resolve(as_built, path), inputs["s"][i])
+        block = resolve(self.student, path)
+        width = int(shapes["t"][i][0][1])
+        try:
+            args = {c: widened(resolve(block, c), width) for c in consumers}
+        except ModelError:
+            return False
+        if not args:
+            return False
+        saved = {c: resolve(block, c) for c in args}
+        device = inputs["t"][i].device
+        for c, a in args.items():
+            _set(block, c, layer(**a).to(device))
+        was = block.training
+        try:
+            block.eval()
+            with torch.no_grad():
+                ok = block(inputs["t"][i]).shape == shapes["s"][i][1]
+        except RuntimeError:
+            ok = False
+        finally:
+            block.train(was)
+        if not ok:
+            for c, m in saved.items():
+                _set(block, c, m)
+            return False
+        self.widen_patches += [{"path": f"{path}.{c}", "factory": "kdkit.grafting:layer", "args": a}
+                               for c, a in args.items()]
+        return True
 
     def wrapped(self, i: int) -> nn.Module:
         parts = [a] if (a := self._adapter(self.adapters_in, i)) is not None else []
@@ -211,7 +275,7 @@ class NetGraft(Method):
         return hits / max(1, len(fewshot))
 
     def _stage(self, name: str, blocks: list[int], trained: list[int], epochs: int, lr: float,
-               adapter_lr: float) -> Stage:
+               adapter_lr: float, factor: float) -> Stage:
         net = self.grafted_net(blocks)
         block_params = [p for i in trained for p in resolve(self.student, self.s_blocks[i]).parameters()]
         adapters = [m for i in trained for d in (self.adapters_in, self.adapters_out) if str(i) in d
@@ -219,23 +283,27 @@ class NetGraft(Method):
         groups: list[Any] = [{"params": block_params}]
         if adapters:
             groups.append({"params": [p for m in adapters for p in m.parameters()], "lr_scale": adapter_lr / lr})
-        optimizer = {"optimizer": "adam", "lr": lr * self.factor, "weight_decay": 0.0, "schedule": "constant",
+        optimizer = {"optimizer": "adam", "lr": lr * factor, "weight_decay": 0.0, "schedule": "constant",
                      "warmup_epochs": 0}
         agree = self.opts.select == "agreement"
         return Stage(name, [Update(name, groups, lambda b, net=net: self.graft_loss(net, b), optimizer=optimizer)],
                      epochs, train_modules=[resolve(self.student, self.s_blocks[i]) for i in trained] + adapters,
-                     data="fewshot", batch_size=self.batch, evaluate=lambda net=net: net,
+                     data="fewshot", batch_size=self.batch, drop_last=False, evaluate=lambda net=net: net,
                      monitor=(lambda net=net: self.agreement(net)) if agree else None,
                      select="best_val" if agree else "last")
 
     def stages(self) -> list[Stage]:
         o = self.opts
-        stages = [self._stage(f"block {self.s_blocks[i]}", [i], [i], o.block_epochs, o.block_lr, o.adapter_lr)
-                  for i in self.grafted]
+        epochs = o.block_epochs if isinstance(o.block_epochs, list) else [o.block_epochs] * len(self.grafted)
+        if len(epochs) != len(self.grafted):
+            raise ConfigError(f"method.block_epochs lists {len(epochs)} epoch counts for {len(self.grafted)} grafted "
+                              f"blocks ({', '.join(self.s_blocks[i] for i in self.grafted)}); give one per block")
+        stages = [self._stage(f"block {self.s_blocks[i]}", [i], [i], e, o.block_lr, o.adapter_lr, self.factor)
+                  for i, e in zip(self.grafted, epochs)]
         for k in range(1, len(self.grafted)):
             chain = self.grafted[:k + 1]
             stages.append(self._stage(f"chain {len(chain)}/{len(self.grafted)}", chain, chain, o.net_epochs,
-                                      o.net_lr, o.net_adapter_lr))
+                                      o.net_lr, o.net_adapter_lr or o.net_lr, 1.0))
         return stages
 
     def eval_model(self) -> nn.Module:
@@ -247,7 +315,7 @@ class NetGraft(Method):
         """Fold the adapters into a plain student and check it against the grafted network."""
         self.eval()
         student = copy.deepcopy(self.student).eval()
-        patches: list[dict[str, Any]] = []
+        patches: list[dict[str, Any]] = list(self.widen_patches)  # before any wrapping changes the paths
         if self.replaced:  # blocks of the teacher's architecture: kdkit.load rebuilds them from it
             if "teacher" not in self.specs:
                 raise ModelError("netgraft with keep_blocks needs the teacher's architecture to export the student")
@@ -310,5 +378,6 @@ class NetGraft(Method):
         return {"blocks": self.s_blocks, "grafted": [self.s_blocks[i] for i in self.grafted],
                 "kept": [self.s_blocks[i] for i in self.kept], "shots": self.info.shots, "batch_size": self.batch,
                 "adapters": len(self.adapters_in) + len(self.adapters_out), "folded_boundaries": self.folded,
+                "widened_inputs": [p["path"] for p in self.widen_patches],
                 "kept_adapter_layers": sum(1 for p in self.patches if p["factory"].endswith(("prepend", "append"))),
                 "export_max_abs_diff": self.export_diff}

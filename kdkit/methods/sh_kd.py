@@ -7,10 +7,14 @@ Three stages, one command, each stage's model kept in the run directory:
    ``stage1_student.pt``.
 2. ``teacher``: train the teacher with its classifier initialised from the stage-1 student's and frozen,
    cross-entropy only. When the embedding widths differ, the teacher's embedding reaches that frozen head
-   through a learned linear map Q (teacher width -> student width). The teacher starts from its checkpoint
-   (``teacher_init: checkpoint``, fine-tuning) or from scratch. At the end Q and the head are folded into
-   the teacher's own classifier; saved as ``stage2_teacher.pt``. Its own accuracy may drop: it is reported
-   as ``test_accuracy_sh_teacher``.
+   through a learned linear map Q (teacher width -> student width). As in the authors' code
+   (``train_teacher.py --path_th``), the teacher is trained from scratch (``teacher_init: scratch``) on the
+   whole labeled training set (``teacher_data: full``, even when ``data.train_subset`` gives the students
+   less), with the teacher's own training settings (``teacher_optimizer``, ``teacher_epochs``,
+   ``teacher_batch_size``); fine-tuning the given teacher on the students' data is the option
+   ``teacher_init: checkpoint, teacher_data: train``. At the end Q and the head are folded into the
+   teacher's own classifier; saved as ``stage2_teacher.pt``. Its own accuracy may drop: it is reported as
+   ``test_accuracy_sh_teacher``.
 3. ``distill``: distill a fresh student (the same initialisation as stage 1) from that teacher, with KD
    or TH-KD (``final``).
 
@@ -48,21 +52,48 @@ class SHKDOptions(THKDOptions):
     student_kd: bool = opt(False, "stage 1: train the first student with KD from the given teacher (else alone)")
     student_epochs: int | None = opt(None, "stage 1 epochs (default: train.epochs)", ge=0)
     teacher_epochs: int | None = opt(None, "stage 2 epochs (default: train.epochs)", ge=0)
-    teacher_init: Literal["checkpoint", "scratch"] = opt("checkpoint", "stage 2: fine-tune the teacher or start afresh")
-    teacher_lr: float | None = opt(None, "stage 2 learning rate (default: train.lr)", gt=0)
+    teacher_init: Literal["checkpoint", "scratch"] = opt(
+        "scratch", "stage 2: train the teacher from scratch (the authors') or fine-tune the given one")
+    teacher_data: Literal["full", "train"] = opt(
+        "full", "stage 2 data: the whole labeled training set (the authors'), or the students' (after "
+        "data.train_subset)")
+    teacher_optimizer: dict[str, Any] = opt({}, "stage 2 training settings: train-section keys (optimizer, lr, "
+                                            "momentum, nesterov, weight_decay, schedule, warmup_epochs, ...)")
+    teacher_batch_size: int | None = opt(None, "stage 2 global batch size (default: train.batch_size)", gt=0)
 
     def validate(self, where: str) -> None:
+        if self.teacher_optimizer:
+            from ..config import TrainConfig
+            from ..engine.optim import update_config
+
+            bad = sorted(set(self.teacher_optimizer) & {"epochs", "batch_size"})
+            if bad:
+                raise ConfigError(f"{where}.teacher_optimizer: set {', '.join(bad)} with teacher_epochs / "
+                                  "teacher_batch_size")
+            update_config(TrainConfig(), self.teacher_optimizer, f"{where}.teacher_optimizer")
         if self.final == "kd" and (self.th_weight or self.th_ce_weight or self.emb_weight):
             raise ConfigError(f"{where}: th_weight, th_ce_weight and emb_weight apply to final=th_kd; "
                               "set method.final=th_kd or set them to 0")
 
 
 class _SharedHeadTeacher(nn.Module):
-    """The stage-2 teacher for evaluation: its backbone, then [Q], then the frozen student head."""
+    """The stage-2 teacher for evaluation: its backbone, then [Q], then the frozen student head.
+
+    The models belong to the method (they are not submodules here), so ``train()``/``eval()`` are passed on to
+    them explicitly: evaluation must see the teacher in eval mode (BatchNorm's running statistics, and
+    validation images must not update them)."""
 
     def __init__(self, method: SHKD):
         super().__init__()
         self._method = [method]  # not a submodule: the models belong to the method
+
+    def train(self, mode: bool = True) -> _SharedHeadTeacher:
+        super().train(mode)
+        m = self._method[0]
+        for part in (m.teacher, m.q, m.sh_head):
+            if part is not None:
+                part.train(mode)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._method[0].shared_head_logits(x)
@@ -143,9 +174,10 @@ class SHKD(HeadSharing):
             Stage("student", [Update("student", list(self.student1.parameters()), self.stage1_step)], e1,
                   train_modules=[self.student1], evaluate=lambda: self.student1, on_end=self._end_stage1),
             Stage("teacher", [Update("teacher", self.teacher_backbone_params() + params_of(self.q), self.stage2_step,
-                                     optimizer={"lr": o.teacher_lr} if o.teacher_lr else {})], e2,
+                                     optimizer=dict(o.teacher_optimizer))], e2,
                   train_modules=stage2_modules, evaluate=lambda: self._view[0], on_start=self._start_stage2,
-                  on_end=self._end_stage2),
+                  on_end=self._end_stage2, data="train_full" if o.teacher_data == "full" else "train",
+                  batch_size=o.teacher_batch_size),
             Stage("distill", [Update("student", params_of(*trained3), self.student_step)], tc.epochs,
                   train_modules=trained3, evaluate=lambda: self.student),
         ]

@@ -5,11 +5,14 @@ The teacher's classifier h_t, frozen, is applied to the student's embedding e_s 
 projector P when the embedding widths differ), giving z_TH = h_t(P(e_s)). With z_s, z_t the student's and
 teacher's logits:
 
-    L = ce_weight    * CE(z_s, y)
-      + kd_weight    * T^2 KL(softmax(z_t/T) || softmax(z_s/T))        (KD on the student's head)
-      + th_weight    * T^2 KL(softmax(z_t/T) || softmax(z_TH/T))       (KD through the teacher's head)
-      + th_ce_weight * CE(z_TH, y)                                     (the paper's alpha_TH mixing)
+    L = ce_weight    * CE(z_s, y)                                      (gamma, the authors' -r 1)
+      + kd_weight    * T^2 KL(softmax(z_t/T) || softmax(z_s/T))        (alpha, -a 1.5: KD on the student's head)
+      + th_weight    * T^2 KL(softmax(z_t/T) || softmax(z_TH/T))       (beta, -b 0.02: KD through the teacher's head)
+      + th_ce_weight * CE(z_TH, y)                                     (kdkit's option, not in the authors' code)
       + emb_weight   * D(P(e_s), e_t)                                  (normalised embedding distance)
+
+The defaults are the authors' (``train_student.py --distill kdth -r 1 -a 1.5 -b 0.02``, T = 4). Their code
+has no projector and requires equal embedding widths; kdkit adds a linear projector P when they differ.
 
 Embeddings and classifiers are found by name on zoo models (the classifier's input is the embedding)
 and given by module path for other models. The TH terms train the student's backbone and the projector;
@@ -44,10 +47,14 @@ class THKDOptions:
     temperature: float = opt(4.0, "softmax temperature T of the KD terms", gt=0)
     ce_weight: float = opt(1.0, "weight of CE on the student's head (gamma)", ge=0)
     kd_weight: float = opt(1.5, "weight of KD between teacher and student head (alpha; authors' code: 1.5)", ge=0)
-    th_weight: float = opt(1.0, "weight of KD between teacher and teacher-head-on-student", ge=0)
-    th_ce_weight: float = opt(0.0, "weight of CE on the teacher-head-on-student output (alpha_TH)", ge=0)
-    emb_weight: float = opt(0.0, "weight of the embedding distance (beta)", ge=0)
-    emb_metric: Literal["l2", "cosine"] = opt("l2", "embedding distance between normalised embeddings")
+    th_weight: float = opt(0.02, "weight of KD between teacher and teacher-head-on-student (beta; authors' 0.02)",
+                           ge=0)
+    th_ce_weight: float = opt(0.0, "weight of CE on the teacher-head-on-student output (not in the authors' code)",
+                              ge=0)
+    emb_weight: float = opt(0.0, "weight of the embedding distance", ge=0)
+    emb_metric: Literal["kde", "l2", "cosine"] = opt(
+        "l2", "embedding distance between unit embeddings: kde (the authors' KDE: summed over the batch), l2 "
+        "(kde divided by the batch size), cosine")
     projector_bn: bool = opt(False, "projector (when widths differ): linear followed by BatchNorm1d")
     init_student_head: bool = opt(False, "initialise the student's classifier from the teacher's (equal widths)")
     eval_mix: float = opt(0.5, "weight m of the teacher head in the reported mix (1-m) p_s + m p_TH", ge=0, le=1)
