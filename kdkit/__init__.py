@@ -4,13 +4,15 @@
     res = kdkit.train(model, "digits", train={"epochs": 5})
     kdkit.load("runs/x/model.pt")                 # a trained model, ready for inference
     kdkit.models.create("resnet20", num_classes=100)
+    kdkit.compare("benchmarks/compare/mnist_lowlabel_kd.yaml")   # arms over paired seeds, with 95% intervals
 """
 
 __version__ = "0.1.0"
 
 from . import models
 from .api import Result, distill, train
+from .compare import compare
 from .errors import KdkitError
 from .modelfile import load
 
-__all__ = ["KdkitError", "Result", "__version__", "distill", "load", "models", "train"]
+__all__ = ["KdkitError", "Result", "__version__", "compare", "distill", "load", "models", "train"]

@@ -9,6 +9,7 @@
     kdkit sample RUN_DIR [-n 64]                images from a data-free run's generator, as a PNG grid
     kdkit export RUN_DIR --format torchscript|onnx|state_dict   the student alone, checked against PyTorch
     kdkit bench speed --teacher T --student S   kdkit's training step against a hand-written loop
+    kdkit compare SPEC.yaml                     recipes over paired seeds (a resumable queue), 95% intervals
     kdkit demo                                  teacher, student alone and KD on digits, in a table
 
 Every user error prints one line ``kdkit: error: ...`` and exits with status 2.
@@ -93,6 +94,17 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config overrides for both sides, e.g. train.channels_last=true method.temperature=2")
+
+    c = sub.add_parser("compare", help="recipes over paired seeds as a resumable queue, compared with 95%% intervals",
+                       description="Run the arms of a comparison spec (YAML) over paired seeds, one run at a time; "
+                                   "kill it and start it again to continue. Writes compare.md, compare.json and "
+                                   "compare.png with each arm's mean and interval and the paired differences.",
+                       epilog="Spec format: docs/compare.md; specs of the benchmarks: benchmarks/compare/")
+    c.add_argument("spec", help="a comparison spec (YAML)")
+    c.add_argument("--render", action="store_true", help="only write the report of the runs finished so far")
+    c.add_argument("--dry-run", action="store_true", help="check the spec and every run's config, print the commands")
+    c.add_argument("--max-runs", type=int, metavar="N", help="stop after N runs (run the same command to continue)")
+    c.add_argument("--retry-failed", action="store_true", help="run again the runs that failed earlier")
 
     d = sub.add_parser("demo", help="teacher, student alone and KD on the bundled digits data (under a minute)")
     d.add_argument("--output-dir", default=None, help="where the three runs go (default runs/demo-<time>)")
@@ -237,6 +249,17 @@ def main(argv: list[str] | None = None) -> int:
             from .bench.speed import main as bench_speed
 
             return bench_speed(args)
+        if args.command == "compare":
+            from .compare import compare, dry_run
+
+            if args.dry_run:
+                print("\n".join(dry_run(args.spec)))
+                return 0
+            report = compare(args.spec, run=not args.render, max_runs=args.max_runs, retry_failed=args.retry_failed)
+            from .compare import load_spec
+
+            print(f"report: {load_spec(args.spec).out / 'compare.md'}")
+            return 0 if report else 1
         if args.command == "demo":
             from .demo import run_demo
 

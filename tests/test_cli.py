@@ -74,7 +74,7 @@ def test_eval_rejects_a_corrupt_model_file(tmp_path, capsys):
 def test_help_lists_the_commands():
     p = kdkit("--help")
     assert p.returncode == 0
-    for cmd in ("train", "distill", "eval", "models", "demo", "torchrun"):
+    for cmd in ("train", "distill", "eval", "models", "demo", "compare", "torchrun"):
         assert cmd in p.stdout
 
 

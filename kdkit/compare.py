@@ -1,0 +1,537 @@
+"""``kdkit compare``: several recipes (arms) over paired seeds, run as a resumable queue, compared with
+confidence intervals.
+
+A spec (YAML, or a dict from Python) names the arms, the seeds and the baseline::
+
+    name: mnist-lowlabel-kd
+    seeds: 10                       # 0..9, or a list
+    baseline: student               # every other arm is compared with it, seed by seed
+    set: [data.root=../shared/data/mnist]       # overrides for every run
+    prepare:                        # runs made once, before the arms: {teacher} is the run's folder
+      teacher: {command: train, config: configs/mnist/teacher_lenet5.yaml}
+    arms:
+      student: {command: train, config: configs/mnist/lowlabel_student.yaml}
+      kd: {command: distill, config: configs/mnist/lowlabel_kd.yaml, set: ["teacher.checkpoint={teacher}/model.pt"]}
+    cells: {shots: [1, 10]}         # optional: a grid; {shots} in overrides; each cell is its own comparison
+    contrasts: [[kd, student]]      # optional: further pairs than every arm against the baseline
+
+Pairing: the run of arm A with seed s and the run of arm B with seed s share the seed, hence (where the
+architectures allow) the student's initial weights and the order and augmentation of the images; every
+summary records fingerprints of both (``pairing``) and the report says, per pair, whether they matched.
+
+The queue runs one ``kdkit`` process at a time, in the order seed, cell, arm (so early results are
+balanced across arms). It can be killed at any point and started again with the same command: finished
+runs (a ``summary.json``) are never redone, an interrupted run continues from its checkpoint
+(``--resume``). Each run's command, exit status, wall and CPU time and the machine's load when it started
+are kept in ``queue.json``; its output in ``logs/``. The report (``compare.md``, ``compare.json``,
+``compare.png``) gives per arm the mean and 95% interval of the metric, the kept (best validation) state
+against the last one, the cost per run, and per pair the mean paired difference with its interval.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, KdkitError, did_you_mean
+from .stats import Interval, Paired, mean_ci, paired
+
+SPEC_KEYS = ("name", "out", "seeds", "metric", "baseline", "set", "prepare", "arms", "cells", "contrasts", "level")
+RUN_KEYS = ("command", "config", "set")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass
+class RunSpec:
+    """One arm (or prepare run): ``kdkit <command> <config> <set...>``."""
+
+    name: str
+    command: str
+    config: str | None
+    overrides: list[str]
+
+
+@dataclass
+class Spec:
+    name: str
+    out: Path
+    seeds: list[int]
+    metric: str
+    baseline: str
+    overrides: list[str]
+    prepare: dict[str, RunSpec]
+    arms: dict[str, RunSpec]
+    cells: dict[str, list[Any]]
+    contrasts: list[tuple[str, str]]
+    level: float = 0.95
+
+
+@dataclass
+class Run:
+    """A run of the queue: an arm in a cell with a seed (or a prepare run)."""
+
+    key: str
+    arm: str
+    cell: str
+    seed: int | None
+    command: str
+    argv: list[str]  # kdkit's arguments after the command, for a fresh start
+    run_dir: Path
+    log: Path
+
+    @property
+    def finished(self) -> bool:
+        return (self.run_dir / "summary.json").is_file()
+
+    @property
+    def started(self) -> bool:
+        return (self.run_dir / "config.yaml").is_file()
+
+
+# ---- the spec --------------------------------------------------------------------------------------
+def _as_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+        raise ConfigError(f"{where}: expected a list of key=value overrides, got {value!r}")
+    return list(value)
+
+
+def _run_spec(name: str, data: Any, where: str) -> RunSpec:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping with command, config and set, got {data!r}")
+    for k in data:
+        if k not in RUN_KEYS:
+            raise ConfigError(f"{where}: unknown key {k!r}{did_you_mean(str(k), RUN_KEYS)}; keys: "
+                              f"{', '.join(RUN_KEYS)}")
+    command = data.get("command", "distill")
+    if command not in ("train", "distill"):
+        raise ConfigError(f"{where}.command: 'train' or 'distill', got {command!r}")
+    config = data.get("config")
+    if config is not None and not Path(config).is_file():
+        raise ConfigError(f"{where}.config: {config!r} not found (paths are relative to the folder kdkit compare "
+                          f"runs in: {os.getcwd()})")
+    return RunSpec(name, command, config, _as_list(data.get("set"), f"{where}.set"))
+
+
+def load_spec(spec: str | os.PathLike | dict[str, Any]) -> Spec:
+    """Read and check a comparison spec (a YAML file or a dict): one clear error for any mistake."""
+    from .config import load_yaml
+
+    raw = load_yaml(spec) if not isinstance(spec, dict) else dict(spec)
+    default_name = Path(spec).stem if not isinstance(spec, dict) else "compare"
+    for k in raw:
+        if k not in SPEC_KEYS:
+            raise ConfigError(f"compare spec: unknown key {k!r}{did_you_mean(str(k), SPEC_KEYS)}; "
+                              f"keys: {', '.join(SPEC_KEYS)}")
+    name = str(raw.get("name") or default_name)
+    seeds = raw.get("seeds", 10)
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = list(range(seeds))
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(
+            seeds):
+        raise ConfigError(f"compare spec: seeds is a count or a list of distinct integers, got {raw.get('seeds')!r}")
+    arms_raw = raw.get("arms")
+    if not isinstance(arms_raw, dict) or not arms_raw:
+        raise ConfigError("compare spec: 'arms' must name at least one arm: {arm_name: {command, config, set}}")
+    arms = {str(a): _run_spec(str(a), v, f"arms.{a}") for a, v in arms_raw.items()}
+    prepare_raw = raw.get("prepare") or {}
+    if not isinstance(prepare_raw, dict):
+        raise ConfigError("compare spec: 'prepare' is a mapping {name: {command, config, set}}")
+    prepare = {str(p): _run_spec(str(p), v, f"prepare.{p}") for p, v in prepare_raw.items()}
+    clash = sorted(set(prepare) & set(arms))
+    if clash:
+        raise ConfigError(f"compare spec: {', '.join(clash)} is both a prepare run and an arm; rename one")
+    baseline = raw.get("baseline", next(iter(arms)))
+    if baseline not in arms:
+        raise ConfigError(f"compare spec: baseline {baseline!r} is not an arm{did_you_mean(str(baseline), arms)}; "
+                          f"arms: {', '.join(arms)}")
+    cells = raw.get("cells") or {}
+    if not isinstance(cells, dict) or not all(isinstance(v, list) and v for v in cells.values()):
+        raise ConfigError("compare spec: 'cells' maps a name to a non-empty list of values, e.g. {shots: [1, 10]}")
+    contrasts = []
+    for c in raw.get("contrasts") or []:
+        if not (isinstance(c, list) and len(c) == 2 and all(x in arms for x in c)):
+            raise ConfigError(f"compare spec: contrast {c!r} is not a pair of arm names [arm, other]")
+        contrasts.append((c[0], c[1]))
+    level = float(raw.get("level", 0.95))
+    if not 0 < level < 1:
+        raise ConfigError(f"compare spec: level is a confidence level in (0, 1), got {level}")
+    out = Path(raw.get("out") or Path("runs") / "compare" / name)
+    return Spec(name, out, seeds, str(raw.get("metric", "test_accuracy")), baseline,
+                _as_list(raw.get("set"), "set"), prepare, arms, {str(k): v for k, v in cells.items()}, contrasts,
+                level)
+
+
+def _fill(text: str, values: dict[str, Any], where: str) -> str:
+    def sub(m: re.Match[str]) -> str:
+        if m.group(1) not in values:
+            raise ConfigError(f"{where}: unknown placeholder {{{m.group(1)}}} in {text!r}; known: "
+                              f"{', '.join('{' + k + '}' for k in sorted(values))}")
+        return str(values[m.group(1)])
+
+    return _PLACEHOLDER.sub(sub, text)
+
+
+def _cell_label(cell: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in cell.items()) or "all"
+
+
+def plan(spec: Spec) -> list[Run]:
+    """Every run of the comparison, prepare runs first, then seed by seed, cell by cell, arm by arm."""
+    runs: list[Run] = []
+    prep_dirs = {p: spec.out / "prepare" / p for p in spec.prepare}
+    base_values: dict[str, Any] = {k: str(v) for k, v in prep_dirs.items()} | {"out": str(spec.out)}
+    for p, rs in spec.prepare.items():
+        argv = [*([rs.config] if rs.config else []),
+                *(_fill(o, base_values, f"prepare.{p}") for o in [*spec.overrides, *rs.overrides])]
+        runs.append(Run(f"prepare/{p}", p, "prepare", None, rs.command, argv, prep_dirs[p],
+                        spec.out / "logs" / "prepare" / f"{p}.log"))
+    names = list(spec.cells)
+    cells = [dict(zip(names, combo)) for combo in itertools.product(*spec.cells.values())] or [{}]
+    for seed in spec.seeds:
+        for cell in cells:
+            label = _cell_label(cell)
+            values = base_values | {k: v for k, v in cell.items()} | {"seed": seed}
+            for a, rs in spec.arms.items():
+                where = f"arms.{a}"
+                argv = [*([rs.config] if rs.config else []),
+                        *(_fill(o, values, where) for o in [*spec.overrides, *rs.overrides]), f"seed={seed}"]
+                run_dir = spec.out / label / a / f"seed{seed}"
+                runs.append(Run(f"{label}/{a}/seed{seed}", a, label, seed, rs.command, argv, run_dir,
+                                spec.out / "logs" / label / a / f"seed{seed}.log"))
+    return runs
+
+
+def check(runs: list[Run]) -> None:
+    """Validate every run's config (recipe, overrides, method options) before any work starts."""
+    from .config import load_config
+
+    for r in runs:
+        cfg_path = r.argv[0] if r.argv and "=" not in r.argv[0] else None
+        overrides = [a for a in r.argv if a is not cfg_path] + [f"output_dir={r.run_dir}"]
+        try:
+            load_config(cfg_path, overrides, default_method="supervised" if r.command == "train" else "kd")
+        except KdkitError as e:
+            raise ConfigError(f"run {r.key} ({r.command}): {e}") from None
+
+
+# ---- the queue -------------------------------------------------------------------------------------
+def _read_queue(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            pass
+    return {"runs": {}}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def command_line(run: Run) -> list[str]:
+    """The kdkit command that (re)starts `run`: a fresh start, or ``--resume`` when it was interrupted."""
+    head = [sys.executable, "-m", "kdkit", run.command]
+    if run.started:
+        return [*head, "--resume", str(run.run_dir)]
+    return [*head, *run.argv, f"output_dir={run.run_dir}", "train.progress=lines"]
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = False,
+              echo: bool = True) -> dict[str, Any]:
+    """Run what is not finished, one at a time; returns the queue record (also in ``OUT/queue.json``).
+
+    A run that fails after it started is recorded (``failed``), skipped from then on unless `retry_failed`
+    (it resumes from its last checkpoint), and the queue goes on; one that fails before starting (a config
+    the checks could not see) or is interrupted (Ctrl-C) stops the queue."""
+    runs = plan(spec)
+    check(runs)
+    qpath = spec.out / "queue.json"
+    queue = _read_queue(qpath)
+    queue["spec"] = spec.name
+    failed = {k for k, v in queue["runs"].items() if v.get("status") == "failed"} if not retry_failed else set()
+    todo = [r for r in runs if not r.finished and r.key not in failed]
+    say = print if echo else (lambda *a, **k: None)
+    if failed:
+        say(f"kdkit compare {spec.name}: {len(failed)} failed run(s) skipped (--retry-failed runs them again)",
+            flush=True)
+    say(f"kdkit compare {spec.name}: {len(runs) - len(todo)} of {len(runs)} runs finished, {len(todo)} to go "
+        f"(results in {spec.out})", flush=True)
+    done_now = 0
+    for i, r in enumerate(todo):
+        if max_runs is not None and done_now >= max_runs:
+            say(f"stopped after {done_now} run(s) (--max-runs); run the same command to continue", flush=True)
+            break
+        argv = command_line(r)
+        entry = queue["runs"].setdefault(r.key, {"attempts": []})
+        attempt: dict[str, Any] = {"command": shlex.join(argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                   "load_avg_1min": round(os.getloadavg()[0], 2), "resumed": r.started}
+        say(f"[{len(runs) - len(todo) + i + 1}/{len(runs)}] {r.key}{' (resuming)' if r.started else ''}", flush=True)
+        r.log.parent.mkdir(parents=True, exist_ok=True)
+        t0, c0 = time.time(), _cpu_seconds()
+        with open(r.log, "a", encoding="utf-8") as log:
+            log.write(f"$ {attempt['command']}\n")
+            log.flush()
+            try:
+                code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+            except KeyboardInterrupt:
+                code = 130
+        attempt.update(exit_code=code, wall_s=round(time.time() - t0, 2), cpu_s=round(_cpu_seconds() - c0, 2))
+        entry["attempts"].append(attempt)
+        entry["status"] = "finished" if r.finished else ("interrupted" if code == 130 else "failed")
+        _write_json(qpath, queue)
+        done_now += 1
+        if code == 130:
+            raise KeyboardInterrupt
+        if not r.finished:
+            tail = " | ".join(r.log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:])
+            if not r.started:
+                raise KdkitError(f"run {r.key} failed before it started (exit {code}): {tail[-400:]}; see {r.log}")
+            say(f"    failed (exit {code}): {tail[-300:]}", flush=True)
+            continue
+        s = json.loads((r.run_dir / "summary.json").read_text(encoding="utf-8"))
+        shown = s.get(spec.metric)
+        say(f"    {spec.metric} {_fmt(shown, spec.metric)} in {attempt['wall_s']:.0f} s", flush=True)
+    return queue
+
+
+# ---- the report ------------------------------------------------------------------------------------
+def _percent(metric: str) -> bool:
+    return "accuracy" in metric or metric.startswith("test_") or metric.startswith("val_")
+
+
+def _fmt(v: Any, metric: str, digits: int = 2) -> str:
+    if not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{100 * v:.{digits}f}" if _percent(metric) else f"{v:.4g}"
+
+
+@dataclass
+class ArmResult:
+    values: dict[int, float] = field(default_factory=dict)
+    last: dict[int, float] = field(default_factory=dict)
+    wall: dict[int, float] = field(default_factory=dict)
+    cpu: dict[int, float] = field(default_factory=dict)
+    pairing: dict[int, dict[str, Any]] = field(default_factory=dict)
+    failed: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    stopped: dict[int, str] = field(default_factory=dict)
+
+
+def collect(spec: Spec) -> dict[str, dict[str, ArmResult]]:
+    """cell -> arm -> the results of its finished runs (and which seeds failed or are pending)."""
+    queue = _read_queue(spec.out / "queue.json")["runs"]
+    out: dict[str, dict[str, ArmResult]] = {}
+    for r in plan(spec):
+        if r.seed is None:
+            continue
+        res = out.setdefault(r.cell, {}).setdefault(r.arm, ArmResult())
+        if not r.finished:
+            (res.failed if queue.get(r.key, {}).get("status") == "failed" else res.pending).append(r.seed)
+            continue
+        s = json.loads((r.run_dir / "summary.json").read_text(encoding="utf-8"))
+        if spec.metric not in s or not isinstance(s[spec.metric], (int, float)):
+            numeric = sorted(k for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+            raise ConfigError(f"metric {spec.metric!r} is not a number in {r.run_dir}/summary.json; numbers there: "
+                              f"{', '.join(numeric)}")
+        res.values[r.seed] = float(s[spec.metric])
+        last = s.get(f"{spec.metric}_last")
+        if isinstance(last, (int, float)):
+            res.last[r.seed] = float(last)
+        attempts = queue.get(r.key, {}).get("attempts", [])
+        res.wall[r.seed] = sum(a.get("wall_s", 0.0) for a in attempts) or float(s.get("wall_time_s", math.nan))
+        if attempts:
+            res.cpu[r.seed] = sum(a.get("cpu_s", 0.0) for a in attempts)
+        res.pairing[r.seed] = s.get("pairing") or {}
+        if s.get("stopped_by"):
+            res.stopped[r.seed] = str(s["stopped_by"])
+    return out
+
+
+def _pair_match(a: ArmResult, b: ArmResult, seeds: list[int]) -> dict[str, int]:
+    same = {"student_init": 0, "data_order": 0}
+    for s in seeds:
+        for k in same:
+            same[k] += bool(a.pairing.get(s, {}).get(k)) and a.pairing[s].get(k) == b.pairing.get(s, {}).get(k)
+    return same
+
+
+def summarize(spec: Spec, results: dict[str, dict[str, ArmResult]]) -> dict[str, Any]:
+    """The numbers of the report, per cell: arms (mean and interval, best against last, cost) and pairs."""
+    report: dict[str, Any] = {"name": spec.name, "metric": spec.metric, "baseline": spec.baseline,
+                              "level": spec.level, "seeds": spec.seeds, "cells": {}}
+    for cell, arms in results.items():
+        c: dict[str, Any] = {"arms": {}, "pairs": []}
+        for name, r in arms.items():
+            kept_minus_last = paired(r.values, r.last, spec.level) if r.last else None
+            c["arms"][name] = {
+                "metric": mean_ci(list(r.values.values()), spec.level).to_dict(),
+                "last": mean_ci(list(r.last.values()), spec.level).to_dict() if r.last else None,
+                "kept_minus_last": kept_minus_last.to_dict() if kept_minus_last else None,
+                "per_seed": {str(s): v for s, v in sorted(r.values.items())},
+                "wall_s": mean_ci(list(r.wall.values()), spec.level).to_dict(),
+                "cpu_s": mean_ci(list(r.cpu.values()), spec.level).to_dict() if r.cpu else None,
+                "failed": r.failed, "pending": r.pending, "stopped": {str(k): v for k, v in r.stopped.items()},
+            }
+        pairs = [(a, spec.baseline) for a in arms if a != spec.baseline] + list(spec.contrasts)
+        for a, b in dict.fromkeys(pairs):
+            if a not in arms or b not in arms:
+                continue
+            p = paired(arms[a].values, arms[b].values, spec.level)
+            c["pairs"].append({"arm": a, "against": b, **p.to_dict(),
+                               "same": _pair_match(arms[a], arms[b], p.seeds)})
+        report["cells"][cell] = c
+    return report
+
+
+def _ci_text(iv: dict[str, Any], metric: str) -> str:
+    if iv["n"] == 0:
+        return "n/a"
+    if iv["n"] < 2:
+        return f"{_fmt(iv['mean'], metric)} (1 seed)"
+    return f"{_fmt(iv['mean'], metric)} +- {_fmt(iv['half_width'], metric)}"
+
+
+def _diff_text(iv: dict[str, Any], metric: str) -> str:
+    if iv["n"] == 0:
+        return "n/a"
+    sign = "+" if iv["mean"] >= 0 else ""
+    if iv["n"] < 2:
+        return f"{sign}{_fmt(iv['mean'], metric)} (1 seed)"
+    return f"{sign}{_fmt(iv['mean'], metric)} [{_fmt(iv['low'], metric)}, {_fmt(iv['high'], metric)}]"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m, level = report["metric"], report["level"]
+    unit = " (%)" if _percent(m) else ""
+    pct = round(100 * level)
+    lines = [f"# Comparison: {report['name']}", "",
+             f"Metric: `{m}`{unit}, mean +- half-width of the {pct}% Student-t interval over seeds; the kept state "
+             f"(selected on validation) against the last epoch's; paired differences against `{report['baseline']}` "
+             f"(and the listed contrasts) over the seeds both arms have, with their {pct}% interval. "
+             "'higher'/'lower': the interval excludes 0; 'cannot tell': it holds 0.", ""]
+    for cell, c in report["cells"].items():
+        if cell != "all":
+            lines += [f"## {cell}", ""]
+        lines += [f"| arm | seeds | {m}{unit} | sd | last epoch | kept - last | wall s / run | cpu s / run | "
+                  "not finished |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, a in c["arms"].items():
+            iv = a["metric"]
+            last = _ci_text(a["last"], m) if a["last"] else "n/a"
+            kml = _diff_text(a["kept_minus_last"]["diff"], m) if a["kept_minus_last"] else "n/a"
+            cpu = f"{a['cpu_s']['mean']:.0f}" if a["cpu_s"] and a["cpu_s"]["n"] else "n/a"
+            missing = ", ".join(x for x in (f"failed: {a['failed']}" if a["failed"] else "",
+                                            f"pending: {a['pending']}" if a["pending"] else "") if x) or ""
+            sd = _fmt(iv["sd"], m) if iv["n"] > 1 else "n/a"
+            lines.append(f"| {name} | {iv['n']} | {_ci_text(iv, m)} | {sd} | {last} | {kml} | "
+                         f"{a['wall_s']['mean']:.0f} | {cpu} | {missing} |")
+        if c["pairs"]:
+            lines += ["", f"| arm | against | paired seeds | difference [{pct}% interval] | wins / losses / ties | "
+                          "same init / same data order | verdict |", "|---|---|---|---|---|---|---|"]
+            for p in c["pairs"]:
+                n = p["diff"]["n"]
+                lines.append(f"| {p['arm']} | {p['against']} | {n} | {_diff_text(p['diff'], m)} | "
+                             f"{p['wins']} / {p['losses']} / {p['ties']} | {p['same']['student_init']}/{n} / "
+                             f"{p['same']['data_order']}/{n} | {p['verdict']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Per cell: each arm's seeds and mean with its interval; the paired differences with theirs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(report["cells"].items())
+    scale = 100.0 if _percent(report["metric"]) else 1.0
+    fig, axes = plt.subplots(len(cells), 2, figsize=(11, 2.2 + 1.2 * max(len(c["arms"]) for _, c in cells)),
+                             squeeze=False)
+    for row, (cell, c) in zip(axes, cells):
+        ax, bx = row
+        names = list(c["arms"])
+        for i, name in enumerate(names):
+            a = c["arms"][name]
+            vals = [scale * v for v in a["per_seed"].values()]
+            ax.scatter(vals, [i] * len(vals), s=12, alpha=0.5, color="gray")
+            iv = a["metric"]
+            if iv["n"] >= 1:
+                err = scale * iv["half_width"] if iv["n"] > 1 else 0
+                ax.errorbar(scale * iv["mean"], i, xerr=err, fmt="o", color="C0", capsize=3)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_ylim(-0.6, len(names) - 0.4)
+        ax.set_xlabel(report["metric"] + (" (%)" if scale == 100 else ""))
+        ax.set_title(cell if cell != "all" else report["name"], fontsize=9)
+        labels = [f"{p['arm']} - {p['against']}" for p in c["pairs"]]
+        for i, p in enumerate(c["pairs"]):
+            d = p["diff"]
+            if d["n"] >= 1:
+                err = scale * d["half_width"] if d["n"] > 1 else 0
+                color = {"higher": "C2", "lower": "C3"}.get(p["verdict"], "C7")
+                bx.errorbar(scale * d["mean"], i, xerr=err, fmt="o", color=color, capsize=3)
+        bx.axvline(0, color="black", lw=0.8)
+        bx.set_yticks(range(len(labels)), labels)
+        bx.set_ylim(-0.6, max(1, len(labels)) - 0.4)
+        bx.set_xlabel(f"paired difference ({round(100 * report['level'])}% interval)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(spec: Spec) -> dict[str, Any]:
+    """Write compare.md, compare.json and compare.png from the finished runs; return the report."""
+    report = summarize(spec, collect(spec))
+    spec.out.mkdir(parents=True, exist_ok=True)
+    _write_json(spec.out / "compare.json", report)
+    (spec.out / "compare.md").write_text(markdown(report), encoding="utf-8")
+    if any(a["metric"]["n"] for c in report["cells"].values() for a in c["arms"].values()):
+        plot(report, spec.out / "compare.png")
+    return report
+
+
+def dry_run(spec: str | os.PathLike | dict[str, Any]) -> list[str]:
+    """Check the spec and every run's config; the command each run would be started (or resumed) with."""
+    s = load_spec(spec)
+    runs = plan(s)
+    check(runs)
+    return [("done     " if r.finished else "resume   " if r.started else "pending  ") + shlex.join(command_line(r))
+            for r in runs]
+
+
+def compare(spec: str | os.PathLike | dict[str, Any], *, run: bool = True, max_runs: int | None = None,
+            retry_failed: bool = False, echo: bool = True) -> dict[str, Any]:
+    """Run the comparison `spec` (what is not finished yet) and write its report; return the report.
+
+    ``run=False`` only renders the report of the runs finished so far."""
+    s = load_spec(spec)
+    if run:
+        run_queue(s, max_runs=max_runs, retry_failed=retry_failed, echo=echo)
+    return render(s)
+
+
+__all__ = ["ArmResult", "Interval", "Paired", "Run", "Spec", "compare", "dry_run", "load_spec", "plan", "render",
+           "run_queue"]

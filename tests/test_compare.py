@@ -1,0 +1,139 @@
+"""kdkit compare: the interval arithmetic by hand, spec checks before any work, pairing, a killed queue that
+continues without redoing finished runs, and the report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kdkit.compare import compare, dry_run, load_spec, plan
+from kdkit.config import load_config
+from kdkit.errors import ConfigError
+from kdkit.run import execute
+from kdkit.stats import mean_ci, paired
+
+from .conftest import crash_at
+
+COMMON = ["data.name=digits", "data.image_size=16", "train.epochs=2", "train.batch_size=64", "train.optimizer=adam",
+          "train.lr=0.003", "train.weight_decay=0", "train.progress=none"]
+
+
+def _spec(out, **extra):
+    spec = {
+        "name": "tiny", "out": str(out), "seeds": [0, 1], "baseline": "student", "set": COMMON,
+        "prepare": {"teacher": {"command": "train", "set": ["model.arch=mlp", "model.hidden=[64]", "train.epochs=4"]}},
+        "arms": {
+            "student": {"command": "train", "set": ["model.arch=mlp", "model.hidden=[32]"]},
+            "kd": {"command": "distill", "set": ["student.arch=mlp", "student.hidden=[32]",
+                                                 "teacher.checkpoint={teacher}/model.pt"]},
+        },
+    }
+    spec.update(extra)
+    return spec
+
+
+def test_intervals_match_a_hand_computation():
+    # three values 0.90, 0.92, 0.91: mean .91, sd .01, t(.975, 2) = 4.302653
+    iv = mean_ci([0.90, 0.92, 0.91])
+    assert iv.mean == pytest.approx(0.91) and iv.sd == pytest.approx(0.01)
+    assert iv.half_width == pytest.approx(4.302653 * 0.01 / math.sqrt(3), rel=1e-6)
+    # paired: d = [.02, .01, .00] over the common seeds 1, 2, 3 (seed 4 of a has no partner)
+    p = paired({1: 0.90, 2: 0.92, 3: 0.91, 4: 0.5}, {1: 0.88, 2: 0.91, 3: 0.91})
+    assert p.seeds == [1, 2, 3] and (p.wins, p.losses, p.ties) == (2, 0, 1)
+    assert p.diff.mean == pytest.approx(0.01) and p.diff.sd == pytest.approx(0.01)
+    assert p.diff.half_width == pytest.approx(0.024841, rel=1e-4) and p.verdict == "cannot tell"
+    # unpaired, the same arms' intervals overlap widely; paired, a consistent +1 point is 'higher'
+    q = paired({s: 0.90 + 0.03 * (s % 3) + 0.01 for s in range(10)}, {s: 0.90 + 0.03 * (s % 3) for s in range(10)})
+    assert q.diff.sd == pytest.approx(0.0, abs=1e-12) and q.verdict == "higher"
+    assert math.isnan(mean_ci([0.5]).half_width) and paired({0: 1.0}, {0: 0.0}).verdict == "cannot tell"
+    # the 95% t quantile for 9 degrees of freedom
+    assert mean_ci(list(range(10))).half_width == pytest.approx(2.262157 * math.sqrt(110 / 12) / math.sqrt(10),
+                                                                 rel=1e-6)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"armz": {}}, r"unknown key 'armz' \(did you mean 'arms'\?\)"),
+    ({"baseline": "studnet"}, r"baseline 'studnet' is not an arm \(did you mean 'student'\?\)"),
+    ({"seeds": [0, 0]}, "seeds is a count or a list of distinct integers"),
+    ({"contrasts": [["kd", "nope"]]}, r"contrast \['kd', 'nope'\] is not a pair of arm names"),
+    ({"arms": {"student": {"command": "train", "config": "nowhere.yaml"}}}, r"arms.student.config: 'nowhere.yaml' "
+                                                                              "not found"),
+])
+def test_spec_mistakes_are_one_clear_error(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_spec(_spec(tmp_path / "out", **change))
+
+
+def test_every_runs_config_is_checked_before_any_work(tmp_path):
+    bad = _spec(tmp_path / "out")
+    bad["arms"]["kd"]["set"].append("method.temprature=2")
+    with pytest.raises(ConfigError, match=r"run all/kd/seed0 \(distill\): unknown key 'method.temprature'"):
+        compare(bad, echo=False)
+    typo = _spec(tmp_path / "out")
+    typo["arms"]["kd"]["set"].append("teacher.checkpoint={teachr}/model.pt")
+    with pytest.raises(ConfigError, match=r"unknown placeholder \{teachr\}.*known: \{out\}, \{seed\}, \{teacher\}"):
+        compare(typo, echo=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cells_expand_into_separate_comparisons(tmp_path):
+    spec = load_spec(_spec(tmp_path / "out", cells={"hidden": [16, 32]}, seeds=3))
+    runs = plan(spec)
+    assert [r.key for r in runs[:5]] == ["prepare/teacher", "hidden=16/student/seed0", "hidden=16/kd/seed0",
+                                         "hidden=32/student/seed0", "hidden=32/kd/seed0"]
+    assert len(runs) == 1 + 3 * 2 * 2 and runs[1].argv[-1] == "seed=0"
+
+
+def test_the_queue_resumes_where_it_stopped_and_reports_paired_differences(tmp_path):
+    spec = _spec(tmp_path / "out")
+    out = tmp_path / "out"
+    compare(spec, max_runs=3, echo=False)  # the teacher, then student and kd with seed 0
+    done = {p: p.stat().st_mtime_ns for p in out.glob("all/*/seed0/summary.json")}
+    assert len(done) == 2 and not (out / "all" / "student" / "seed1").exists()
+    # a run killed mid-way (as by a crash of the machine) is continued from its checkpoint, not restarted
+    cut = load_config(None, [*COMMON, "student.arch=mlp", "student.hidden=[32]", "seed=1",
+                             f"teacher.checkpoint={out}/prepare/teacher/model.pt", f"output_dir={out}/all/kd/seed1"])
+    monkey = pytest.MonkeyPatch()
+    try:
+        crash_at(cut, 25, monkey)
+    finally:
+        monkey.undo()
+    assert any(line.startswith("resume ") and "all/kd/seed1" in line for line in dry_run(spec))
+    report = compare(spec, echo=False)
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # finished runs were not redone
+    queue = json.loads((out / "queue.json").read_text())["runs"]
+    assert queue["all/kd/seed1"]["attempts"][0]["resumed"] and "--resume" in queue["all/kd/seed1"]["attempts"][0][
+        "command"]
+    assert all(v["status"] == "finished" for v in queue.values()) and len(queue) == 5
+    # the report: per-arm intervals from the summaries, paired difference with pairing checked
+    cell = report["cells"]["all"]
+    per_seed = {a: {int(s): v for s, v in cell["arms"][a]["per_seed"].items()} for a in ("student", "kd")}
+    for a in ("student", "kd"):
+        for s in (0, 1):
+            summary = json.loads((out / "all" / a / f"seed{s}" / "summary.json").read_text())
+            assert per_seed[a][s] == summary["test_accuracy"]
+    (pair,) = cell["pairs"]
+    d = [per_seed["kd"][s] - per_seed["student"][s] for s in (0, 1)]
+    assert pair["diff"]["mean"] == pytest.approx(sum(d) / 2) and pair["same"] == {"student_init": 2, "data_order": 2}
+    md = (out / "compare.md").read_text()
+    assert "| kd | student | 2 |" in md and (out / "compare.png").stat().st_size > 5000
+    # rendering again from the runs alone gives the same report
+    assert compare(spec, run=False, echo=False) == report
+
+
+def test_a_run_that_fails_after_starting_is_recorded_and_skipped(tmp_path, monkeypatch):
+    spec = _spec(tmp_path / "out", seeds=[0], prepare={}, arms={
+        "student": {"command": "train", "set": ["model.arch=mlp", "model.hidden=[32]"]},
+        "diverges": {"command": "train", "set": ["model.arch=mlp", "model.hidden=[32]", "train.lr=1e30",
+                                                 "train.optimizer=sgd", "train.on_nonfinite=stop"]}})
+    report = compare(spec, echo=False)
+    assert report["cells"]["all"]["arms"]["diverges"]["failed"] == [0]
+    assert "failed: [0]" in (tmp_path / "out" / "compare.md").read_text()
+    queue = json.loads((tmp_path / "out" / "queue.json").read_text())["runs"]
+    assert queue["all/diverges/seed0"]["status"] == "failed" and queue["all/diverges/seed0"]["attempts"][0][
+        "exit_code"] == 2
+    compare(spec, echo=False)  # skipped, not retried
+    queue = json.loads((tmp_path / "out" / "queue.json").read_text())["runs"]
+    assert len(queue["all/diverges/seed0"]["attempts"]) == 1
