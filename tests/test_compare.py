@@ -11,7 +11,6 @@ import pytest
 from kdkit.compare import compare, dry_run, load_spec, plan
 from kdkit.config import load_config
 from kdkit.errors import ConfigError
-from kdkit.run import execute
 from kdkit.stats import mean_ci, paired
 
 from .conftest import crash_at
