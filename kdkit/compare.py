@@ -8,7 +8,7 @@ A spec (YAML, or a dict from Python) names the arms, the seeds and the baseline:
     baseline: student               # every other arm is compared with it, seed by seed
     set: [data.root=../shared/data/mnist]       # overrides for every run
     prepare:                        # runs made once, before the arms: {teacher} is the run's folder
-      teacher: {command: train, config: configs/mnist/teacher_lenet5.yaml}
+      teacher: {command: train, config: configs/mnist/teacher_lenet5.yaml, dir: runs/teachers/mnist_lenet5}
     arms:
       student: {command: train, config: configs/mnist/lowlabel_student.yaml}
       kd: {command: distill, config: configs/mnist/lowlabel_kd.yaml, set: ["teacher.checkpoint={teacher}/model.pt"]}
@@ -48,7 +48,7 @@ from .errors import ConfigError, KdkitError, did_you_mean
 from .stats import Interval, Paired, mean_ci, paired
 
 SPEC_KEYS = ("name", "out", "seeds", "metric", "baseline", "set", "prepare", "arms", "cells", "contrasts", "level")
-RUN_KEYS = ("command", "config", "set")
+RUN_KEYS = ("command", "config", "set", "dir")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -60,6 +60,7 @@ class RunSpec:
     command: str
     config: str | None
     overrides: list[str]
+    dir: str | None = None  # prepare runs: a folder of their own, shared by the specs that name it
 
 
 @dataclass
@@ -124,7 +125,9 @@ def _run_spec(name: str, data: Any, where: str) -> RunSpec:
     if config is not None and not Path(config).is_file():
         raise ConfigError(f"{where}.config: {config!r} not found (paths are relative to the folder kdkit compare "
                           f"runs in: {os.getcwd()})")
-    return RunSpec(name, command, config, _as_list(data.get("set"), f"{where}.set"))
+    if data.get("dir") is not None and not where.startswith("prepare."):
+        raise ConfigError(f"{where}.dir: only prepare runs take a folder of their own (arms live under 'out')")
+    return RunSpec(name, command, config, _as_list(data.get("set"), f"{where}.set"), data.get("dir"))
 
 
 def load_spec(spec: str | os.PathLike | dict[str, Any]) -> Spec:
@@ -193,7 +196,7 @@ def _cell_label(cell: dict[str, Any]) -> str:
 def plan(spec: Spec) -> list[Run]:
     """Every run of the comparison, prepare runs first, then seed by seed, cell by cell, arm by arm."""
     runs: list[Run] = []
-    prep_dirs = {p: spec.out / "prepare" / p for p in spec.prepare}
+    prep_dirs = {p: Path(rs.dir) if rs.dir else spec.out / "prepare" / p for p, rs in spec.prepare.items()}
     base_values: dict[str, Any] = {k: str(v) for k, v in prep_dirs.items()} | {"out": str(spec.out)}
     for p, rs in spec.prepare.items():
         argv = [*([rs.config] if rs.config else []),
@@ -217,16 +220,27 @@ def plan(spec: Spec) -> list[Run]:
 
 
 def check(runs: list[Run]) -> None:
-    """Validate every run's config (recipe, overrides, method options) before any work starts."""
+    """Validate every run's config (recipe, overrides, method options) before any work starts. A prepare run
+    whose folder already holds a run must hold this very run (its saved config equal to the planned one)."""
+    import yaml
+
     from .config import load_config
+    from .run import named_for_data
 
     for r in runs:
         cfg_path = r.argv[0] if r.argv and "=" not in r.argv[0] else None
-        overrides = [a for a in r.argv if a is not cfg_path] + [f"output_dir={r.run_dir}"]
+        overrides = [a for a in r.argv if a is not cfg_path] + [f"output_dir={r.run_dir}", "train.progress=lines"]
         try:
-            load_config(cfg_path, overrides, default_method="supervised" if r.command == "train" else "kd")
+            cfg = load_config(cfg_path, overrides, default_method="supervised" if r.command == "train" else "kd")
         except KdkitError as e:
             raise ConfigError(f"run {r.key} ({r.command}): {e}") from None
+        if r.seed is None and r.started:
+            saved = yaml.safe_load((r.run_dir / "config.yaml").read_text(encoding="utf-8"))
+            planned = named_for_data(cfg).to_dict()
+            diff = sorted(k for k in set(saved) | set(planned) if saved.get(k) != planned.get(k))
+            if diff:
+                raise ConfigError(f"prepare run {r.key}: {r.run_dir} holds a run with another config (in: "
+                                  f"{', '.join(diff)}); give this prepare run another dir, or remove that folder")
 
 
 # ---- the queue -------------------------------------------------------------------------------------

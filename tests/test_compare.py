@@ -136,3 +136,20 @@ def test_a_run_that_fails_after_starting_is_recorded_and_skipped(tmp_path, monke
     compare(spec, echo=False)  # skipped, not retried
     queue = json.loads((tmp_path / "out" / "queue.json").read_text())["runs"]
     assert len(queue["all/diverges/seed0"]["attempts"]) == 1
+
+
+def test_a_shared_prepare_folder_must_hold_the_same_run(tmp_path):
+    shared = str(tmp_path / "teachers" / "mlp")
+    spec = _spec(tmp_path / "a")
+    spec["prepare"]["teacher"]["dir"] = shared
+    compare(spec, max_runs=1, echo=False)  # the teacher only
+    again = _spec(tmp_path / "b")  # another comparison reusing that teacher: nothing to redo
+    again["prepare"]["teacher"]["dir"] = shared
+    assert dry_run(again)[0].startswith("done ")
+    other = _spec(tmp_path / "c")
+    other["prepare"]["teacher"] = {"command": "train", "dir": shared,
+                                   "set": ["model.arch=mlp", "model.hidden=[64]", "train.epochs=5"]}
+    with pytest.raises(ConfigError, match=r"holds a run with another config \(in: train\)"):
+        dry_run(other)
+    with pytest.raises(ConfigError, match="only prepare runs take a folder of their own"):
+        load_spec(_spec(tmp_path / "d", arms={"x": {"command": "train", "dir": shared}}))
