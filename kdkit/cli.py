@@ -139,8 +139,15 @@ def _run(args: argparse.Namespace, command: str) -> int:
     s = result.summary
     if not result.is_main:
         return 0
-    print(json.dumps({k: s[k] for k in ("test_accuracy", "val_accuracy", "params", "wall_time_s")}
+    extra = {"vs_alone_difference": s["vs_alone"]["difference"]} if "vs_alone" in s else {}
+    print(json.dumps({k: s[k] for k in ("test_accuracy", "val_accuracy", "params", "wall_time_s")} | extra
                      | {"run_dir": str(result.run_dir)}))
+    if "vs_alone" in s:
+        v = s["vs_alone"]
+        verdict = "helped" if v["helped"] else "did NOT help"
+        print(f"kdkit: distillation {verdict}: {100 * v['difference']:+.2f} points of test accuracy against the "
+              f"student alone ({100 * v['student_alone_test_accuracy']:.2f}%, same seed, data and schedule; "
+              f"{v['run_dir']}); one seed: compare several with kdkit compare", file=sys.stderr)
     return 0
 
 

@@ -147,19 +147,20 @@ def load_spec(spec: str | os.PathLike | dict[str, Any]) -> Spec:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(
             seeds):
         raise ConfigError(f"compare spec: seeds is a count or a list of distinct integers, got {raw.get('seeds')!r}")
-    arms_raw = raw.get("arms")
-    if not isinstance(arms_raw, dict) or not arms_raw:
-        raise ConfigError("compare spec: 'arms' must name at least one arm: {arm_name: {command, config, set}}")
-    arms = {str(a): _run_spec(str(a), v, f"arms.{a}") for a, v in arms_raw.items()}
+    arms_raw = raw.get("arms") or {}
     prepare_raw = raw.get("prepare") or {}
     if not isinstance(prepare_raw, dict):
         raise ConfigError("compare spec: 'prepare' is a mapping {name: {command, config, set}}")
+    if not isinstance(arms_raw, dict) or not (arms_raw or prepare_raw):
+        raise ConfigError("compare spec: 'arms' must name at least one arm: {arm_name: {command, config, set}} "
+                          "(a spec of prepare runs alone, e.g. shared teachers, may leave it out)")
+    arms = {str(a): _run_spec(str(a), v, f"arms.{a}") for a, v in arms_raw.items()}
     prepare = {str(p): _run_spec(str(p), v, f"prepare.{p}") for p, v in prepare_raw.items()}
     clash = sorted(set(prepare) & set(arms))
     if clash:
         raise ConfigError(f"compare spec: {', '.join(clash)} is both a prepare run and an arm; rename one")
-    baseline = raw.get("baseline", next(iter(arms)))
-    if baseline not in arms:
+    baseline = raw.get("baseline", next(iter(arms), ""))
+    if arms and baseline not in arms:
         raise ConfigError(f"compare spec: baseline {baseline!r} is not an arm{did_you_mean(str(baseline), arms)}; "
                           f"arms: {', '.join(arms)}")
     cells = raw.get("cells") or {}
@@ -225,7 +226,7 @@ def check(runs: list[Run]) -> None:
     import yaml
 
     from .config import load_config
-    from .run import named_for_data
+    from .run import config_differences, named_for_data
 
     for r in runs:
         cfg_path = r.argv[0] if r.argv and "=" not in r.argv[0] else None
@@ -236,8 +237,7 @@ def check(runs: list[Run]) -> None:
             raise ConfigError(f"run {r.key} ({r.command}): {e}") from None
         if r.seed is None and r.started:
             saved = yaml.safe_load((r.run_dir / "config.yaml").read_text(encoding="utf-8"))
-            planned = named_for_data(cfg).to_dict()
-            diff = sorted(k for k in set(saved) | set(planned) if saved.get(k) != planned.get(k))
+            diff = config_differences(saved, named_for_data(cfg))
             if diff:
                 raise ConfigError(f"prepare run {r.key}: {r.run_dir} holds a run with another config (in: "
                                   f"{', '.join(diff)}); give this prepare run another dir, or remove that folder")
@@ -417,7 +417,32 @@ def summarize(spec: Spec, results: dict[str, dict[str, ArmResult]]) -> dict[str,
             c["pairs"].append({"arm": a, "against": b, **p.to_dict(),
                                "same": _pair_match(arms[a], arms[b], p.seeds)})
         report["cells"][cell] = c
+    if len(results) > 1:
+        report["across_cells"] = _across_cells(spec, results)
     return report
+
+
+def _across_cells(spec: Spec, results: dict[str, dict[str, ArmResult]]) -> dict[str, Any]:
+    """Robustness over a grid: per arm and seed, the mean, the worst and the spread (sd) of the metric over the
+    cells; their intervals over seeds, and the paired differences against the baseline (only seeds finished in
+    every cell count)."""
+    arms = {a for cell in results.values() for a in cell}
+    per: dict[str, dict[str, dict[int, float]]] = {}
+    for a in sorted(arms):
+        seeds = set.intersection(*(set(cell[a].values) if a in cell else set() for cell in results.values()))
+        vals = {s: [cell[a].values[s] for cell in results.values()] for s in seeds}
+        per[a] = {"mean": {s: sum(v) / len(v) for s, v in vals.items()},
+                  "worst": {s: min(v) for s, v in vals.items()},
+                  "spread": {s: mean_ci(v).sd for s, v in vals.items()}}
+    out: dict[str, Any] = {"cells": list(results), "arms": {}, "pairs": []}
+    for a, stats in per.items():
+        out["arms"][a] = {k: mean_ci(list(v.values()), spec.level).to_dict() for k, v in stats.items()}
+    pairs = [(a, spec.baseline) for a in per if a != spec.baseline] + list(spec.contrasts)
+    for a, b in dict.fromkeys(pairs):
+        if a in per and b in per:
+            out["pairs"].append({"arm": a, "against": b, **{k: paired(per[a][k], per[b][k], spec.level).to_dict()
+                                                             for k in ("mean", "worst", "spread")}})
+    return out
 
 
 def _ci_text(iv: dict[str, Any], metric: str) -> str:
@@ -469,6 +494,22 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {p['arm']} | {p['against']} | {n} | {_diff_text(p['diff'], m)} | "
                              f"{p['wins']} / {p['losses']} / {p['ties']} | {p['same']['student_init']}/{n} / "
                              f"{p['same']['data_order']}/{n} | {p['verdict']} |")
+        lines.append("")
+    x = report.get("across_cells")
+    if x:
+        lines += ["## Across the cells (robustness over the grid)", "",
+                  f"Per seed, over the {len(x['cells'])} cells: the mean, the worst cell and the spread (standard "
+                  f"deviation); then {pct}% intervals over the seeds finished in every cell.", "",
+                  "| arm | seeds | mean over cells | worst cell | spread over cells |", "|---|---|---|---|---|"]
+        for a, st in x["arms"].items():
+            lines.append(f"| {a} | {st['mean']['n']} | {_ci_text(st['mean'], m)} | {_ci_text(st['worst'], m)} | "
+                         f"{_ci_text(st['spread'], m)} |")
+        if x["pairs"]:
+            lines += ["", "| arm | against | mean: difference | worst: difference | spread: difference |",
+                      "|---|---|---|---|---|"]
+            for p in x["pairs"]:
+                lines.append(f"| {p['arm']} | {p['against']} | " + " | ".join(
+                    f"{_diff_text(p[k]['diff'], m)} ({p[k]['verdict']})" for k in ("mean", "worst", "spread")) + " |")
         lines.append("")
     return "\n".join(lines)
 

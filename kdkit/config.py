@@ -123,6 +123,11 @@ class TrainConfig:
     gamma: float = opt(0.1, "step schedule: factor at each milestone", gt=0)
     warmup_epochs: float = opt(0.0, "linear warm-up length in epochs", ge=0)
     grad_clip: float | None = opt(None, "clip the gradient norm to this value", gt=0)
+    grad_clip_relative: float | None = opt(
+        None, "clip each step's gradient norm at this multiple of the running mean of the earlier steps' norms "
+        "(scale-free: whatever the scale of the loss, only the spikes are cut)", gt=1)
+    agc: float | None = opt(None, "adaptive gradient clipping (Brock et al. 2021): scale each output unit's "
+                            "gradient down to at most this fraction of its weights' norm (e.g. 0.01-0.16)", gt=0)
     on_nonfinite: Literal["recover", "stop"] = opt(
         "recover", "a non-finite loss or gradient: 'recover' restores the last good checkpoint, multiplies the "
         "learning rate by train.recover_lr_factor and continues (a second fault stops the run); 'stop' stops at once")
@@ -148,6 +153,8 @@ class TrainConfig:
                                         "stages are skipped, the last state is kept)", gt=0)
     snapshot_min: list[float] = opt([], "keep the evaluated model at these minutes of training; each is scored "
                                     "on the test split after training (summary: snapshots)")
+    vs_alone: bool = opt(False, "kdkit distill: also train the student alone with the same seed, data, schedule and "
+                         "budget (RUN_DIR/alone), and report the paired difference (summary: vs_alone)")
 
     def validate(self, where: str) -> None:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -187,6 +194,9 @@ class Config:
     #: the recipe's own name when the run was renamed for the data it reads (kdkit.run.named_for_data);
     #: recorded in summary.json, not in config.yaml
     recipe_name: str | None = field(default=None, repr=False, compare=False)
+    #: whether output_dir was given explicitly (an override or the Python API), not by a recipe file: an
+    #: explicit folder is never renamed for the data (kdkit.run.named_for_data)
+    output_dir_given: bool = field(default=False, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, as written to ``config.yaml``; loading it gives this config back."""
@@ -304,5 +314,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
                 default_method: str = "kd") -> Config:
     """Load a recipe (or start from defaults when `path` is None), apply overrides, validate."""
     raw = load_yaml(path) if path is not None else {}
-    apply_overrides(raw, list(overrides or []))
-    return build_config(raw, default_method)
+    overrides = list(overrides or [])
+    apply_overrides(raw, overrides)
+    cfg = build_config(raw, default_method)
+    cfg.output_dir_given = any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides)
+    return cfg

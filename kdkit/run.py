@@ -6,6 +6,7 @@ on ``student`` with ``teacher``) come here; the CLI, the demo and the Python API
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ from .data import Batch, BatchLoader, DataBundle, DataInfo, load_data
 from .engine import DistInfo, Engine, apply_speed_options, evaluate, init_distributed, load_latest
 from .engine.distributed import barrier, broadcast_object, shutdown
 from .engine.evaluate import agreement
-from .errors import CheckpointError, ConfigError, ModelError, warn
+from .errors import CheckpointError, ConfigError, KdkitError, ModelError, warn
 from .measure import count_params, model_card
 from .methods import Method, method_class
 from .modelfile import BuiltModel, build_from_config, save_model
@@ -78,8 +79,9 @@ def named_for_data(cfg: Config) -> Config:
 
     A recipe written for one dataset and pointed at another (``configs/mnist/kd.yaml data.name=fashion-mnist``)
     would otherwise name its run, folder, plots and reports after the recipe's dataset. Every dataset name
-    that appears as a word in ``name`` or ``output_dir`` and differs from ``data.name`` is replaced by it; the
-    recipe's name is kept as ``recipe_name`` in the summary."""
+    that appears as a word in ``name`` or in the recipe's ``output_dir`` and differs from ``data.name`` is
+    replaced by it (an output_dir given on the command line or from Python is used as given); the recipe's
+    name is kept as ``recipe_name`` in the summary."""
     if cfg.data.name == "memory":
         return cfg
     pattern = _dataset_pattern()
@@ -87,7 +89,7 @@ def named_for_data(cfg: Config) -> Config:
     def fix(text: str | None) -> str | None:
         return None if text is None else pattern.sub(cfg.data.name, text)
 
-    name, out = fix(cfg.name), fix(cfg.output_dir)
+    name, out = fix(cfg.name), (cfg.output_dir if cfg.output_dir_given else fix(cfg.output_dir))
     if name == cfg.name and out == cfg.output_dir:
         return cfg
     return replace(cfg, name=name or cfg.name, output_dir=out, recipe_name=cfg.name)
@@ -209,7 +211,11 @@ def execute(cfg: Config, command: str, resume: bool = False, *, data: DataBundle
     dist = init_distributed(cfg.train.device)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
-        return _execute(cfg, command, resume, dist, t_start, data, models)
+        alone_models = _alone_models(cfg, command, models)
+        result = _execute(cfg, command, resume, dist, t_start, data, models)
+        if alone_models is not None:
+            result = _versus_alone(cfg, result, resume, dist, data, alone_models)
+        return result
     finally:
         torch.set_num_threads(threads)  # leave the process as we found it (demo, notebooks, tests)
         torch.use_deterministic_algorithms(deterministic)
@@ -347,6 +353,54 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     return RunResult(run_dir, summary, exported, dist.is_main, method)
 
 
+def _alone_models(cfg: Config, command: str, models: dict[str, nn.Module]) -> dict[str, nn.Module] | None:
+    """For train.vs_alone: the models of the student-alone run (a copy of a student passed as an object, taken
+    before distillation trains it), or None when there is no such run to make."""
+    if command != "distill" or not cfg.train.vs_alone:
+        return None
+    cls = method_class(cfg.method.name)
+    if not cls.has_alone_baseline:
+        raise ConfigError(f"train.vs_alone: method {cfg.method.name!r} has no student-alone baseline (it reads no "
+                          "labeled data); set train.vs_alone=false")
+    import copy
+
+    return {"model": copy.deepcopy(models["student"])} if "student" in models else {}
+
+
+def _versus_alone(cfg: Config, result: RunResult, resume: bool, dist: DistInfo, data: DataBundle | None,
+                  models: dict[str, nn.Module]) -> RunResult:
+    """Train the student alone with the distillation run's seed, data, schedule and budget in RUN_DIR/alone, and
+    add the paired difference to the distillation run's summary and report card."""
+    from .config import build_config
+
+    assert result.run_dir is not None
+    raw = cfg.to_dict()
+    raw.pop("teacher", None)
+    raw["model"] = raw.pop("student")
+    raw["method"] = {"name": "supervised"}
+    raw["name"] = f"{cfg.name}-alone"
+    raw["output_dir"] = str(result.run_dir / "alone")
+    raw["train"] = {**raw["train"], "vs_alone": False}
+    alone_cfg = build_config(raw, "supervised")
+    alone_cfg.output_dir_given = True
+    again = resume and (result.run_dir / "alone" / "config.yaml").is_file()
+    if not (result.run_dir / "alone" / "summary.json").is_file():
+        _execute(alone_cfg, "train", again, dist, time.time(), data, models)
+    alone = json.loads((result.run_dir / "alone" / "summary.json").read_text(encoding="utf-8")) if dist.is_main else {}
+    s = result.summary
+    if dist.is_main:
+        same = {k: s["pairing"].get(k) == alone["pairing"].get(k) for k in ("student_init", "data_order")}
+        vs = {"student_alone_test_accuracy": alone["test_accuracy"],
+              "difference": s["test_accuracy"] - alone["test_accuracy"],
+              "student_alone_val_accuracy": alone.get("val_accuracy"), "same_init": same["student_init"],
+              "same_data_order": same["data_order"], "run_dir": str(result.run_dir / "alone"),
+              "helped": s["test_accuracy"] > alone["test_accuracy"]}
+        s["vs_alone"] = vs
+        s["report_card"]["vs_student_alone"] = vs
+        (result.run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
 def _last_batch(history: list[dict[str, Any]], default: int) -> int:
     """The global batch of the last stage that ran (the one that made the reported model)."""
     ran = [h for h in history if h.get("batch_size")]
@@ -444,9 +498,20 @@ def _check_normalisation(trained: DataInfo, info: DataInfo) -> None:
              f"gives mean={info.mean} std={info.std}; its accuracy may suffer: was it trained on {info.name}?")
 
 
-def _check_same_config(saved: dict[str, Any], cfg: Config, run_dir: Path) -> None:
+def config_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """The top-level sections in which `cfg` differs from a saved ``config.yaml``. The saved config is read as
+    the current kdkit reads it (options added since it was written take their defaults), so a run made by an
+    earlier version still matches its own config."""
+    from .config import build_config
+
+    with contextlib.suppress(KdkitError):  # one this version cannot read is compared as written
+        saved = build_config(dict(saved), cfg.method.name).to_dict()
     now = cfg.to_dict()
-    diffs = [k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k != "output_dir"]
+    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k != "output_dir")
+
+
+def _check_same_config(saved: dict[str, Any], cfg: Config, run_dir: Path) -> None:
+    diffs = config_differences(saved, cfg)
     if diffs:
         raise CheckpointError(
             f"the config differs from the one {run_dir} was started with (in: {', '.join(sorted(diffs))}); "

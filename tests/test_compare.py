@@ -153,3 +153,19 @@ def test_a_shared_prepare_folder_must_hold_the_same_run(tmp_path):
         dry_run(other)
     with pytest.raises(ConfigError, match="only prepare runs take a folder of their own"):
         load_spec(_spec(tmp_path / "d", arms={"x": {"command": "train", "dir": shared}}))
+
+
+def test_robustness_over_a_grid_pairs_each_seeds_mean_worst_and_spread():
+    from kdkit.compare import ArmResult, Spec, _across_cells
+
+    spec = Spec("g", None, [0, 1, 2], "test_accuracy", "b", [], {}, {}, {"lr": [1, 2]}, [])
+    a = {"lr=1": ArmResult(values={0: 0.9, 1: 0.8, 2: 0.7}), "lr=2": ArmResult(values={0: 0.7, 1: 0.8, 2: 0.9})}
+    b = {"lr=1": ArmResult(values={0: 0.8, 1: 0.8, 2: 0.8}), "lr=2": ArmResult(values={0: 0.8, 1: 0.8})}
+    results = {c: {"a": a[c], "b": b[c]} for c in a}
+    x = _across_cells(spec, results)
+    assert x["arms"]["a"]["mean"]["mean"] == pytest.approx(0.8) and x["arms"]["a"]["mean"]["n"] == 3
+    assert x["arms"]["b"]["worst"]["n"] == 2  # seed 2 of b is missing a cell: left out
+    (p,) = x["pairs"]
+    # seeds 0 and 1: worst a = .7, .8 against b = .8, .8; spread a = sd(.9, .7) = .1414, sd(.8, .8) = 0 against 0, 0
+    assert p["worst"]["diff"]["mean"] == pytest.approx(-0.05) and p["worst"]["seeds"] == [0, 1]
+    assert p["spread"]["diff"]["mean"] == pytest.approx(math.sqrt(0.02) / 2)

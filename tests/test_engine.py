@@ -307,3 +307,39 @@ def test_parameter_groups_can_have_their_own_optimizer():
     assert again.state_dict() == opt.state_dict()
     with pytest.raises(ConfigError, match=r"parameter group: unknown key 'train.momentun' \(did you mean 'momentum'"):
         build_optimizer([{"params": [c], "optimizer": {"momentun": 0.5}}], cfg)
+
+
+def test_adaptive_gradient_clipping_bounds_each_units_update_relative_to_its_weights():
+    """AGC (Brock et al. 2021): a unit (row, filter, element) whose gradient norm exceeds ratio * ||W_i|| is scaled
+    down to exactly that; smaller ones are untouched."""
+    from kdkit.engine.trainer import unitwise_clip
+
+    conv = torch.nn.Conv2d(2, 3, 3)
+    with torch.no_grad():
+        conv.weight.copy_(torch.ones_like(conv.weight))  # each filter's norm: sqrt(18)
+        conv.bias.copy_(torch.tensor([1.0, -2.0, 0.0]))
+    conv.weight.grad = torch.zeros_like(conv.weight)
+    conv.weight.grad[0] = 10.0  # far too large: clipped to 0.1 * sqrt(18)
+    conv.weight.grad[1] = 0.001  # small: kept
+    conv.bias.grad = torch.tensor([5.0, 0.1, 1.0])
+    unitwise_clip(conv.parameters(), 0.1)
+    assert torch.linalg.vector_norm(conv.weight.grad[0]).item() == pytest.approx(0.1 * math.sqrt(18), rel=1e-5)
+    assert torch.allclose(conv.weight.grad[1], torch.full_like(conv.weight.grad[1], 0.001))
+    # biases unit by unit: |g| <= 0.1 * max(|w|, 1e-3)
+    assert conv.bias.grad.tolist() == pytest.approx([0.1, 0.1, 1e-4])
+
+
+def test_relative_clipping_cuts_spikes_against_the_running_mean_whatever_the_scale():
+    from kdkit.engine.trainer import NORM_DECAY, relative_clip
+
+    for scale in (1e-3, 1.0, 1e3):  # the same decisions at any loss scale
+        p = torch.nn.Parameter(torch.zeros(2))
+        history = [0.0, 0.0]
+        kept = []
+        for g in (1.0, 1.0, 1.2, 10.0, 1.0):
+            p.grad = torch.tensor([g * scale, 0.0])
+            relative_clip([p], torch.linalg.vector_norm(p.grad), history, 3.0)
+            kept.append(p.grad[0].item() / scale)
+        mean_before_spike = (NORM_DECAY * (NORM_DECAY * 1.0 + 1.0) + 1.2) / (NORM_DECAY * (NORM_DECAY + 1) + 1)
+        assert kept[:3] == pytest.approx([1.0, 1.0, 1.2]) and kept[4] == pytest.approx(1.0)
+        assert kept[3] == pytest.approx(3.0 * mean_before_spike, rel=1e-5)  # the spike, cut to 3x the mean

@@ -116,3 +116,23 @@ def test_pointwise_is_a_1x1_convolution(cin):
     g1 = torch.autograd.grad(y1.square().sum(), [x, p.weight])
     g2 = torch.autograd.grad(y2.square().sum(), [x, conv.weight])
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g1, g2))
+
+
+def test_kd_scale_and_logit_standardization_by_hand():
+    from kdkit.losses.kd import kd_loss, standardized
+
+    s = torch.tensor([[1.0, 2.0, 3.0]])
+    t = torch.tensor([[10.0, 0.0, 20.0]])
+    T = 4.0
+    ps, pt = torch.softmax(s / T, 1), torch.softmax(t / T, 1)
+    kl = float((pt * (pt.log() - ps.log())).sum())
+    assert kd_loss(s, t, T).item() == pytest.approx(T * T * kl, rel=1e-5)
+    assert kd_loss(s, t, T, scale="t").item() == pytest.approx(T * kl, rel=1e-5)
+    # standardised: [1, 2, 3] -> [-1, 0, 1] (mean 2, sd 1); [10, 0, 20] -> [0, -1, 1] (mean 10, sd 10)
+    assert torch.allclose(standardized(s), torch.tensor([[-1.0, 0.0, 1.0]]), atol=1e-6)
+    assert torch.allclose(standardized(t), torch.tensor([[0.0, -1.0, 1.0]]), atol=1e-6)
+    ps, pt = torch.softmax(torch.tensor([[-1.0, 0.0, 1.0]]) / T, 1), torch.softmax(torch.tensor([[0.0, -1.0, 1.0]]) / T, 1)
+    kl = float((pt * (pt.log() - ps.log())).sum())
+    assert kd_loss(s, t, T, standardize=True).item() == pytest.approx(T * T * kl, rel=1e-4)
+    # scale-free: multiplying the teacher's logits changes nothing once standardised
+    assert kd_loss(s, 7 * t, T, standardize=True).item() == pytest.approx(kd_loss(s, t, T, standardize=True).item())

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from kdkit.config import load_config
+from kdkit.errors import ConfigError
 from kdkit.run import execute
 
 from .conftest import ROOT, crash_at, digits_overrides, distill_run, train_run
@@ -103,20 +106,27 @@ def test_pairing_fingerprints_match_across_methods_with_the_same_seed(tmp_path, 
     assert other["pairing"]["data_order"] != kd["pairing"]["data_order"]
 
 
-def test_a_recipe_pointed_at_other_data_is_named_for_what_it_read(tmp_path, teacher_file):
-    cfg = load_config(None, digits_overrides(tmp_path / "mnist" / "kd", **{
-        "teacher.checkpoint": str(teacher_file), "student.arch": "mlp", "name": "mnist-kd-mlp"}))
-    res = execute(cfg, "distill")
+def test_a_recipe_pointed_at_other_data_is_named_for_what_it_read(tmp_path, teacher_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "kd.yaml"
+    recipe.write_text("name: mnist-kd-mlp\noutput_dir: runs/mnist/kd\nstudent: {arch: mlp}\n")
+    args = [a for a in digits_overrides(tmp_path / "unused", **{"teacher.checkpoint": str(teacher_file)})
+            if not a.startswith("output_dir=")]
+    res = execute(load_config(recipe, args), "distill")
     assert res.summary["name"] == "digits-kd-mlp" and res.summary["recipe_name"] == "mnist-kd-mlp"
-    assert res.run_dir == tmp_path / "digits" / "kd"
-    assert not (tmp_path / "mnist").exists()
+    assert res.run_dir == Path("runs/digits/kd") and not Path("runs/mnist").exists()
     saved = (res.run_dir / "config.yaml").read_text()
-    assert "name: digits-kd-mlp" in saved and "fashion" not in saved
+    assert "name: digits-kd-mlp" in saved
+    # a folder given explicitly is used as given (kdkit compare relies on it), only the name follows the data
+    res = execute(load_config(recipe, [*args, "output_dir=runs/mnist/explicit"]), "distill")
+    assert res.run_dir == Path("runs/mnist/explicit") and res.summary["name"] == "digits-kd-mlp"
     # kmnist and fashion-mnist are names of their own, not "mnist" with something around it
     from kdkit.run import named_for_data
 
-    c = load_config(None, ["name=fashion-mnist-kd", "output_dir=runs/kmnist/x", "data.name=mnist"])
-    assert (named_for_data(c).name, named_for_data(c).output_dir) == ("mnist-kd", "runs/mnist/x")
+    for data, want in (("kmnist", ("kmnist-kd", "runs/kmnist/x")), ("mnist", ("mnist-kd", "runs/mnist/x"))):
+        c = load_config(None, ["name=fashion-mnist-kd", f"data.name={data}"])
+        c.output_dir = "runs/kmnist/x"  # as from a recipe file
+        assert (named_for_data(c).name, named_for_data(c).output_dir) == want
 
 
 def test_warnings_name_the_run_and_the_option_not_kdkits_source(tmp_path, teacher_file):
@@ -139,3 +149,18 @@ def test_warnings_name_the_run_and_the_option_not_kdkits_source(tmp_path, teache
     summary = json.loads((out / "summary.json").read_text())
     assert summary["report_card"]["generator_collapse"]["events"] == 1
     assert torch.load(out / "checkpoint.pt", weights_only=True)["method_run_state"]["collapses"]
+
+
+def test_vs_alone_trains_the_student_alone_beside_and_reports_the_paired_difference(tmp_path, teacher_file):
+    res = distill_run(tmp_path / "kd", teacher_file, **{"train.vs_alone": True, "train.deterministic": True})
+    v = res.summary["vs_alone"]
+    alone = train_run(tmp_path / "alone", **{"model.arch": "mlp", "model.hidden": "[32]",
+                                             "train.deterministic": True}).summary
+    assert v["student_alone_test_accuracy"] == alone["test_accuracy"]  # the same run as `kdkit train` would make
+    assert v["difference"] == pytest.approx(res.summary["test_accuracy"] - alone["test_accuracy"])
+    assert v["same_init"] and v["same_data_order"] and (res.run_dir / "alone" / "model.pt").is_file()
+    assert res.summary["report_card"]["vs_student_alone"] == v
+    assert json.loads((res.run_dir / "summary.json").read_text())["vs_alone"] == v
+    with pytest.raises(ConfigError, match="no student-alone baseline"):
+        distill_run(tmp_path / "g", teacher_file, **{"train.vs_alone": True, "method.name": "netgraft",
+                                                     "data.shots_per_class": 2})

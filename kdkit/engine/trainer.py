@@ -122,6 +122,8 @@ class _StageState:
     best_state: dict[str, torch.Tensor] | None = None
     last_val: dict[str, float] = field(default_factory=dict)
     steps_done: int = 0  # optimizer steps of the stage's first update so far (its repeats included)
+    #: per update, the running mean of its (clipped) gradient norms for train.grad_clip_relative: [sum, weight]
+    norm_history: list[list[float]] = field(default_factory=list)
 
 
 class Interrupted(Exception):
@@ -206,7 +208,7 @@ class Engine:
                 "schedules": [s.state_dict() for s in st.schedules],
                 "meter": st.meter.state_dict(),
                 "best_acc": st.best_acc, "best_epoch": st.best_epoch, "best_state": st.best_state,
-                "last_val": st.last_val, "steps_done": st.steps_done,
+                "last_val": st.last_val, "steps_done": st.steps_done, "norm_history": st.norm_history,
             }
             if self.scaler is not None:
                 state["stage_state"]["scaler"] = self.scaler.state_dict()
@@ -416,7 +418,7 @@ class Engine:
             opt = build_optimizer(u.params, update_config(self.train_cfg, u.optimizer, where), where)
             optimizers.append(opt)
             schedules.append(Schedules(opt, stage.epochs * steps * u.repeat, steps * u.repeat))
-        st = _StageState(optimizers, schedules)
+        st = _StageState(optimizers, schedules, norm_history=[[0.0, 0.0] for _ in stage.updates])
         for sch in schedules:
             sch.scale = self.lr_scale
         if resume is not None:
@@ -428,6 +430,7 @@ class Engine:
             st.best_acc, st.best_epoch = resume["best_acc"], resume["best_epoch"]
             st.best_state, st.last_val = resume["best_state"], resume.get("last_val", {})
             st.steps_done = int(resume.get("steps_done", 0))
+            st.norm_history = [list(h) for h in resume.get("norm_history", st.norm_history)]
             if self.scaler is not None and "scaler" in resume:
                 self.scaler.load_state_dict(resume["scaler"])
         return st
@@ -630,6 +633,10 @@ class Engine:
                 else:
                     total.backward()
                 norm = _grad_norm(u.parameters(), c.grad_clip)
+                if c.grad_clip_relative is not None and bool(torch.isfinite(norm)):
+                    relative_clip(u.parameters(), norm, st.norm_history[i], c.grad_clip_relative)
+                if c.agc is not None:
+                    unitwise_clip(u.parameters(), c.agc)
                 if not self._all_ranks(finite_loss and bool(torch.isfinite(norm))):
                     self._fault("loss" if not finite_loss else "gradient", losses, stage, where)
                 opt.step(self.scaler)
@@ -641,6 +648,7 @@ class Engine:
             prefix = "" if len(stage.updates) == 1 else f"{u.name}/"
             for k, v in losses.items():
                 logged[prefix + k] = v.detach()
+            logged[prefix + "grad_norm"] = norm.detach()  # before clipping: how large the update wanted to be
             if "loss" not in losses and len(losses) > 1:
                 logged[prefix + "loss"] = total.detach()
         return logged
@@ -654,6 +662,43 @@ def _grad_norm(params: Any, clip: float | None) -> torch.Tensor:
     if not params:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
+
+
+#: the running mean of train.grad_clip_relative weighs a step's norm by 0.98^(steps since): about 50 steps
+NORM_DECAY = 0.98
+
+
+@torch.no_grad()
+def relative_clip(params: Any, norm: torch.Tensor, history: list[float], factor: float) -> None:
+    """Scale the gradient down so its norm is at most `factor` times the running mean of the earlier steps'
+    (``history`` = [decayed sum of norms, decayed count], updated in place with the norm as clipped); the first
+    step only starts the history. Unlike a fixed threshold, this needs no knowledge of the loss's scale."""
+    n = float(norm)
+    if history[1] > 0:
+        limit = factor * history[0] / history[1]
+        if n > limit:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(limit / n)
+            n = limit
+    history[0] = NORM_DECAY * history[0] + n
+    history[1] = NORM_DECAY * history[1] + 1.0
+
+
+@torch.no_grad()
+def unitwise_clip(params: Any, ratio: float, eps: float = 1e-3) -> None:
+    """Adaptive gradient clipping (Brock, De, Smith & Simonyan, "High-Performance Large-Scale Image Recognition
+    Without Normalization", 2021): for every output unit i of a parameter (a row of a weight matrix, a filter of
+    a convolution, an element of a vector), G_i <- G_i * min(1, ratio * max(||W_i||, eps) / ||G_i||). An update
+    can then change a unit's weights by a bounded fraction of their size, whatever the loss's scale."""
+    for p in params:
+        if p.grad is None:
+            continue
+        dims = tuple(range(1, p.dim())) if p.dim() > 1 else ()
+        w = torch.linalg.vector_norm(p.detach(), dim=dims, keepdim=True) if dims else p.detach().abs()
+        g = torch.linalg.vector_norm(p.grad, dim=dims, keepdim=True) if dims else p.grad.abs()
+        limit = ratio * w.clamp_min(eps)
+        p.grad.mul_(torch.where(g > limit, limit / g.clamp_min(1e-12), torch.ones_like(g)))
 
 
 def _order_fingerprint(loader: BatchLoader | None, stage_index: int) -> str | None:

@@ -50,7 +50,7 @@ from torch import nn
 
 from ..data import Batch
 from ..errors import ConfigError, ModelError
-from ..losses import Adapter, AttentionLoss, GramLoss, NSTLoss, SoftmaxRegressionLoss, kd_loss
+from ..losses import Adapter, AttentionLoss, GramLoss, NSTLoss, SoftmaxRegressionLoss
 from ..losses.adapters import AdapterKind, needs_resize
 from ..losses.regression import feature_map_loss, logit_regression
 from ..models import model_parts
@@ -59,7 +59,7 @@ from ..taps import resolve
 from ..weighting import LossWeighting, make_weighting
 from . import register
 from .base import Stage, Update, params_of
-from .distiller import Distiller
+from .distiller import Distiller, SoftTargets
 from .pairs import matched_stages
 
 PathKind = Literal["soft_target", "logits", "hint", "attention", "gram", "nst_mmd", "feature_map",
@@ -80,7 +80,7 @@ class PathSpec:
 
 
 @dataclass
-class AdaptiveOptions:
+class AdaptiveOptions(SoftTargets):
     paths: list[PathKind | PathSpec] = opt(
         ["gram", "logits", "attention", "soft_target"],
         "paths: kinds, or mappings {name, pairs, weight, label}; default: the authors' four")
@@ -88,7 +88,6 @@ class AdaptiveOptions:
         "uncertainty", "how the paths become one loss (see kdkit.weighting)")
     alpha: float = opt(1.0, "weight of the aggregated distillation loss against the CE term", ge=0)
     ce_weight: float = opt(1.0, "weight of the cross-entropy on labels, outside the weighting (0: labels unused)", ge=0)
-    temperature: float = opt(4.0, "softmax temperature T of the soft_target path", gt=0)
     layer_wise: bool = opt(False, "one path per layer pair for feature paths, instead of their sum")
     adapter: AdapterKind = opt("auto", "adapter kind where widths differ: auto (1x1 conv + BN / linear), conv, conv_bn")
     resize: bool = opt(False, "hint/attention: resize student maps to the teacher's size instead of failing")
@@ -250,7 +249,7 @@ class Adaptive(Distiller):
         cache = {} if cache is None else cache
         k = path.kind
         if k == "soft_target":
-            return kd_loss(s_logits, t_logits, self.opts.temperature)
+            return self.opts.soft(s_logits, t_logits)
         if k == "logits":
             return logit_regression(s_logits, t_logits)
         if k == "ce":

@@ -116,6 +116,7 @@ class DataFree(Distiller):
     :class:`DAFLGenerator`) and which stages run; the student's step, bank and diagnostics live here."""
 
     reads_training_data: ClassVar[bool] = False
+    has_alone_baseline: ClassVar[bool] = False  # no training data: no student alone to train
     Options = DataFreeOptions
     #: what the student distills on: the generator step's own batch ("generator_batch", joint schedules)
     #: or a fresh batch made for each student step ("fresh")

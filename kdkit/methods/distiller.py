@@ -17,6 +17,7 @@ from torch import nn
 from ..data import Batch
 from ..errors import ModelError
 from ..losses import kd_loss
+from ..losses.kd import KDScale
 from ..schema import opt
 from ..taps import Taps
 from ..teacher_cache import TeacherCache
@@ -27,8 +28,22 @@ _LOGITS = "logits:"
 
 
 @dataclass
-class DistillOptions:
-    temperature: float = opt(4.0, "softmax temperature T of the KD term", gt=0)
+class SoftTargets:
+    """How every soft-target (KD) term of a method is computed (see :mod:`kdkit.losses.kd`)."""
+
+    temperature: float = opt(4.0, "softmax temperature T of the KD terms", gt=0)
+    kd_scale: KDScale = opt("t2", "scale of the KD terms: t2 (Hinton's T^2) or t (the gradient bounded like a "
+                                  "cross-entropy's at every T; see kdkit.losses.kd)")
+    logit_standardization: bool = opt(False, "standardise both models' logits before the temperature "
+                                             "(Sun et al., CVPR 2024)")
+
+    def soft(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """The KD term s(T) KL(p_t^T || p_s^T) with these settings."""
+        return kd_loss(student_logits, teacher_logits, self.temperature, self.kd_scale, self.logit_standardization)
+
+
+@dataclass
+class DistillOptions(SoftTargets):
     kd_weight: float = opt(0.9, "weight of the KD (soft-target) term", ge=0)
     ce_weight: float = opt(0.1, "weight of the cross-entropy term on labels (0: labels unused)", ge=0)
 
@@ -129,7 +144,7 @@ class Distiller(Method):
                 raise ModelError(f"method {self.name!r} has ce_weight > 0 but the data has no labels; set ce_weight=0")
             losses["ce"] = o.ce_weight * F.cross_entropy(s_logits, batch.y)
         if o.kd_weight > 0:
-            losses["kd"] = o.kd_weight * kd_loss(s_logits, t_logits, o.temperature)
+            losses["kd"] = o.kd_weight * o.soft(s_logits, t_logits)
         losses.update(self.extra_losses(batch, s_logits, t_logits))
         for taps in (self.student_taps, self.teacher_taps):
             if taps is not None:

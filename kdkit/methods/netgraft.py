@@ -120,6 +120,7 @@ def _set(root: nn.Module, path: str, module: nn.Module) -> None:
 class NetGraft(Method):
     name = "netgraft"
     Options = NetGraftOptions
+    has_alone_baseline = False  # unlabeled few-shot images: there is no student alone to train
 
     def __init__(self, opts: NetGraftOptions, *, student: nn.Module, teacher: nn.Module | None, info: Any,
                  train: Any):

@@ -38,7 +38,6 @@ from torch import nn
 from ..data import Batch
 from ..errors import ConfigError
 from ..heads import fold, head_cosine
-from ..losses import kd_loss
 from ..schema import opt
 from . import register
 from .base import Stage, Update, params_of
@@ -125,7 +124,7 @@ class SHKD(HeadSharing):
         z = self.student1(batch.x)
         out = {"ce": o.ce_weight * F.cross_entropy(z, batch.y)}
         if o.student_kd:
-            out["kd"] = o.kd_weight * kd_loss(z, self.teacher_logits(batch), o.temperature)
+            out["kd"] = o.kd_weight * o.soft(z, self.teacher_logits(batch))
             assert self.teacher_taps is not None
             self.teacher_taps.clear()
         return out

@@ -34,17 +34,16 @@ from torch import nn
 from ..data import Batch
 from ..errors import ConfigError, ModelError
 from ..heads import MixedHead, fold, head_cosine, with_head
-from ..losses import embedding_distance, kd_loss
+from ..losses import embedding_distance
 from ..models import model_parts
 from ..schema import opt
 from ..taps import resolve
 from . import register
-from .distiller import Distiller
+from .distiller import Distiller, SoftTargets
 
 
 @dataclass
-class THKDOptions:
-    temperature: float = opt(4.0, "softmax temperature T of the KD terms", gt=0)
+class THKDOptions(SoftTargets):
     ce_weight: float = opt(1.0, "weight of CE on the student's head (gamma)", ge=0)
     kd_weight: float = opt(1.5, "weight of KD between teacher and student head (alpha; authors' code: 1.5)", ge=0)
     th_weight: float = opt(0.02, "weight of KD between teacher and teacher-head-on-student (beta; authors' 0.02)",
@@ -148,7 +147,7 @@ class HeadSharing(Distiller):
         if o.th_weight or o.th_ce_weight:
             z_th = self.apply_teacher_head(p)
             if o.th_weight:
-                out["th"] = o.th_weight * kd_loss(z_th, t_logits, o.temperature)
+                out["th"] = o.th_weight * o.soft(z_th, t_logits)
             if o.th_ce_weight:
                 if batch.y is None:
                     raise ModelError("th_ce_weight > 0 needs labels; set method.th_ce_weight=0")
