@@ -131,7 +131,8 @@ def test_kd_scale_and_logit_standardization_by_hand():
     # standardised: [1, 2, 3] -> [-1, 0, 1] (mean 2, sd 1); [10, 0, 20] -> [0, -1, 1] (mean 10, sd 10)
     assert torch.allclose(standardized(s), torch.tensor([[-1.0, 0.0, 1.0]]), atol=1e-6)
     assert torch.allclose(standardized(t), torch.tensor([[0.0, -1.0, 1.0]]), atol=1e-6)
-    ps, pt = torch.softmax(torch.tensor([[-1.0, 0.0, 1.0]]) / T, 1), torch.softmax(torch.tensor([[0.0, -1.0, 1.0]]) / T, 1)
+    ps = torch.softmax(torch.tensor([[-1.0, 0.0, 1.0]]) / T, 1)
+    pt = torch.softmax(torch.tensor([[0.0, -1.0, 1.0]]) / T, 1)
     kl = float((pt * (pt.log() - ps.log())).sum())
     assert kd_loss(s, t, T, standardize=True).item() == pytest.approx(T * T * kl, rel=1e-4)
     # scale-free: multiplying the teacher's logits changes nothing once standardised
