@@ -7,6 +7,7 @@ A spec (YAML, or a dict from Python) names the arms, the seeds and the baseline:
     seeds: 10                       # 0..9, or a list
     baseline: student               # every other arm is compared with it, seed by seed
     set: [data.root=../shared/data/mnist]       # overrides for every run
+    arms_set: ["data.name={data}"]  # overrides for every arm (not the prepare runs): may use cell variables
     prepare:                        # runs made once, before the arms: {teacher} is the run's folder
       teacher: {command: train, config: configs/mnist/teacher_lenet5.yaml, dir: runs/teachers/mnist_lenet5}
     arms:
@@ -47,7 +48,8 @@ from typing import Any
 from .errors import ConfigError, KdkitError, did_you_mean
 from .stats import Interval, Paired, mean_ci, paired
 
-SPEC_KEYS = ("name", "out", "seeds", "metric", "baseline", "set", "prepare", "arms", "cells", "contrasts", "level")
+SPEC_KEYS = ("name", "out", "seeds", "metric", "baseline", "set", "arms_set", "prepare", "arms", "cells", "contrasts",
+             "level")
 RUN_KEYS = ("command", "config", "set", "dir")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -71,6 +73,7 @@ class Spec:
     metric: str
     baseline: str
     overrides: list[str]
+    arm_overrides: list[str]
     prepare: dict[str, RunSpec]
     arms: dict[str, RunSpec]
     cells: dict[str, list[Any]]
@@ -122,7 +125,7 @@ def _run_spec(name: str, data: Any, where: str) -> RunSpec:
     if command not in ("train", "distill"):
         raise ConfigError(f"{where}.command: 'train' or 'distill', got {command!r}")
     config = data.get("config")
-    if config is not None and not Path(config).is_file():
+    if config is not None and not _PLACEHOLDER.search(str(config)) and not Path(config).is_file():
         raise ConfigError(f"{where}.config: {config!r} not found (paths are relative to the folder kdkit compare "
                           f"runs in: {os.getcwd()})")
     if data.get("dir") is not None and not where.startswith("prepare."):
@@ -176,8 +179,8 @@ def load_spec(spec: str | os.PathLike | dict[str, Any]) -> Spec:
         raise ConfigError(f"compare spec: level is a confidence level in (0, 1), got {level}")
     out = Path(raw.get("out") or Path("runs") / "compare" / name)
     return Spec(name, out, seeds, str(raw.get("metric", "test_accuracy")), baseline,
-                _as_list(raw.get("set"), "set"), prepare, arms, {str(k): v for k, v in cells.items()}, contrasts,
-                level)
+                _as_list(raw.get("set"), "set"), _as_list(raw.get("arms_set"), "arms_set"), prepare, arms,
+                {str(k): v for k, v in cells.items()}, contrasts, level)
 
 
 def _fill(text: str, values: dict[str, Any], where: str) -> str:
@@ -200,7 +203,7 @@ def plan(spec: Spec) -> list[Run]:
     prep_dirs = {p: Path(rs.dir) if rs.dir else spec.out / "prepare" / p for p, rs in spec.prepare.items()}
     base_values: dict[str, Any] = {k: str(v) for k, v in prep_dirs.items()} | {"out": str(spec.out)}
     for p, rs in spec.prepare.items():
-        argv = [*([rs.config] if rs.config else []),
+        argv = [*([_fill(rs.config, base_values, f"prepare.{p}")] if rs.config else []),
                 *(_fill(o, base_values, f"prepare.{p}") for o in [*spec.overrides, *rs.overrides])]
         runs.append(Run(f"prepare/{p}", p, "prepare", None, rs.command, argv, prep_dirs[p],
                         spec.out / "logs" / "prepare" / f"{p}.log"))
@@ -212,8 +215,9 @@ def plan(spec: Spec) -> list[Run]:
             values = base_values | {k: v for k, v in cell.items()} | {"seed": seed}
             for a, rs in spec.arms.items():
                 where = f"arms.{a}"
-                argv = [*([rs.config] if rs.config else []),
-                        *(_fill(o, values, where) for o in [*spec.overrides, *rs.overrides]), f"seed={seed}"]
+                argv = [*([_fill(rs.config, values, where)] if rs.config else []),
+                        *(_fill(o, values, where) for o in [*spec.overrides, *spec.arm_overrides, *rs.overrides]),
+                        f"seed={seed}"]
                 run_dir = spec.out / label / a / f"seed{seed}"
                 runs.append(Run(f"{label}/{a}/seed{seed}", a, label, seed, rs.command, argv, run_dir,
                                 spec.out / "logs" / label / a / f"seed{seed}.log"))
@@ -230,6 +234,8 @@ def check(runs: list[Run]) -> None:
 
     for r in runs:
         cfg_path = r.argv[0] if r.argv and "=" not in r.argv[0] else None
+        if cfg_path is not None and not Path(cfg_path).is_file():
+            raise ConfigError(f"run {r.key}: config {cfg_path!r} not found (paths are relative to {os.getcwd()})")
         overrides = [a for a in r.argv if a is not cfg_path] + [f"output_dir={r.run_dir}", "train.progress=lines"]
         try:
             cfg = load_config(cfg_path, overrides, default_method="supervised" if r.command == "train" else "kd")
@@ -481,11 +487,12 @@ def markdown(report: dict[str, Any]) -> str:
             last = _ci_text(a["last"], m) if a["last"] else "n/a"
             kml = _diff_text(a["kept_minus_last"]["diff"], m) if a["kept_minus_last"] else "n/a"
             cpu = f"{a['cpu_s']['mean']:.0f}" if a["cpu_s"] and a["cpu_s"]["n"] else "n/a"
+            wall = f"{a['wall_s']['mean']:.0f}" if a["wall_s"]["n"] else "n/a"
             missing = ", ".join(x for x in (f"failed: {a['failed']}" if a["failed"] else "",
                                             f"pending: {a['pending']}" if a["pending"] else "") if x) or ""
             sd = _fmt(iv["sd"], m) if iv["n"] > 1 else "n/a"
             lines.append(f"| {name} | {iv['n']} | {_ci_text(iv, m)} | {sd} | {last} | {kml} | "
-                         f"{a['wall_s']['mean']:.0f} | {cpu} | {missing} |")
+                         f"{wall} | {cpu} | {missing} |")
         if c["pairs"]:
             lines += ["", f"| arm | against | paired seeds | difference [{pct}% interval] | wins / losses / ties | "
                           "same init / same data order | verdict |", "|---|---|---|---|---|---|---|"]

@@ -18,6 +18,10 @@ or detection terms) and returns one scalar. Each loss ``L_i`` has a hand-given p
   is on u_i = log g_i with the gradient taken relative to mean(g G): the same objective, but steps are
   relative (g stays positive, and the learning rate does not depend on the losses' scale, which with
   plain steps on g made the weights of very unequal losses oscillate).
+* ``normalized``:  L = sum_i w_i L_i / sg(Lbar_i), Lbar_i the running mean of L_i (decay 0.99, the first
+  value at the start): every term's value is about w_i, so its gradient no longer carries the constants that
+  make one loss larger than another by accident (T^2, a feature map's size, the number of paths): the
+  gradient of L_i / Lbar_i is the relative change of L_i.
 * ``dwa``:         L = sum_i lambda_i w_i L_i (Liu et al., "End-to-End Multi-Task Learning with Attention",
   CVPR 2019): lambda_i(t) = K exp(r_i / T) / sum_j exp(r_j / T), r_i = Lbar_i(t-1) / Lbar_i(t-2) from the
   mean losses of the two previous epochs; lambda = 1 for the first two epochs.
@@ -34,7 +38,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-WEIGHTINGS = ("equal", "fixed", "uncertainty", "gradnorm", "dwa")
+WEIGHTINGS = ("equal", "fixed", "uncertainty", "gradnorm", "dwa", "normalized")
 
 
 def _all_mean(t: torch.Tensor) -> torch.Tensor:
@@ -108,6 +112,31 @@ class UncertaintyWeighting(LossWeighting):
 
     def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return (self.multipliers() * self.prior * self.stack(losses)).sum() + self.log_var.sum()
+
+
+class NormalizedWeighting(LossWeighting):
+    kind = "normalized"
+    decay = 0.99
+
+    def __init__(self, names: Sequence[str], priors: Mapping[str, float] | None = None):
+        super().__init__(names, priors)
+        self.register_buffer("mean", torch.zeros(len(self.names)))  # running mean of each loss
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+
+    def multipliers(self) -> torch.Tensor:
+        return 1.0 / self.mean.clamp_min(1e-12) if bool(self.started) else torch.ones_like(self.mean)
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        stacked = self.stack(losses)
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                now = _all_mean(stacked.detach().clone())
+                if bool(self.started):
+                    self.mean.mul_(self.decay).add_((1 - self.decay) * now)
+                else:
+                    self.mean.copy_(now)
+                    self.started.fill_(True)
+        return (self.multipliers() * self.prior * stacked).sum()
 
 
 class GradNormWeighting(LossWeighting):
@@ -224,4 +253,6 @@ def make_weighting(kind: str, names: Sequence[str], priors: Mapping[str, float] 
         return GradNormWeighting(names, priors, shared=shared, alpha=gradnorm_alpha, lr=gradnorm_lr)
     if kind == "dwa":
         return DWAWeighting(names, priors, temperature=dwa_temperature)
+    if kind == "normalized":
+        return NormalizedWeighting(names, priors)
     raise ConfigError(f"unknown weighting {kind!r}; choose one of {', '.join(WEIGHTINGS)}")

@@ -141,6 +141,31 @@ def test_gradnorm_balances_gradient_norms_on_a_toy_two_loss_problem():
     assert abs(math.log(weighted[0] / weighted[1])) < imbalance0 / 3  # weighted gradient norms much closer
 
 
+def test_normalized_divides_each_loss_by_its_running_mean():
+    """L = sum_i w_i L_i / sg(mean_i): the first value starts the mean (the term is then w_i), later values move it
+    by 1% per step; the gradient is the loss's divided by its mean, whatever the loss's constant factors."""
+    from kdkit.weighting import NormalizedWeighting
+
+    w = NormalizedWeighting(["a", "b"], {"a": 1.0, "b": 0.5})
+    x = torch.tensor(2.0, requires_grad=True)
+    out = w({"a": 10 * x, "b": torch.tensor(4.0)})
+    assert out.item() == pytest.approx(1.0 + 0.5)
+    out.backward()
+    assert x.grad.item() == pytest.approx(10 / 20)  # d(10x / 20) / dx
+    out = w({"a": torch.tensor(40.0), "b": torch.tensor(4.0)})
+    mean_a = 0.99 * 20 + 0.01 * 40
+    assert out.item() == pytest.approx(40 / mean_a + 0.5)
+    assert w.effective_weights()["a"] == pytest.approx(1 / mean_a)
+    # the scale of a loss does not change the gradient it gives
+    grads = []
+    for scale in (1.0, 16.0):
+        n = NormalizedWeighting(["kd"])
+        y = torch.tensor(3.0, requires_grad=True)
+        n({"kd": scale * y ** 2}).backward()
+        grads.append(y.grad.item())
+    assert grads[0] == pytest.approx(grads[1])
+
+
 def test_dwa_reproduces_its_formula():
     w = DWAWeighting(["a", "b"], temperature=2.0)
     w.train()
@@ -161,7 +186,7 @@ def test_dwa_reproduces_its_formula():
 # ---------------------------------------------------------------------------------------- the method
 
 
-@pytest.mark.parametrize("weighting", ["equal", "fixed", "uncertainty", "gradnorm", "dwa"])
+@pytest.mark.parametrize("weighting", ["equal", "fixed", "uncertainty", "gradnorm", "dwa", "normalized"])
 def test_all_paths_train_with_every_weighting(tmp_path, cnn_teacher_file, weighting):
     res = distill_run(tmp_path / "r", cnn_teacher_file, **{
         "method.name": "adaptive", "method.paths": ALL, "method.weighting": weighting, "train.epochs": 3, **STUDENT})

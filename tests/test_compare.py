@@ -158,7 +158,7 @@ def test_a_shared_prepare_folder_must_hold_the_same_run(tmp_path):
 def test_robustness_over_a_grid_pairs_each_seeds_mean_worst_and_spread():
     from kdkit.compare import ArmResult, Spec, _across_cells
 
-    spec = Spec("g", None, [0, 1, 2], "test_accuracy", "b", [], {}, {}, {"lr": [1, 2]}, [])
+    spec = Spec("g", None, [0, 1, 2], "test_accuracy", "b", [], [], {}, {}, {"lr": [1, 2]}, [])
     a = {"lr=1": ArmResult(values={0: 0.9, 1: 0.8, 2: 0.7}), "lr=2": ArmResult(values={0: 0.7, 1: 0.8, 2: 0.9})}
     b = {"lr=1": ArmResult(values={0: 0.8, 1: 0.8, 2: 0.8}), "lr=2": ArmResult(values={0: 0.8, 1: 0.8})}
     results = {c: {"a": a[c], "b": b[c]} for c in a}

@@ -94,3 +94,20 @@ def test_user_models_without_stages_need_pairs(tmp_path, cnn_teacher_file):
     with pytest.raises(ModelError, match="give method.pairs"):
         distill_run(tmp_path / "r", cnn_teacher_file, **{"method.name": "attention", "student.arch": None,
                                                           "student.module": "tests.user_models:TinyConvNet"})
+
+
+def test_kd_normalize_divides_the_kd_term_by_its_running_mean(tmp_path, teacher_file):
+    from kdkit.losses import kd_loss
+
+    from .test_head_sharing import build
+
+    m, batch, *_ = build(tmp_path, teacher_file, method="kd", **{"method.kd_normalize": True, "student.arch": "mlp",
+                                                                 "student.hidden": "[32]"})
+    m.train()
+    first = m.student_step(batch)["kd"]
+    assert first.item() == pytest.approx(0.9)  # the first value starts the mean: kd_weight * 1
+    with torch.no_grad():
+        raw = kd_loss(m.student(batch.x), m.teacher(batch.x), 4.0).item()
+    assert m.kd_normalizer.mean.item() == pytest.approx(raw, rel=1e-5)
+    state = m.checkpoint_state()
+    assert "kd_normalizer.mean" in state  # resumed runs continue the same mean

@@ -84,7 +84,7 @@ class AdaptiveOptions(SoftTargets):
     paths: list[PathKind | PathSpec] = opt(
         ["gram", "logits", "attention", "soft_target"],
         "paths: kinds, or mappings {name, pairs, weight, label}; default: the authors' four")
-    weighting: Literal["equal", "fixed", "uncertainty", "gradnorm", "dwa"] = opt(
+    weighting: Literal["equal", "fixed", "uncertainty", "gradnorm", "dwa", "normalized"] = opt(
         "uncertainty", "how the paths become one loss (see kdkit.weighting)")
     alpha: float = opt(1.0, "weight of the aggregated distillation loss against the CE term", ge=0)
     ce_weight: float = opt(1.0, "weight of the cross-entropy on labels, outside the weighting (0: labels unused)", ge=0)

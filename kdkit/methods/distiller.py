@@ -21,6 +21,7 @@ from ..losses.kd import KDScale
 from ..schema import opt
 from ..taps import Taps
 from ..teacher_cache import TeacherCache
+from ..weighting import NormalizedWeighting
 from .base import Method, Stage, Update, params_of
 
 #: the teacher cache's name for the logits (tap paths name the features)
@@ -46,6 +47,8 @@ class SoftTargets:
 class DistillOptions(SoftTargets):
     kd_weight: float = opt(0.9, "weight of the KD (soft-target) term", ge=0)
     ce_weight: float = opt(0.1, "weight of the cross-entropy term on labels (0: labels unused)", ge=0)
+    kd_normalize: bool = opt(False, "divide the KD term by its running mean (kdkit.weighting 'normalized'): its "
+                                    "gradient then no longer grows with T^2 or the teacher's confidence")
 
 
 def frozen(model: nn.Module) -> nn.Module:
@@ -63,6 +66,8 @@ class Distiller(Method):
             raise ModelError(f"method {self.name!r} needs a teacher: set teacher.checkpoint")
         self.teacher = frozen(teacher)
         self.teacher_cache: TeacherCache | None = None
+        #: the KD term's running-mean normaliser (kd_normalize), trained-mode state kept in checkpoints
+        self.kd_normalizer = NormalizedWeighting(["kd"]) if getattr(opts, "kd_normalize", False) else None
         self.student_taps: Taps | None = None
         self.teacher_taps: Taps | None = None
 
@@ -144,7 +149,8 @@ class Distiller(Method):
                 raise ModelError(f"method {self.name!r} has ce_weight > 0 but the data has no labels; set ce_weight=0")
             losses["ce"] = o.ce_weight * F.cross_entropy(s_logits, batch.y)
         if o.kd_weight > 0:
-            losses["kd"] = o.kd_weight * o.soft(s_logits, t_logits)
+            kd = o.soft(s_logits, t_logits)
+            losses["kd"] = o.kd_weight * (self.kd_normalizer({"kd": kd}) if self.kd_normalizer is not None else kd)
         losses.update(self.extra_losses(batch, s_logits, t_logits))
         for taps in (self.student_taps, self.teacher_taps):
             if taps is not None:
@@ -159,6 +165,7 @@ class Distiller(Method):
         return []
 
     def stages(self) -> list[Stage]:
-        trained = [self.student, *self.extra_modules()]
+        normalizer = [self.kd_normalizer] if self.kd_normalizer is not None else []
+        trained = [self.student, *self.extra_modules(), *normalizer]
         return [Stage("distill", [Update("student", params_of(*trained), self.student_step)],
                       self.train_cfg.epochs, train_modules=trained)]
