@@ -24,7 +24,7 @@ from kdkit.weighting import (
     dwa_weights,
 )
 
-from .conftest import crash_at, digits_overrides, distill_run
+from .conftest import ROOT, crash_at, digits_overrides, distill_run
 
 ALL = "[soft_target, logits, hint, attention, gram, feature_map, softmax_regression]"
 STUDENT = {"student.arch": "vgg8_bn", "student.width": 0.0625}
@@ -296,3 +296,19 @@ def test_report_on_a_run_in_progress(tmp_path, capsys):
     assert (tmp_path / "weights.png").stat().st_size > 1000 and (tmp_path / "curves.png").exists()
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "has no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_recipes_are_the_authors_configurations():
+    """Their 'all' aggregates four paths (NST, i.e. the Gram path, logits, attention, soft target) with the
+    uncertainty rule; their equal baseline is attention + soft target; their hand-tuned one AT x 1000, ST x 0.1."""
+    def paths(recipe):
+        o = load_config(ROOT / f"configs/mnist/{recipe}.yaml").method.options
+        return o.weighting, [(p.name, p.weight) for p in o.specs]
+
+    assert paths("adaptive") == ("uncertainty", [("gram", 1.0), ("logits", 1.0), ("attention", 1.0),
+                                                 ("soft_target", 1.0)])
+    assert paths("adaptive_equal") == ("equal", [("attention", 1.0), ("soft_target", 1.0)])
+    assert paths("adaptive_fixed") == ("fixed", [("attention", 1000.0), ("soft_target", 0.1)])
+    o = load_config(ROOT / "configs/mnist/adaptive.yaml").method.options
+    assert o.weights_optimizer == {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
+                                   "weight_decay": 1e-4}

@@ -19,7 +19,7 @@ from kdkit.methods import method_class
 from kdkit.modelfile import build_from_config
 from kdkit.run import execute
 
-from .conftest import crash_at, digits_overrides, distill_run
+from .conftest import ROOT, crash_at, digits_overrides, distill_run
 
 NARROW = {"student.arch": "mlp", "student.hidden": "[32]"}  # 32-d embedding; the teacher's is 128-d
 WIDE = {"student.arch": "mlp", "student.hidden": "[128]"}  # same width as the teacher's embedding
@@ -220,3 +220,18 @@ def test_sh_kd_stage2_evaluates_the_teacher_in_eval_mode(tmp_path, cnn_teacher_f
     evaluate(view, loader)
     assert torch.equal(bn.running_mean, before)
     assert m.teacher.training  # and training mode is restored afterwards
+
+
+def test_th_kd_defaults_and_recipe_are_the_authors_weights():
+    """train_student.py --distill kdth -r 1 -a 1.5 -b 0.02, T = 4: CE 1, KD 1.5, KD through the teacher's head
+    0.02, and no CE through the teacher's head (not in the authors' code)."""
+    from kdkit.methods.th_kd import THKDOptions
+
+    o = THKDOptions()
+    assert (o.ce_weight, o.kd_weight, o.th_weight, o.th_ce_weight, o.temperature) == (1.0, 1.5, 0.02, 0.0, 4.0)
+    r = load_config(ROOT / "configs/mnist/th_kd.yaml").method.options
+    assert (r.ce_weight, r.kd_weight, r.th_weight, r.th_ce_weight, r.temperature) == (1.0, 1.5, 0.02, 0.0, 4.0)
+    # the authors' KDE sums over the batch; kdkit's l2 is that divided by the batch size
+    a, b = torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert embedding_distance(a, b, "kde").item() == pytest.approx(0.4 ** 2 + 0.8 ** 2)
+    assert embedding_distance(a, b, "l2").item() == pytest.approx((0.4 ** 2 + 0.8 ** 2) / 2)
