@@ -241,12 +241,15 @@ def check(runs: list[Run]) -> None:
             cfg = load_config(cfg_path, overrides, default_method="supervised" if r.command == "train" else "kd")
         except KdkitError as e:
             raise ConfigError(f"run {r.key} ({r.command}): {e}") from None
-        if r.seed is None and r.started:
+        if r.started:
             saved = yaml.safe_load((r.run_dir / "config.yaml").read_text(encoding="utf-8"))
             diff = config_differences(saved, named_for_data(cfg))
-            if diff:
+            if diff and r.seed is None:
                 raise ConfigError(f"prepare run {r.key}: {r.run_dir} holds a run with another config (in: "
                                   f"{', '.join(diff)}); give this prepare run another dir, or remove that folder")
+            if diff:
+                raise ConfigError(f"run {r.key}: {r.run_dir} was made with another config than the spec now gives "
+                                  f"(in: {', '.join(diff)}); restore the spec, or give the comparison another 'out'")
 
 
 # ---- the queue -------------------------------------------------------------------------------------
@@ -580,8 +583,11 @@ def dry_run(spec: str | os.PathLike | dict[str, Any]) -> list[str]:
     s = load_spec(spec)
     runs = plan(s)
     check(runs)
-    return [("done     " if r.finished else "resume   " if r.started else "pending  ") + shlex.join(command_line(r))
-            for r in runs]
+    def fresh(r: Run) -> list[str]:
+        return [sys.executable, "-m", "kdkit", r.command, *r.argv, f"output_dir={r.run_dir}", "train.progress=lines"]
+
+    return [("done     " + shlex.join(fresh(r))) if r.finished else
+            ("resume   " if r.started else "pending  ") + shlex.join(command_line(r)) for r in runs]
 
 
 def compare(spec: str | os.PathLike | dict[str, Any], *, run: bool = True, max_runs: int | None = None,

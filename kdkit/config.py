@@ -122,7 +122,10 @@ class TrainConfig:
     milestones: list[float] = opt([], "step schedule: epochs (or fractions of the budget if < 1)")
     gamma: float = opt(0.1, "step schedule: factor at each milestone", gt=0)
     warmup_epochs: float = opt(0.0, "linear warm-up length in epochs", ge=0)
-    grad_clip: float | None = opt(None, "clip the gradient norm to this value", gt=0)
+    grad_clip: float | None = opt(
+        5.0, "clip each step's gradient norm to this value (null: off). The default keeps distillation at the "
+        "student's own learning rate from diverging: KD's T^2-scaled gradient is several times a cross-entropy's "
+        "(see BENCHMARKS.md, 'Distillation at the student's learning rate')", gt=0)
     grad_clip_relative: float | None = opt(
         None, "clip each step's gradient norm at this multiple of the running mean of the earlier steps' norms "
         "(scale-free: whatever the scale of the loss, only the spikes are cut)", gt=1)

@@ -507,6 +507,9 @@ def config_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
     with contextlib.suppress(KdkitError):  # one this version cannot read is compared as written
         saved = build_config(dict(saved), cfg.method.name).to_dict()
     now = cfg.to_dict()
+    for c in (saved, now):  # how progress is shown changes nothing of the run
+        if isinstance(c.get("train"), dict):
+            c["train"] = {k: v for k, v in c["train"].items() if k != "progress"}
     return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k != "output_dir")
 
 

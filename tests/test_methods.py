@@ -75,7 +75,7 @@ def test_fitnets_and_attention_train_end_to_end(tmp_path, cnn_teacher_file):
 def test_layer_pairs_by_path_on_a_user_student(tmp_path, cnn_teacher_file):
     user = {"student.arch": None, "student.module": "tests.user_models:TinyConvNet"}
     res = distill_run(tmp_path / "ok", cnn_teacher_file, **{
-        **user, "method.name": "fitnets", "method.pairs": "[[features.4, stage1]]", "train.epochs": 1})
+        **user, "method.name": "fitnets", "method.pairs": "[[features.4, stage1]]", "train.epochs": 3})
     assert res.summary["test_accuracy"] > 0.1
     with pytest.raises(ModelError, match=r"spatial size of student layer 'features.2' \(2, 8, 16, 16\) differs from "
                                          r"teacher layer 'stage1' \(2, 8, 8, 8\)"):

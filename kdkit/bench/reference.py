@@ -92,6 +92,11 @@ class HandLoop:
         groups: list[dict[str, Any]] = [{"params": params}]
         groups += own_groups
         self.optimizer = build_optimizer(groups, train)  # the same torch optimizer and hyperparameters
+        self.params = [q for g in groups for q in (g["params"] if isinstance(g, dict) else [g])]
+        self.clip = train.grad_clip  # the same global-norm clipping (kdkit's default 5)
+        if train.agc is not None or train.grad_clip_relative is not None:
+            raise ConfigError("the hand-written loops clip by the global norm only; unset train.agc and "
+                              "train.grad_clip_relative")
 
     def _adaptive_init(self, method: Any) -> None:
         o = method.opts
@@ -178,6 +183,8 @@ class HandLoop:
             loss = self.loss(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_([q for q in self.params if q.grad is not None], self.clip)
         self.optimizer.step()
         self.feats.clear()
         return loss.detach()

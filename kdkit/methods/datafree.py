@@ -68,9 +68,10 @@ class GeneratorOptions(DataFreeOptions):
 
 def constant_adam(lr: float) -> dict[str, Any]:
     """The optimizer override of updates that train synthesis (a generator, or pixels): Adam at a constant
-    ``lr``, no weight decay, whatever the ``train`` section says for the student."""
+    ``lr``, no weight decay and no gradient clipping (the authors'), whatever the ``train`` section says for the
+    student."""
     return {"optimizer": "adam", "lr": lr, "weight_decay": 0.0, "schedule": "constant", "warmup_epochs": 0.0,
-            "betas": [0.9, 0.999]}
+            "betas": [0.9, 0.999], "grad_clip": None}
 
 
 class ReplayBank(nn.Module):
