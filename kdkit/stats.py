@@ -91,3 +91,20 @@ def paired(a: Mapping[int, float], b: Mapping[int, float], level: float = 0.95) 
     seeds = sorted(set(a) & set(b))
     d = [float(a[s]) - float(b[s]) for s in seeds]
     return Paired(mean_ci(d, level), seeds, sum(v > 0 for v in d), sum(v < 0 for v in d), sum(v == 0 for v in d))
+
+
+def unpaired(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Interval:
+    """mean(a) - mean(b) for two independent samples (no pairing), with Welch's interval: standard error
+    sqrt(s_a^2/n_a + s_b^2/n_b), degrees of freedom by the Welch-Satterthwaite formula. Its `sd` is the
+    standard error. Needs two values on each side."""
+    x, y = mean_ci(a, level), mean_ci(b, level)
+    if x.n < 2 or y.n < 2:
+        return Interval(min(x.n, y.n), x.mean - y.mean, math.nan, math.nan, level)
+    va, vb = x.sd ** 2 / x.n, y.sd ** 2 / y.n
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Interval(min(x.n, y.n), x.mean - y.mean, 0.0, 0.0, level)
+    df = (va + vb) ** 2 / (va ** 2 / (x.n - 1) + vb ** 2 / (y.n - 1))
+    from scipy.stats import t
+
+    return Interval(min(x.n, y.n), x.mean - y.mean, se, float(t.ppf((1 + level) / 2, df)) * se, level)

@@ -169,3 +169,16 @@ def test_robustness_over_a_grid_pairs_each_seeds_mean_worst_and_spread():
     # seeds 0 and 1: worst a = .7, .8 against b = .8, .8; spread a = sd(.9, .7) = .1414, sd(.8, .8) = 0 against 0, 0
     assert p["worst"]["diff"]["mean"] == pytest.approx(-0.05) and p["worst"]["seeds"] == [0, 1]
     assert p["spread"]["diff"]["mean"] == pytest.approx(math.sqrt(0.02) / 2)
+
+
+def test_welch_interval_by_hand():
+    from kdkit.stats import unpaired
+
+    # a = 1, 2, 3 (mean 2, var 1), b = 2, 4 (mean 3, var 2): se = sqrt(1/3 + 2/2) = 1.1547,
+    # df = (1/3 + 1)^2 / ((1/3)^2 / 2 + 1^2 / 1) = 1.7778 / 1.0556 = 1.6842, t(.975, 1.6842) = 5.9454 (scipy)
+    iv = unpaired([1, 2, 3], [2, 4])
+    assert iv.mean == pytest.approx(-1.0) and iv.sd == pytest.approx(math.sqrt(4 / 3), rel=1e-6)
+    from scipy.stats import t
+
+    assert iv.half_width == pytest.approx(t.ppf(0.975, (4 / 3) ** 2 / ((1 / 3) ** 2 / 2 + 1)) * math.sqrt(4 / 3))
+    assert math.isnan(unpaired([1.0], [2.0, 3.0]).half_width)

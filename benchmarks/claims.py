@@ -1,0 +1,166 @@
+"""The claims table of BENCHMARKS.md, from the reports of `kdkit compare` (compare.json in each comparison's folder).
+
+Each claim names the comparison (a spec in benchmarks/compare/), the cell, the arm and what it is compared with,
+and the direction the paper (or kdkit's own issue) claims. The verdict is read off the 95% interval of the
+paired difference: 'supported' when it lies on the claimed side of the threshold (0, or the margin a claim
+allows), 'not supported' when it lies entirely on the other side, 'cannot tell' when it holds the threshold.
+
+    python benchmarks/claims.py --runs runs/compare            # prints the Markdown table
+    python benchmarks/claims.py --runs runs/compare --json benchmarks/results/claims.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kdkit.stats import unpaired  # noqa: E402
+
+
+@dataclass
+class Claim:
+    paper: str
+    text: str
+    spec: str  # comparison folder name (the spec's name)
+    cell: str
+    arm: str
+    against: str
+    kind: str = "paired"  # paired | across:<mean|worst|spread> | ceiling:<spec>/<cell>/<arm>
+    threshold: float = 0.0  # the claimed side: difference > threshold (or < -threshold for 'lower')
+    direction: str = "higher"
+
+
+def _claims() -> list[Claim]:
+    out: list[Claim] = []
+    for data in ("mnist", "fashion-mnist"):
+        c = f"data={data}"
+        out += [
+            Claim("Adaptive Distillation", "adaptive (authors' 4 paths, uncertainty) beats the authors' equal "
+                  "weights (attention + soft target)", "lowlabel-lenet", c, "adaptive", "adaptive_equal"),
+            Claim("Adaptive Distillation", "adaptive beats the authors' hand-tuned weights", "lowlabel-lenet", c,
+                  "adaptive", "adaptive_fixed"),
+            Claim("Adaptive Distillation", "adaptive beats vanilla KD", "lowlabel-lenet", c, "adaptive", "kd"),
+            Claim("Adaptive Distillation", "all paths (uncertainty) beat equal weights", "lowlabel-lenet", c,
+                  "adaptive_all", "adaptive_equal"),
+            Claim("Head sharing", "TH-KD beats KD (same 84-d student)", "lowlabel-lenet", c, "th_kd", "kd84"),
+            Claim("Head sharing", "SH-KD beats KD (same 84-d student)", "lowlabel-lenet", c, "sh_kd", "kd84"),
+        ]
+    for data in ("mnist", "fashion-mnist"):
+        for spec, label in (("fulllabel-lenet", "all labels"), ("lowlabel-lenet", "100/class")):
+            c = f"data={data}"
+            out.append(Claim("issue 17", f"KD beats the student alone (LeNet, {label})", spec, c, "kd", "alone"))
+            out.append(Claim("issue 17", f"adaptive beats the student alone (LeNet, {label})", spec, c, "adaptive",
+                             "alone"))
+            th_against = "alone" if spec == "fulllabel-lenet" else "alone84"
+            out.append(Claim("issue 17", f"TH-KD beats the student alone (LeNet, {label})", spec, c, "th_kd",
+                             th_against))
+        for labels, label in (("all", "all labels"), ("100", "100/class")):
+            out.append(Claim("issue 17", f"KD beats the student alone (resnet20 -> resnet8, {label})", "resnet",
+                             f"data={data},labels={labels}", "kd", "alone"))
+    for teacher in ("vgg8", "resnet8"):
+        for n in (1, 2, 5, 10):
+            out.append(Claim("Network grafting", f"{n}-shot grafting beats KD on the same images ({teacher} teacher)",
+                             f"mnist-graft-{teacher}", f"shots={n}", "graft", "kd_on_shots"))
+        out.append(Claim("Network grafting", f"10-shot grafting is within 0.5 points of full-data KD ({teacher})",
+                         f"mnist-graft-{teacher}", "shots=10", "graft", "", kind=f"ceiling:mnist-graft-ceiling/all/"
+                         f"{teacher}", threshold=-0.005))
+    out += [
+        Claim("RDSKD", "RDSKD's accuracy spreads less than DAFL's over the generator learning rates",
+              "mnist-datafree-grid", "", "rdskd", "dafl", kind="across:spread", direction="lower"),
+        Claim("RDSKD", "RDSKD's worst grid setting beats DAFL's", "mnist-datafree-grid", "", "rdskd", "dafl",
+              kind="across:worst"),
+        Claim("RDSKD", "RDSKD beats DAFL on average over the grid", "mnist-datafree-grid", "", "rdskd", "dafl",
+              kind="across:mean"),
+    ]
+    return out
+
+
+def _load(runs: Path, spec: str) -> dict | None:
+    f = runs / spec / "compare.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _verdict(diff: dict, claim: Claim) -> str:
+    if diff["n"] < 2 or diff["half_width"] is None or math.isnan(diff["half_width"]):
+        return "cannot tell"
+    lo, hi = diff["mean"] - diff["half_width"], diff["mean"] + diff["half_width"]
+    t = claim.threshold
+    if claim.direction == "lower":
+        lo, hi, t = -hi, -lo, -t
+    if lo > t:
+        return "supported"
+    if hi < t:
+        return "not supported"
+    return "cannot tell"
+
+
+def evaluate(runs: Path) -> list[dict]:
+    rows = []
+    for cl in _claims():
+        report = _load(runs, cl.spec)
+        row = {"paper": cl.paper, "claim": cl.text, "spec": cl.spec, "cell": cl.cell, "arm": cl.arm,
+               "against": cl.against or cl.kind.split(":", 1)[-1]}
+        diff = None
+        if report is not None:
+            if cl.kind == "paired":
+                cell = report["cells"].get(cl.cell, {})
+                pair = next((p for p in cell.get("pairs", []) if p["arm"] == cl.arm and p["against"] == cl.against),
+                            None)
+                diff = pair["diff"] if pair else None
+            elif cl.kind.startswith("across:"):
+                key = cl.kind.split(":", 1)[1]
+                x = report.get("across_cells") or {}
+                pair = next((p for p in x.get("pairs", []) if p["arm"] == cl.arm and p["against"] == cl.against),
+                            None)
+                diff = pair[key]["diff"] if pair else None
+            else:  # ceiling: unpaired against another comparison's arm
+                spec, cell, arm = cl.kind.split(":", 1)[1].split("/")
+                other = _load(runs, spec)
+                mine = report["cells"].get(cl.cell, {}).get("arms", {}).get(cl.arm)
+                theirs = other["cells"].get(cell, {}).get("arms", {}).get(arm) if other else None
+                if mine and theirs:
+                    iv = unpaired(list(mine["per_seed"].values()), list(theirs["per_seed"].values()))
+                    diff = iv.to_dict()
+        row["diff"] = diff
+        row["verdict"] = _verdict(diff, cl) if diff else "not measured yet"
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| paper | claim | data (cell) | difference, points [95% interval] | seeds | verdict | comparison |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r["diff"]
+        if d and d["n"] >= 2 and not math.isnan(d["half_width"]):
+            eff = f"{100 * d['mean']:+.2f} [{100 * (d['mean'] - d['half_width']):+.2f}, " \
+                  f"{100 * (d['mean'] + d['half_width']):+.2f}]"
+        elif d:
+            eff = f"{100 * d['mean']:+.2f} (n={d['n']})"
+        else:
+            eff = "n/a"
+        lines.append(f"| {r['paper']} | {r['claim']} | {r['cell'] or 'grid'} | {eff} | {d['n'] if d else 0} | "
+                     f"**{r['verdict']}** | `{r['spec']}` |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default="runs/compare", help="folder holding the comparisons' folders")
+    p.add_argument("--json", help="also write the rows as JSON here")
+    a = p.parse_args()
+    rows = evaluate(Path(a.runs))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
