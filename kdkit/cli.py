@@ -152,8 +152,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .config import DataConfig
-    from .data import BatchLoader, load_data
+    from .data import load_data, make_loader
     from .engine import evaluate
     from .modelfile import check_compatible, load
 
@@ -169,8 +171,8 @@ def _eval(args: argparse.Namespace) -> int:
         cfg.image_size = size
         bundle = load_data(cfg)
     check_compatible(mf, bundle.info, "model", args.checkpoint)
-    loader = BatchLoader(bundle.split(args.split), args.batch_size, shuffle=False, drop_last=False,
-                         mean=mf.info.mean, std=mf.info.std)
+    loader = make_loader(bundle.split(args.split), args.batch_size, cfg, train=False,
+                         info=replace(bundle.info, mean=mf.info.mean, std=mf.info.std))
     res = evaluate(model, loader)
     print(json.dumps({"checkpoint": args.checkpoint, "model": mf.label, "data": name, "split": args.split,
                       "accuracy": res["accuracy"], "loss": res["loss"], "count": res["count"]}))

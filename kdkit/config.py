@@ -77,11 +77,16 @@ def parse_model(data: Any, where: str) -> ModelConfig | None:
 class AugmentConfig:
     crop_padding: int = opt(0, "random crop with this much zero padding (0: off)", ge=0)
     hflip: bool = opt(False, "random horizontal flip")
+    random_resized_crop: bool = opt(False, "streamed images: a random 8-100% crop (aspect 3/4-4/3) resized to "
+                                           "data.image_size, per sample")
+    color_jitter: float = opt(0.0, "streamed images: brightness, contrast and saturation each scaled by a factor in "
+                                   "[1 - s, 1 + s], per sample (0: off)", ge=0, lt=1)
 
 
 @dataclass
 class DataConfig:
-    name: str = opt("digits", "dataset: digits, mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, imagefolder")
+    name: str = opt("digits", "dataset: digits, mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, imagefolder, "
+                              "filelist")
     root: str | None = opt(None, "folder holding the dataset's files (not needed for digits)")
     image_size: int | None = opt(None, "resize images to this square size once, at load time", gt=0)
     channels: int | None = opt(None, "imagefolder: 1 (grayscale) or 3 (RGB); default from the images", ge=1)
@@ -92,6 +97,19 @@ class DataConfig:
     shots_per_class: int | None = opt(None, "few-shot methods: images per class (N-shot contains smaller)", gt=0)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     normalize: bool = opt(True, "normalise with the training set's per-channel mean and std")
+    in_memory: bool | Literal["auto"] = opt(
+        "auto", "hold the decoded data in memory (true), stream it from disk in worker processes (false), or "
+        "auto: in memory when its decoded size is at most data.memory_limit_mb; the run log says which and why")
+    memory_limit_mb: float = opt(2048.0, "data.in_memory=auto: the largest decoded size held in memory", gt=0)
+    workers: int | Literal["auto"] = opt("auto", "streaming: worker processes decoding samples (auto: one per core "
+                                                 "but one, at most 8; 0: in the main process)")
+    on_bad_file: Literal["stop", "skip"] = opt(
+        "stop", "streaming: an unreadable image stops the run naming the file (stop), or is left out with a "
+                "warning and counted in summary.json (skip)")
+    eval_crop: float = opt(1.0, "image files with data.image_size: resize the shorter side to image_size / "
+                                "eval_crop and take the centre square (0.875: the ImageNet convention)", gt=0, le=1)
+    epoch_steps: int | None = opt(None, "a loader without len (an IterableDataset): its batches per pass (else "
+                                        "kdkit counts them once before training)", gt=0)
 
     def validate(self, where: str) -> None:
         from .data import DATASETS

@@ -135,7 +135,7 @@ def model_args(spec: ModelConfig, info: DataInfo, role: str) -> dict[str, Any]:
     """The factory arguments of `spec`, with the data's class count, channels and input size filled in."""
     args = dict(spec.args)
     for key, value in (("num_classes", info.num_classes), ("in_channels", info.in_channels),
-                       ("input_size", info.input_size)):
+                       ("input_size", info.input_size), ("input_shape", list(info.input_shape))):
         if key in args and args[key] != value:
             from .errors import ConfigError
 

@@ -13,6 +13,7 @@ import os
 import platform
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -26,7 +27,7 @@ from torch import nn
 
 from . import __version__
 from .config import Config, ModelConfig
-from .data import Batch, BatchLoader, DataBundle, DataInfo, load_data
+from .data import Batch, DataBundle, DataInfo, load_data, make_loader
 from .engine import DistInfo, Engine, apply_speed_options, evaluate, init_distributed, load_latest
 from .engine.distributed import barrier, broadcast_object, shutdown
 from .engine.evaluate import agreement
@@ -161,10 +162,9 @@ def check_forward(model: nn.Module, x: torch.Tensor, info: DataInfo, role: str, 
         )
 
 
-def _eval_loader(data: DataBundle, split: str, cfg: Config, device: torch.device, dist: DistInfo) -> BatchLoader:
-    return BatchLoader(data.split(split), cfg.train.eval_batch_size, shuffle=False, drop_last=False,
-                       mean=data.info.mean, std=data.info.std, device=device, rank=dist.rank, world=dist.world,
-                       channels_last=cfg.train.channels_last)
+def _eval_loader(data: DataBundle, split: str, cfg: Config, device: torch.device, dist: DistInfo) -> Any:
+    return make_loader(data.split(split), cfg.train.eval_batch_size, cfg.data, train=False, info=data.info,
+                       device=device, rank=dist.rank, world=dist.world, channels_last=cfg.train.channels_last)
 
 
 def prepare(cfg: Config, command: str, given: frozenset[str] = frozenset()) -> Config:
@@ -256,9 +256,15 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         if t_built.file is not None:
             _check_normalisation(t_built.file.info, info)
 
+    if data.notes and dist.is_main and tc.progress != "none":
+        for note in data.notes:
+            print(f"kdkit: {note}", file=sys.stderr, flush=True)
+    if cls.needs_images and not info.is_images:
+        raise ConfigError(f"method {cfg.method.name!r} works on images [C, H, W]; this data's samples are "
+                          f"{tuple(info.input_shape)}: use kd, fitnets, adaptive or th_kd on them")
     if data.train is not None:
-        sample = next(iter(BatchLoader(data.train, min(8, len(data.train)), shuffle=False, drop_last=False,
-                                       mean=info.mean, std=info.std)))
+        first = next(iter(make_loader(data.train, 8, cfg.data, train=False, info=info)))
+        sample = replace(first, x=first.x[:8], y=None if first.y is None else first.y[:8], index=None)
     else:  # shapes are all the checks need: noise, not an image of any split
         g = torch.Generator().manual_seed(cfg.seed)
         sample = Batch(torch.randn(2, *info.input_shape, generator=g), None, torch.arange(2))
@@ -325,7 +331,8 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         "model": student_spec.label, "model_args": student_args,
         "data": {"name": info.name, "train": 0 if data.train is None else len(data.train),
                  "val": len(data.val) if data.val is not None else 0,
-                 "test": len(data.test), "input_shape": list(info.input_shape)},
+                 "test": len(data.test), "input_shape": list(info.input_shape), "path": data.path,
+                 "notes": data.notes, "skipped_files": engine.skipped_files()},
         "stages": history, "world_size": dist.world, "device": str(device),
         "global_batch_size": _last_batch(history, tc.batch_size), "torch": torch.__version__, "kdkit": __version__,
         "python": platform.python_version(), "faults": engine.faults,
@@ -427,7 +434,7 @@ def _progress_facts(engine: Engine, history: list[dict[str, Any]], test_acc: flo
 
 
 def _report_card(student: nn.Module, teacher: nn.Module | None, student_acc: float, teacher_acc: float | None,
-                 info: DataInfo, test: BatchLoader, dist: DistInfo) -> dict[str, Any]:
+                 info: DataInfo, test: Any, dist: DistInfo) -> dict[str, Any]:
     """What distillation bought: each model's accuracy, size, MACs and CPU latency, and how often the student
     agrees with the teacher on the test split (the timings run on rank 0 only)."""
     card: dict[str, Any] = {}
@@ -453,7 +460,7 @@ def _build(spec: ModelConfig, info: DataInfo, role: str, given: nn.Module | None
     return build_from_config(spec, info, role, loaded=loaded)
 
 
-def _score_snapshots(engine: Engine, final: nn.Module, final_acc: float, loader: BatchLoader,
+def _score_snapshots(engine: Engine, final: nn.Module, final_acc: float, loader: Any,
                      dist: DistInfo) -> list[dict[str, Any]]:
     """Test accuracy of the model kept at each train.snapshot_min mark, after training (never during it).
 

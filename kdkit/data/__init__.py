@@ -10,15 +10,22 @@ normalisation).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
 
 from ..config import DataConfig
 from ..errors import DataError
-from . import cifar, digits, idx, imagefolder, svhn
+from . import cifar, digits, filelist, idx, imagefolder, svhn
 from .augment import Augment
 from .images import ImageSet, channel_stats, resize
 from .loader import Batch, BatchLoader
 from .splits import per_class, stratified_split
+
+if TYPE_CHECKING:
+    from .stream import SampleSet
+    from .user_loader import UserLoader
 
 
 def _memory(cfg: DataConfig, need_train: bool = True) -> tuple[ImageSet | None, ImageSet]:
@@ -35,6 +42,7 @@ DATASETS: dict[str, Callable[[DataConfig, bool], tuple[ImageSet | None, ImageSet
     "cifar10": cifar.loader("cifar10"),
     "cifar100": cifar.loader("cifar100"),
     "imagefolder": imagefolder.load,
+    "filelist": filelist.load,
     "svhn": svhn.load,
     "memory": _memory,
 }
@@ -44,7 +52,7 @@ DATASETS: dict[str, Callable[[DataConfig, bool], tuple[ImageSet | None, ImageSet
 class DataInfo:
     name: str
     classes: list[str]
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]  # one sample's: (C, H, W) for images, (D,) vectors, (C, L) sequences
     mean: list[float]
     std: list[float]
     shots: int | None = None  # images per class of the few-shot view (data.shots_per_class), if any
@@ -59,24 +67,37 @@ class DataInfo:
 
     @property
     def input_size(self) -> int:
-        return self.input_shape[1]
+        """Images: the side of the (square) image; other samples: their second dimension, or 1 for vectors."""
+        return self.input_shape[1] if len(self.input_shape) > 1 else 1
+
+    @property
+    def is_images(self) -> bool:
+        return len(self.input_shape) == 3
 
     def to_dict(self) -> dict:
         return {"name": self.name, "classes": self.classes, "input_shape": list(self.input_shape),
                 "mean": self.mean, "std": self.std}
 
 
+#: a split of a run: decoded in memory, streamed sample by sample, or the user's own loader
+Split = Union[ImageSet, "SampleSet", "UserLoader"]
+
+
 @dataclass
 class DataBundle:
     info: DataInfo
-    train: ImageSet | None  # None for data-free runs: the training images are never read
-    val: ImageSet | None
-    test: ImageSet
-    fewshot: ImageSet | None = None  # unlabeled: images only
+    train: Split | None  # None for data-free runs: the training images are never read
+    val: Split | None
+    test: Split
+    fewshot: Split | None = None  # unlabeled: images only
     #: the whole labeled training set when ``data.train_subset`` keeps only part of it (else the same as train)
-    train_full: ImageSet | None = None
+    train_full: Split | None = None
+    #: how the data is held and why (memory or streaming), said in the run log and the summary
+    notes: list[str] = field(default_factory=list)
+    #: "memory" or "stream" (the user's own loaders count as streamed)
+    path: str = "memory"
 
-    def split(self, name: str) -> ImageSet:
+    def split(self, name: str) -> Split:
         sets = {"train": self.train, "val": self.val, "test": self.test, "fewshot": self.fewshot,
                 "train_full": self.train_full if self.train_full is not None else self.train}
         if name not in sets:
@@ -99,28 +120,80 @@ def load_data(cfg: DataConfig, train_images: bool = True,
     trained with, since there is no training set to compute it from.
     """
     train, test = DATASETS[cfg.name](cfg, train_images or cfg.val_split > 0)
-    return make_bundle(cfg, train, test, train_images, stats)
+    train, test, notes, path = hold(cfg, train, test)
+    bundle = make_bundle(cfg, train, test, train_images, stats)
+    bundle.notes, bundle.path = notes + bundle.notes, path
+    return bundle
 
 
-def make_bundle(cfg: DataConfig, train: ImageSet | None, test: ImageSet, train_images: bool = True,
-                stats: tuple[list[float], list[float]] | None = None, val: ImageSet | None = None) -> DataBundle:
-    """The bundle of already-read image sets (see :func:`load_data`); a given `val` replaces the carved one."""
+def hold(cfg: DataConfig, train: Split | None, test: Split) -> tuple[Split | None, Split, list[str], str]:
+    """Decide, for sets a reader lists without decoding (image files), whether to decode them into memory
+    or stream them (``data.in_memory``); sets a reader holds in memory already are streamed only when asked."""
+    from .stream import SampleSet, TensorSampleSet
+
+    sets = [x for x in (train, test) if x is not None]
+    if all(isinstance(x, ImageSet) for x in sets):
+        if cfg.in_memory is False:
+            return (None if train is None else TensorSampleSet(train), TensorSampleSet(test),  # type: ignore[arg-type]
+                    ["streaming the data through DataLoader workers (data.in_memory=false)"], "stream")
+        return train, test, [], "memory"
+    size_mb = sum(x.decoded_bytes() for x in sets if isinstance(x, SampleSet)) / 2**20
+    limit = cfg.memory_limit_mb
+    if cfg.in_memory is True or (cfg.in_memory == "auto" and size_mb <= limit):
+        why = "data.in_memory=true" if cfg.in_memory is True else f"data.in_memory=auto, {size_mb:.0f} MB <= " \
+              f"data.memory_limit_mb {limit:.0f} MB"
+        held = [x.to_memory() if isinstance(x, SampleSet) else x for x in (train, test)]
+        return held[0], held[1], [f"decoded the data into memory ({why})"], "memory"  # type: ignore[return-value]
+    why = "data.in_memory=false" if cfg.in_memory is False else f"data.in_memory=auto, {size_mb:.0f} MB decoded > " \
+          f"data.memory_limit_mb {limit:.0f} MB"
+    return train, test, [f"streaming the data from disk, decoded per sample in {workers(cfg)} worker process(es) "
+                         f"({why})"], "stream"
+
+
+def workers(cfg: DataConfig) -> int:
+    """data.workers, with 'auto' as one per core but one, at most 8."""
+    import os
+
+    if cfg.workers == "auto":
+        return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return int(cfg.workers)
+
+
+def make_bundle(cfg: DataConfig, train: Split | None, test: Split, train_images: bool = True,
+                stats: tuple[list[float], list[float]] | None = None, val: Split | None = None) -> DataBundle:
+    """The bundle of already-read sets (see :func:`load_data`); a given `val` replaces the carved one."""
+    from .stream import SampleSet, sample_stats
+    from .user_loader import UserLoader
+
     if cfg.image_size:
-        test = ImageSet(resize(test.images, cfg.image_size), test.labels, test.classes)
-        if train is not None:
-            train = ImageSet(resize(train.images, cfg.image_size), train.labels, train.classes)
-        if val is not None:
-            val = ImageSet(resize(val.images, cfg.image_size), val.labels, val.classes)
+        test = _resized(test, cfg.image_size)
+        train = None if train is None else _resized(train, cfg.image_size)
+        val = None if val is None else _resized(val, cfg.image_size)
     if train is not None and train.shape != test.shape:
-        raise DataError(f"{cfg.name}: training images are {train.shape} but test images {test.shape}; "
+        raise DataError(f"{cfg.name}: training samples are {train.shape} but test samples {test.shape}; "
                         "set data.image_size")
     if not cfg.normalize:
-        mean, std = [0.0] * test.shape[0], [1.0] * test.shape[0]
+        c = test.shape[0]
+        mean, std = [0.0] * c, [1.0] * c
     elif stats is not None:
         mean, std = list(stats[0]), list(stats[1])
     else:
-        mean, std = channel_stats((train if train is not None else test).images)
-    info = DataInfo(cfg.name, list(test.classes), test.shape, mean, std, cfg.shots_per_class)
+        source = train if train is not None else test
+        if isinstance(source, ImageSet):
+            mean, std = channel_stats(source.images)
+        elif isinstance(source, SampleSet):
+            mean, std = sample_stats(source, seed=cfg.split_seed)
+        else:
+            raise DataError("a loader of uint8 images needs its normalisation: set data.normalize=false to feed the "
+                            "images as given, or pass float images")
+    info = DataInfo(cfg.name, list(test.classes), tuple(test.shape), mean, std, cfg.shots_per_class)
+    if isinstance(train, UserLoader):
+        if val is None and cfg.val_split > 0:
+            cfg.val_split = 0.0
+            note = ("no validation split: train_data is a loader kdkit iterates as it is and does not split; pass "
+                    "val_data, or data.in_memory=true to collect it and carve one")
+            return DataBundle(info, train if train_images else None, None, test, notes=[note], path="stream")
+        return DataBundle(info, train if train_images else None, val, test, path="stream")
     if val is None and cfg.val_split > 0:
         assert train is not None and train.labels is not None
         keep, held = stratified_split(train.labels, cfg.val_split, cfg.split_seed)
@@ -143,11 +216,50 @@ def make_bundle(cfg: DataConfig, train: ImageSet | None, test: ImageSet, train_i
     return DataBundle(info, train, val, test, fewshot, full)
 
 
+def _resized(data: Split, size: int) -> Split:
+    if isinstance(data, ImageSet):
+        return ImageSet(resize(data.images, size), data.labels, data.classes)
+    return data  # image files are resized when decoded; a user's loader is used as it is
+
+
+def make_loader(data: Split, batch_size: int, cfg: DataConfig, *, train: bool, info: DataInfo, seed: int = 0,
+                device: torch.device | str = "cpu", rank: int = 0, world: int = 1, channels_last: bool = False,
+                drop_last: bool | None = None) -> Any:
+    """The batch loader of a split, for training (shuffled, augmented, last partial batch dropped unless
+    `drop_last` says otherwise) or evaluation: in memory, streamed, or the user's own loader."""
+    from .stream import SampleSet, StreamLoader
+    from .user_loader import UserBatchLoader, UserLoader
+
+    drop = train if drop_last is None else (train and drop_last)
+    common = {"mean": info.mean, "std": info.std, "device": device, "channels_last": channels_last}
+    if isinstance(data, UserLoader):
+        return UserBatchLoader(data, **common)
+    if isinstance(data, SampleSet):
+        return StreamLoader(data, batch_size, shuffle=train, drop_last=drop, seed=seed, rank=rank, world=world,
+                            augment=sample_augment_from(cfg) if train else None, workers=workers(cfg),
+                            skip_bad=cfg.on_bad_file == "skip", **common)
+    augment = augment_from(cfg) if train else None
+    if augment is not None and augment.active and data.images.dim() != 4:
+        raise DataError(f"data.augment crops and flips images [C, H, W]; these samples are {data.shape}: turn "
+                        "data.augment off")
+    return BatchLoader(data, batch_size, shuffle=train, drop_last=drop, augment=augment, seed=seed, rank=rank,
+                       world=world, **common)
+
+
+def sample_augment_from(cfg: DataConfig) -> Any:
+    from .natural import SampleAugment
+
+    a = cfg.augment
+    if a.random_resized_crop and not cfg.image_size:
+        raise DataError("data.augment.random_resized_crop resizes its crops to data.image_size: set it")
+    return SampleAugment(a.random_resized_crop, a.hflip, a.color_jitter, a.crop_padding)
+
+
 def augment_from(cfg: DataConfig) -> Augment:
     return Augment(cfg.augment.crop_padding, cfg.augment.hflip)
 
 
 __all__ = [
-    "DATASETS", "Augment", "Batch", "BatchLoader", "DataBundle", "DataInfo", "ImageSet", "augment_from",
-    "load_data", "make_bundle", "per_class", "stratified_split",
+    "DATASETS", "Augment", "Batch", "BatchLoader", "DataBundle", "DataInfo", "ImageSet", "Split", "augment_from",
+    "load_data", "make_bundle", "make_loader", "per_class", "stratified_split",
 ]

@@ -53,4 +53,6 @@ def random_crop(x: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.T
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    """(x - mean) / std per channel: dimension 1 of a batch of images, sequences or vectors."""
+    shape = (1, -1, *([1] * (x.dim() - 2)))
+    return (x - mean.view(shape)) / std.view(shape)

@@ -1,23 +1,25 @@
-"""Images in class sub-folders: ``root/train/<class>/*.png`` and ``root/test/<class>/*`` (or ``val``),
-or a flat ``root/<class>/*`` from which a seeded, stratified test split is carved.
+"""Images in class sub-folders: ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``val``), ImageNet's
+layout, or a flat ``root/<class>/*`` from which a seeded, stratified test split is carved.
 
-Images are decoded once with Pillow into memory, converted to grayscale or RGB (``data.channels``,
-default from the first image) and, if ``data.image_size`` is set, resized to that square size.
-Without ``image_size`` all images must share one size.
+Listing the folders reads no image: the files become a :class:`~kdkit.data.stream.FileSampleSet` whose labels
+are the folder names, decoded by Pillow when read. ``data.in_memory`` then decides whether the set is
+decoded once into memory (small sets) or streamed from disk (see :func:`kdkit.data.load_data`). Images are
+converted to grayscale or RGB (``data.channels``, default from the first image) and, with
+``data.image_size``, resized (shorter side) and centre-cropped to that square; without it every image must
+share one size.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..config import DataConfig
 from ..errors import DataError
 from .files import require_root
-from .images import ImageSet
 from .splits import stratified_split
+from .stream import FileSampleSet
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
 
@@ -26,44 +28,44 @@ def _classes(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _read(folder: Path, classes: list[str], cfg: DataConfig, mode: str | None) -> tuple[ImageSet, str]:
+def image_mode(path: Path, channels: int | None) -> str:
+    """'L' or 'RGB': from data.channels, else from the first image."""
+    if channels is not None:
+        mode = {1: "L", 3: "RGB"}.get(channels)
+        if mode is None:
+            raise DataError(f"data.channels must be 1 or 3 for image files, got {channels}")
+        return mode
     from PIL import Image, UnidentifiedImageError
 
-    arrays, labels = [], []
-    size: tuple[int, int] | None = None
+    try:
+        with Image.open(path) as im:
+            return "L" if im.mode in ("1", "L", "I;16", "I", "LA") else "RGB"
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable image ({e}); remove or replace it") from None
+
+
+def _listing(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    paths, labels = [], []
     for label, cls in enumerate(classes):
         d = folder / cls
         files = sorted(p for p in d.iterdir() if p.suffix.lower() in EXTENSIONS) if d.is_dir() else []
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    if mode is None:
-                        mode = "L" if im.mode in ("1", "L", "I;16", "I", "LA") else "RGB"
-                    im = im.convert(mode)
-                    if cfg.image_size:
-                        im = im.resize((cfg.image_size, cfg.image_size), Image.Resampling.BILINEAR)
-                    a = np.asarray(im, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError, ValueError) as e:
-                raise DataError(f"{f}: not a readable image ({e}); remove or replace it") from None
-            if size is None:
-                size = a.shape[:2]
-            elif a.shape[:2] != size:
-                raise DataError(
-                    f"{f} is {a.shape[1]}x{a.shape[0]} but earlier images are {size[1]}x{size[0]}; "
-                    "set data.image_size to resize all images to one size"
-                )
-            arrays.append(a if a.ndim == 3 else a[:, :, None])
-            labels.append(label)
-    if not arrays:
+        paths += files
+        labels += [label] * len(files)
+    if not paths:
         raise DataError(f"{folder}: no images ({', '.join(sorted(EXTENSIONS))}) in its class sub-folders")
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return ImageSet(x, torch.tensor(labels, dtype=torch.long), classes), mode or "RGB"
+    return paths, labels
 
 
-def load(cfg: DataConfig, need_train: bool = True) -> tuple[ImageSet | None, ImageSet]:
+def _set(folder: Path, classes: list[str], cfg: DataConfig, mode: str | None) -> tuple[FileSampleSet, str]:
+    paths, labels = _listing(folder, classes)
+    mode = mode or image_mode(paths[0], cfg.channels)
+    return FileSampleSet(paths, torch.tensor(labels, dtype=torch.long), classes, mode, cfg.image_size,
+                         cfg.eval_crop), mode
+
+
+def load(cfg: DataConfig, need_train: bool = True) -> tuple[FileSampleSet | None, FileSampleSet]:
     root = require_root(cfg.root, "imagefolder", "class sub-folders of images (train/<class>/, test/<class>/)")
-    mode = None if cfg.channels is None else {1: "L", 3: "RGB"}.get(cfg.channels)
-    if cfg.channels is not None and mode is None:
+    if cfg.channels is not None and cfg.channels not in (1, 3):
         raise DataError(f"data.channels must be 1 or 3 for imagefolder, got {cfg.channels}")
     test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
     if (root / "train").is_dir() and test_dir is not None:
@@ -74,13 +76,14 @@ def load(cfg: DataConfig, need_train: bool = True) -> tuple[ImageSet | None, Ima
         if extra:
             raise DataError(f"{test_dir} has classes not in {root / 'train'}: {', '.join(extra)}")
         if not need_train:
-            return None, _read(test_dir, classes, cfg, mode)[0]
-        train, mode = _read(root / "train", classes, cfg, mode)
-        test, _ = _read(test_dir, classes, cfg, mode)
+            return None, _set(test_dir, classes, cfg, None)[0]
+        train, mode = _set(root / "train", classes, cfg, None)
+        test, _ = _set(test_dir, classes, cfg, mode)
         return train, test
     classes = _classes(root)
     if not classes:
         raise DataError(f"{root}: no class sub-folders; expected <class>/<images> or train/<class>/ and test/<class>/")
-    full, _ = _read(root, classes, cfg, mode)
+    full, _ = _set(root, classes, cfg, None)
+    assert full.labels is not None
     keep, held = stratified_split(full.labels, cfg.test_split, cfg.split_seed)
-    return full.subset(keep), full.subset(held)
+    return full.subset(keep), full.subset(held)  # type: ignore[return-value]

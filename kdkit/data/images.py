@@ -1,7 +1,10 @@
-"""In-memory image sets: uint8 tensors ``[N, C, H, W]`` (pixels 0..255) with int64 labels.
+"""In-memory sample sets: uint8 tensors ``[N, C, H, W]`` (pixels 0..255) with int64 labels, or, for data that
+is not images, any float32 ``[N, ...]``: vectors ``[N, D]`` (tabular data, embeddings), sequences
+``[N, C, L]``.
 
-Images a user hands to the Python API as float tensors are kept as float32 and used as given (no division
-by 255): :attr:`ImageSet.scale` is 255 for uint8 images and 1 for float ones."""
+Samples a user hands to the Python API as float tensors are kept as float32 and used as given (no division
+by 255): :attr:`ImageSet.scale` is 255 for uint8 images and 1 for float ones. Normalisation statistics
+are per channel (dimension 1) for images and sequences, per feature for vectors."""
 
 from __future__ import annotations
 
@@ -13,16 +16,17 @@ import torch.nn.functional as F
 
 @dataclass
 class ImageSet:
-    """Images as uint8 (or float32) ``[N, C, H, W]``; ``labels`` is None for an unlabeled view."""
+    """Samples as uint8 (or float32) ``[N, ...]`` (images ``[N, C, H, W]``); ``labels`` is None for an unlabeled
+    view."""
 
     images: torch.Tensor
     labels: torch.Tensor | None
     classes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.images.dtype not in (torch.uint8, torch.float32) or self.images.dim() != 4:
-            raise ValueError(f"images must be uint8 or float32 [N, C, H, W], got {self.images.dtype} "
-                             f"{tuple(self.images.shape)}")
+        if self.images.dtype not in (torch.uint8, torch.float32) or self.images.dim() < 2:
+            raise ValueError(f"samples must be uint8 or float32 [N, ...] (images [N, C, H, W]), got "
+                             f"{self.images.dtype} {tuple(self.images.shape)}")
         if self.labels is not None and len(self.labels) != len(self.images):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
 
@@ -35,8 +39,13 @@ class ImageSet:
         return 255.0 if self.images.dtype == torch.uint8 else 1.0
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+    def shape(self) -> tuple[int, ...]:
+        """The shape of one sample: ``(C, H, W)`` for images."""
+        return tuple(self.images.shape[1:])
+
+    @property
+    def is_images(self) -> bool:
+        return self.images.dim() == 4
 
     def subset(self, index: torch.Tensor) -> ImageSet:
         return ImageSet(self.images[index], None if self.labels is None else self.labels[index], self.classes)
@@ -48,6 +57,11 @@ class ImageSet:
 
 def resize(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
     """Resize images to ``size x size`` (bilinear with antialiasing; uint8 stays uint8), in chunks."""
+    if images.dim() != 4:
+        from ..errors import DataError
+
+        raise DataError(f"data.image_size resizes images [N, C, H, W]; these samples are {tuple(images.shape[1:])}: "
+                        "remove data.image_size")
     if images.shape[-2:] == (size, size):
         return images
     out = []
@@ -58,15 +72,17 @@ def resize(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images on the [0, 1] scale (float images: as they are)."""
+    """Mean and std per channel (dimension 1; per feature for vectors ``[N, D]``) of uint8 samples on the
+    [0, 1] scale (float samples: as they are)."""
     c = images.shape[1]
     s = torch.zeros(c, dtype=torch.float64)
     s2 = torch.zeros(c, dtype=torch.float64)
     n = 0
+    dims = (0, *range(2, images.dim()))
     for part in images.split(chunk):
         f = part.to(torch.float64) / (255.0 if images.dtype == torch.uint8 else 1.0)
-        s += f.sum(dim=(0, 2, 3))
-        s2 += (f * f).sum(dim=(0, 2, 3))
+        s += f.sum(dim=dims)
+        s2 += (f * f).sum(dim=dims)
         n += f.numel() // c
     mean = s / n
     std = (s2 / n - mean * mean).clamp_min(1e-12).sqrt()

@@ -1,10 +1,17 @@
-"""Image sets from the Python objects users already have: a ``DataLoader`` or any iterable of ``(images, labels)``
-batches (or of images alone), a map-style dataset of ``(image, label)`` samples, or an ``(images, labels)`` pair
-of tensors or NumPy arrays.
+"""Splits from the Python objects users already have: a ``DataLoader`` or any iterable of ``(samples, labels)``
+batches (or of samples alone), a map-style dataset of ``(sample, label)``, or a ``(samples, labels)`` pair of
+tensors or NumPy arrays. Samples are images ``[C, H, W]``, vectors ``[D]`` or sequences ``[C, L]``.
 
-Images are collected once into memory: uint8 pixels stay uint8 (0..255, normalised like kdkit's own datasets),
-anything else becomes float32 and is used as given, so a loader that already normalises its images feeds the
-models exactly what they were trained on (see ``data.normalize`` in :func:`memory_bundle`).
+* Tensors and arrays are held in memory.
+* A ``DataLoader`` (or another iterable of batches) is iterated every epoch as it is (its augmentation,
+  batch size, sampler and collate function kept: :mod:`kdkit.data.user_loader`); ``data.in_memory=true``
+  collects it once instead.
+* A map-style dataset is collected into memory when its decoded size is at most ``data.memory_limit_mb``
+  (``data.in_memory=auto``, said in the run log), and read sample by sample in worker processes otherwise
+  (its own transforms then run every epoch).
+
+Collected samples: uint8 pixels stay uint8 (0..255), anything else becomes float32 and is used as given, so a
+loader that already normalises its images feeds the models exactly what they were trained on.
 """
 
 from __future__ import annotations
@@ -37,6 +44,16 @@ def _is_pair(data: Any) -> bool:
             and data[0].ndim >= 2 and data[1].ndim == 1 and len(data[0]) == len(data[1]))
 
 
+def _batches_of(data: Any) -> bool:
+    """Whether iterating `data` gives batches (a DataLoader, a generator...) rather than samples (a map-style
+    dataset, a list of samples)."""
+    from torch.utils.data import DataLoader, Dataset
+
+    if isinstance(data, DataLoader):
+        return True
+    return not (isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")))
+
+
 def _in_order(data: Any) -> Any:
     """A shuffling DataLoader over a map-style dataset, read in the dataset's order instead: kdkit reshuffles
     every epoch with its own seeded order, and the order in memory must not depend on the global RNG (or two
@@ -62,6 +79,7 @@ def _pieces(data: Any, what: str) -> tuple[list[torch.Tensor], list[torch.Tensor
     xs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
     labeled: bool | None = None
+    samples = None if isinstance(data, list) else not _batches_of(data)  # lists: by the items' shapes
     for i, item in enumerate(data):
         if isinstance(item, (tuple, list)):
             x, y = item[0], (item[1] if len(item) > 1 else None)
@@ -74,7 +92,7 @@ def _pieces(data: Any, what: str) -> tuple[list[torch.Tensor], list[torch.Tensor
         elif labeled != (y is not None):
             raise DataError(f"{what}: item {i} {'has no' if labeled else 'has a'} label unlike the items before it")
         x = _tensor(x, f"{what} item {i}")
-        single = x.dim() == 3
+        single = x.dim() == 3 if samples is None else samples
         xs.append(x.unsqueeze(0) if single else x)
         if y is not None:
             y = torch.as_tensor(y).detach().cpu()
@@ -88,15 +106,15 @@ def to_imageset(data: Any, what: str) -> ImageSet:
     """One in-memory image set from `data` (see the module docstring); a DataError names what is wrong."""
     xs, ys = _pieces(data, what)
     shapes = {tuple(x.shape[1:]) for x in xs}
-    if any(x.dim() != 4 for x in xs) or len(shapes) != 1:
+    if any(x.dim() < 2 for x in xs) or len(shapes) != 1:
         found = sorted({tuple(x.shape) for x in xs})[:3]
-        raise DataError(f"{what}: images must be [N, C, H, W] batches (or [C, H, W] samples) of one size; "
-                        f"got shapes {found}; resize them to one size first")
+        raise DataError(f"{what}: samples must all have one shape (batches [N, ...] of images [C, H, W], vectors "
+                        f"[D] or sequences [C, L]); got shapes {found}; resize images to one size first")
     images = torch.cat(xs)
     if images.dtype != torch.uint8:
         images = images.float()
         if not torch.isfinite(images).all():
-            raise DataError(f"{what}: images hold NaN or infinite values")
+            raise DataError(f"{what}: the samples hold NaN or infinite values")
     labels = None
     if ys is not None:
         labels = torch.cat(ys)
@@ -110,6 +128,26 @@ def to_imageset(data: Any, what: str) -> ImageSet:
     return ImageSet(images, labels)
 
 
+def how_held(cfg: DataConfig, data: Any, what: str) -> str:
+    """'memory', 'loader' (iterated as it is) or 'dataset' (read sample by sample) for one user object, with
+    data.in_memory; the choice is said in the run log."""
+    from torch.utils.data import IterableDataset
+
+    if data is None or _is_pair(data) or isinstance(data, (torch.Tensor, np.ndarray)) or cfg.in_memory is True:
+        return "memory"
+    if not isinstance(data, Iterable) and not hasattr(data, "__getitem__"):
+        raise DataError(f"{what}: expected a DataLoader, an iterable of (samples, labels) batches, a dataset of "
+                        f"(sample, label) items, or a (samples, labels) pair; got {type(data).__name__}")
+    if isinstance(data, IterableDataset) or _batches_of(data) or isinstance(data, list):
+        return "memory" if isinstance(data, list) else "loader"
+    if cfg.in_memory is False:
+        return "dataset"
+    item = data[0]
+    first = _tensor(item[0] if isinstance(item, (tuple, list)) else item, f"{what} item 0")
+    size_mb = len(data) * first.numel() * (1 if first.dtype == torch.uint8 else 4) / 2**20
+    return "memory" if size_mb <= cfg.memory_limit_mb else "dataset"
+
+
 def memory_bundle(cfg: DataConfig, train: Any, val: Any, test: Any,
                   num_classes: int | Callable[[torch.Tensor], int] | None, reads_training_data: bool = True
                   ) -> DataBundle:
@@ -119,15 +157,19 @@ def memory_bundle(cfg: DataConfig, train: Any, val: Any, test: Any,
     ``data.test_split`` fraction of `train` is held out (stratified, ``data.split_seed``). `val` replaces
     the validation split carved with ``data.val_split``. Labels must lie in 0..K-1, K being `num_classes`:
     a count, a function of a batch of images (the teacher's output size), or None for the labels' maximum + 1."""
-    sets: dict[str, ImageSet | None] = {"train": None, "val": None, "test": None}
-    if reads_training_data:
-        if train is None:
-            raise DataError("train_data is None: this method learns from training images; pass a DataLoader, "
-                            "an iterable of (images, labels) or an (images, labels) pair")
-        sets["train"] = to_imageset(train, "train_data")
-    elif train is not None:
+    if reads_training_data and train is None:
+        raise DataError("train_data is None: this method learns from training images; pass a DataLoader, "
+                        "an iterable of (images, labels) or an (images, labels) pair")
+    if not reads_training_data and train is not None:
         raise DataError("this method is data-free and reads no training images: pass train_data=None "
                         "(test_data gives the evaluation images)")
+    objs = {"train": train, "val": val, "test": test}
+    held = {name: how_held(cfg, obj, f"{name}_data") for name, obj in objs.items()}
+    if any(h != "memory" for h in held.values()):
+        return streamed_bundle(cfg, objs, held, num_classes)
+    sets: dict[str, ImageSet | None] = {"train": None, "val": None, "test": None}
+    if train is not None:
+        sets["train"] = to_imageset(train, "train_data")
     for name, obj in (("val", val), ("test", test)):
         if obj is not None:
             sets[name] = to_imageset(obj, f"{name}_data")
@@ -160,3 +202,59 @@ def memory_bundle(cfg: DataConfig, train: Any, val: Any, test: Any,
     if tr is not None and tr.shape != test_set.shape:
         raise DataError(f"train_data images are {tr.shape} but test images {test_set.shape}; give both one size")
     return make_bundle(cfg, tr, test_set, reads_training_data, val=sets["val"])
+
+
+def streamed_bundle(cfg: DataConfig, objs: dict[str, Any], held: dict[str, str],
+                    num_classes: int | Callable[[torch.Tensor], int] | None) -> DataBundle:
+    """A bundle whose splits are (some of) the user's loaders and datasets, read every epoch."""
+    from .stream import DatasetSampleSet
+    from .user_loader import UserLoader
+
+    if objs["test"] is None:
+        raise DataError("give test_data: kdkit does not split a training loader it iterates as it is (or set "
+                        "data.in_memory=true to collect train_data and hold a test split out of it)")
+    name0 = next(n for n in ("train", "val", "test") if objs[n] is not None)
+    first_x = _first_samples(objs[name0], held[name0], f"{name0}_data")
+    if callable(num_classes):
+        num_classes = num_classes(first_x[:2].float() / (255.0 if first_x.dtype == torch.uint8 else 1.0))
+    if num_classes is None:
+        raise DataError("kdkit cannot count the classes of data it streams before training: give the model as an "
+                        "nn.Module or a kdkit model file (its output size is the class count)")
+    classes = [str(i) for i in range(num_classes)]
+    sets: dict[str, Any] = {}
+    notes = []
+    for name, obj in objs.items():
+        if obj is None:
+            sets[name] = None
+        elif held[name] == "memory":
+            sets[name] = to_imageset(obj, f"{name}_data")
+            sets[name].classes = classes
+        elif held[name] == "loader":
+            sets[name] = UserLoader(obj, f"{name}_data", classes, cfg.epoch_steps if name == "train" else None)
+            notes.append(f"{name}_data: your loader, iterated every epoch as it is ({sets[name].steps} batches)")
+        else:
+            sets[name] = DatasetSampleSet(obj, classes)
+            notes.append(f"{name}_data: your dataset, read sample by sample in worker processes "
+                         f"(data.in_memory={cfg.in_memory})")
+    for name in ("val", "test"):
+        s = sets[name]
+        labeled = getattr(s, "labeled", None) if not isinstance(s, ImageSet) else s.labels is not None
+        if s is not None and labeled is False:
+            raise DataError(f"{name}_data has no labels: evaluation needs (samples, labels)")
+    from . import make_bundle
+
+    bundle = make_bundle(cfg, sets["train"], sets["test"], objs["train"] is not None, val=sets["val"])
+    bundle.notes = notes + bundle.notes
+    bundle.path = "stream"
+    return bundle
+
+
+def _first_samples(obj: Any, held: str, what: str) -> torch.Tensor:
+    if held == "loader":
+        from .user_loader import split_batch
+
+        return split_batch(next(iter(obj)), what)[0]
+    if held == "dataset":
+        item = obj[0]
+        return _tensor(item[0] if isinstance(item, (tuple, list)) else item, what).unsqueeze(0)
+    return to_imageset(obj, what).images[:2]

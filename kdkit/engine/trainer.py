@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..config import Config, TrainConfig
-from ..data import BatchLoader, DataBundle, augment_from
+from ..data import BatchLoader, DataBundle, make_loader
 from ..errors import TrainingError, warn
 from ..methods.base import Method, Stage, Update
 from ..teacher_cache import TeacherCache
@@ -154,7 +154,7 @@ class Engine:
         self.progress = Progress(cfg.train.progress, dist.is_main)
         self.autocast = autocast_for(device, cfg.train.amp)
         self.scaler = torch.amp.GradScaler("cuda") if (cfg.train.amp and device.type == "cuda") else None
-        self._loaders: dict[tuple[str, bool, int | None, bool], BatchLoader] = {}
+        self._loaders: dict[tuple[str, bool, int | None, bool], Any] = {}
         self.history: list[dict[str, Any]] = []
         self.elapsed_before = 0.0
         self.global_step = 0
@@ -171,19 +171,20 @@ class Engine:
         self.faults: list[dict[str, Any]] = []
 
     # ---- data -------------------------------------------------------------------------------
-    def loader(self, split: str, train: bool, batch_size: int | None = None, drop_last: bool = True) -> BatchLoader:
+    def loader(self, split: str, train: bool, batch_size: int | None = None, drop_last: bool = True) -> Any:
         key = (split, train, batch_size, drop_last)
         if key not in self._loaders:
             c = self.cfg
-            data = self.data.split(split)
             bs = batch_size or (c.train.batch_size if train else c.train.eval_batch_size)
-            self._loaders[key] = BatchLoader(
-                data, bs, shuffle=train, drop_last=train and drop_last, mean=self.data.info.mean,
-                std=self.data.info.std,
-                augment=augment_from(c.data) if train else None, seed=c.seed, device=self.device,
-                rank=self.dist.rank, world=self.dist.world, channels_last=c.train.channels_last,
-            )
+            self._loaders[key] = make_loader(
+                self.data.split(split), bs, c.data, train=train, info=self.data.info, seed=c.seed, device=self.device,
+                rank=self.dist.rank, world=self.dist.world, channels_last=c.train.channels_last, drop_last=drop_last)
         return self._loaders[key]
+
+    def skipped_files(self) -> dict[str, Any]:
+        """Unreadable files left out of their batches (data.on_bad_file: skip): count and the first few."""
+        names = [n for ld in self._loaders.values() for n in getattr(ld, "skipped", [])]
+        return {"count": len(names), "first": sorted(set(names))[:10]}
 
     # ---- checkpoints ------------------------------------------------------------------------
     def _save(self, pos: _Position, st: _StageState | None, t0: float) -> None:
@@ -707,7 +708,8 @@ def _order_fingerprint(loader: BatchLoader | None, stage_index: int) -> str | No
     if loader is None:
         return None
     loader.set_epoch(stage_index * 1_000_003)
-    return hashlib.sha1(loader.order().numpy().tobytes()).hexdigest()[:12]
+    order = loader.order()  # None for a user's own loader, whose order kdkit does not choose
+    return None if order is None else hashlib.sha1(order.numpy().tobytes()).hexdigest()[:12]
 
 
 def _forget(optimizers: list[torch.optim.Optimizer], params: list[nn.Parameter]) -> None:

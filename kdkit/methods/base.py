@@ -97,6 +97,8 @@ class Method(nn.Module):
     needs_teacher: ClassVar[bool] = True
     #: False for data-free methods: the runner then never opens the training images (see kdkit.data.load_data)
     reads_training_data: ClassVar[bool] = True
+    #: whether the method only works on images [C, H, W] (a generator of images, pixels optimised directly)
+    needs_images: ClassVar[bool] = False
     #: whether training the student alone on the same labeled data is the baseline (train.vs_alone); False for
     #: methods without labels or data (few-shot grafting, data-free)
     has_alone_baseline: ClassVar[bool] = True

@@ -118,6 +118,7 @@ class DataFree(Distiller):
 
     reads_training_data: ClassVar[bool] = False
     has_alone_baseline: ClassVar[bool] = False  # no training data: no student alone to train
+    needs_images: ClassVar[bool] = True  # generated or optimised images
     Options = DataFreeOptions
     #: what the student distills on: the generator step's own batch ("generator_batch", joint schedules)
     #: or a fresh batch made for each student step ("fresh")

@@ -43,7 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..data import Batch, BatchLoader
+from ..data import Batch, make_loader
 from ..errors import ConfigError, ModelError
 from ..grafting import (
     adapter_patch,
@@ -263,12 +263,18 @@ class NetGraft(Method):
             return {"graft": kd_loss(z, t, self.opts.temperature)}
         return {"graft": l2n_mse(z, t)}
 
+    def _fewshot_loader(self, batch_size: int) -> Any:
+        """The few-shot images in order, unaugmented, on the teacher's device (decoded in this process)."""
+        from ..config import DataConfig
+
+        return make_loader(self.data.split("fewshot"), batch_size, DataConfig(workers=0), train=False,
+                           info=self.info, device=next(self.teacher.parameters()).device)
+
     @torch.no_grad()
     def agreement(self, net: nn.Module) -> float:
         """Fraction of the few-shot images on which `net` predicts the teacher's class (no labels)."""
         fewshot = self.data.split("fewshot")
-        loader = BatchLoader(fewshot, 256, shuffle=False, drop_last=False, mean=self.info.mean, std=self.info.std,
-                             device=next(self.teacher.parameters()).device)
+        loader = self._fewshot_loader(256)
         was = net.training
         net.eval()
         hits = sum(int((net(b.x).argmax(1) == self.teacher(b.x).argmax(1)).sum()) for b in loader)
@@ -351,9 +357,7 @@ class NetGraft(Method):
         self.folded = folded
         self.patches = patches
         self.exported = student
-        sample = next(iter(BatchLoader(self.data.split("fewshot"), 64, shuffle=False, drop_last=False,
-                                       mean=self.info.mean, std=self.info.std,
-                                       device=next(self.teacher.parameters()).device)))
+        sample = next(iter(self._fewshot_loader(64)))
         self.export_diff = max_abs_diff(student(sample.x), self.grafted_net(self.grafted).eval()(sample.x))
 
     @staticmethod

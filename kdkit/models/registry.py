@@ -130,12 +130,12 @@ def check_factory_args(cfg: Any, where: str) -> None:
 def build(arch: str | None = None, module: str | None = None, **kwargs: Any) -> nn.Module:
     """Build a zoo model (`arch`) or a user model (`module`), passing only the arguments it accepts.
 
-    ``num_classes``, ``in_channels`` and ``input_size`` are offered to every factory; a user factory
-    that does not take one of them simply does not get it.
+    ``num_classes``, ``in_channels``, ``input_size`` and ``input_shape`` (one sample's shape) are offered to
+    every factory; a user factory that does not take one of them simply does not get it.
     """
     factory, fixed = factory_for(arch, module)
     names, var_kw = accepted_args(factory)
-    offered = {"num_classes", "in_channels", "input_size"}
+    offered = {"num_classes", "in_channels", "input_size", "input_shape"}
     call = dict(fixed)
     for k, v in kwargs.items():
         if k in offered and not var_kw and k not in names:

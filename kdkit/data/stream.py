@@ -1,0 +1,336 @@
+"""The streaming path: samples decoded one at a time in ``DataLoader`` worker processes, memory flat in the
+dataset's size.
+
+A :class:`SampleSet` is a map-style set whose labels are known without decoding (file lists, image folders),
+so the seeded validation/test splits and per-class subsets work exactly as on the in-memory path. The
+:class:`StreamLoader` reads it like the in-memory :class:`~kdkit.data.BatchLoader`: a seeded order per
+epoch, the global batch split across torchrun ranks (every sample seen once per epoch over all ranks),
+``iterate(start_step)`` resuming mid-epoch at the exact next batch, and per-sample augmentation seeded by
+(seed, epoch, sample), so the result does not depend on which worker decoded what. Workers
+(``data.workers``) persist across epochs; batches are prefetched, pinned when training on a GPU.
+
+A file that cannot be decoded stops the run with the file named (the last checkpoint is untouched), or,
+with ``data.on_bad_file: skip``, is left out of its batch with a warning and counted (``summary.json``:
+``data_skipped_files``). A worker that dies gives one error naming what to try, never a hang.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DataError, warn
+from .augment import normalize
+from .images import ImageSet, channel_stats
+from .loader import Batch, _mix
+from .natural import SampleAugment, image_sample
+
+#: seconds a batch may take before the loader gives up on its workers (a hung worker is an error, not a hang)
+WORKER_TIMEOUT_S = 600
+
+
+class SampleSet:
+    """Samples decoded on demand. Subclasses give ``__len__``, :meth:`load` and, when known, ``labels``."""
+
+    classes: list[str]
+    labels: torch.Tensor | None = None
+    #: what stored values are divided by to give the model's input scale (255 for uint8 pixels)
+    scale: float = 255.0
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, i: int, augment: SampleAugment | None, g: torch.Generator | None) -> tuple[torch.Tensor, int]:
+        """Sample `i` (uint8 or float32) and its label (-1 when unknown or unlabeled)."""
+        raise NotImplementedError
+
+    def name(self, i: int) -> str:
+        """What sample `i` is called in messages (a file path)."""
+        return f"sample {i}"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.load(0, None, None)[0].shape)
+
+    @property
+    def is_images(self) -> bool:
+        return len(self.shape) == 3
+
+    def subset(self, index: torch.Tensor) -> SampleSet:
+        return _View(self, index, labeled=self.labels is not None)
+
+    def unlabeled(self) -> SampleSet:
+        return _View(self, torch.arange(len(self)), labeled=False)
+
+    def decoded_bytes(self) -> int:
+        """The memory the whole set would take decoded (from the first sample's size)."""
+        x = self.load(0, None, None)[0]
+        return len(self) * x.numel() * x.element_size()
+
+    def to_memory(self) -> ImageSet:
+        """Decode every sample into one in-memory set (data.in_memory)."""
+        xs = [self.load(i, None, None)[0] for i in range(len(self))]
+        shapes = {tuple(x.shape) for x in xs}
+        if len(shapes) != 1:
+            raise DataError(f"the samples have different shapes {sorted(shapes)[:3]}; set data.image_size")
+        return ImageSet(torch.stack(xs), self.labels, self.classes)
+
+
+class _View(SampleSet):
+    """Some samples of another set, in a given order; `labeled=False` hides the labels."""
+
+    def __init__(self, base: SampleSet, index: torch.Tensor, labeled: bool = True):
+        self.base, self.index = base, index.long()
+        self.classes, self.scale = base.classes, base.scale
+        self.labels = base.labels[self.index] if (labeled and base.labels is not None) else None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def load(self, i: int, augment: SampleAugment | None, g: torch.Generator | None) -> tuple[torch.Tensor, int]:
+        x, y = self.base.load(int(self.index[i]), augment, g)
+        return x, (y if self.labels is not None else -1)
+
+    def name(self, i: int) -> str:
+        return self.base.name(int(self.index[i]))
+
+
+class TensorSampleSet(SampleSet):
+    """An in-memory set read through the streaming path (``data.in_memory: false`` on a small dataset)."""
+
+    def __init__(self, data: ImageSet):
+        self.data, self.classes, self.labels, self.scale = data, data.classes, data.labels, data.scale
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def load(self, i: int, augment: SampleAugment | None, g: torch.Generator | None) -> tuple[torch.Tensor, int]:
+        from .natural import augment_sample
+
+        x = self.data.images[i]
+        if augment is not None and g is not None and x.dim() == 3:
+            x = augment_sample(x, augment, g)
+        return x, (int(self.labels[i]) if self.labels is not None else -1)
+
+
+class FileSampleSet(SampleSet):
+    """Image files with labels known from their folder or list, decoded by Pillow when read."""
+
+    def __init__(self, paths: list[Path], labels: torch.Tensor | None, classes: list[str], mode: str,
+                 size: int | None, crop: float = 1.0):
+        self.paths, self.labels, self.classes = paths, labels, classes
+        self.mode, self.size, self.crop = mode, size, crop
+        self.scale = 255.0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def name(self, i: int) -> str:
+        return str(self.paths[i])
+
+    def load(self, i: int, augment: SampleAugment | None, g: torch.Generator | None) -> tuple[torch.Tensor, int]:
+        try:
+            x = image_sample(self.paths[i], self.mode, self.size, augment, g, self.crop)
+        except (OSError, ValueError, SyntaxError) as e:  # Pillow's errors for missing, truncated, corrupt files
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise DataError(f"{self.paths[i]}: not a readable image ({first}); remove or replace it, or set "
+                            "data.on_bad_file=skip") from None
+        return x, (int(self.labels[i]) if self.labels is not None else -1)
+
+
+class DatasetSampleSet(SampleSet):
+    """A user's map-style ``Dataset`` of ``(sample, label)`` (or samples alone): its own transforms run when a
+    sample is read, every epoch; kdkit adds no augmentation of its own."""
+
+    def __init__(self, dataset: Any, classes: list[str], labels: torch.Tensor | None = None,
+                 labeled: bool = True, scale: float | None = None):
+        self.dataset, self.classes, self.labels, self.labeled = dataset, classes, labels, labeled
+        if scale is None:
+            x = self._item(0)[0]
+            scale = 255.0 if x.dtype == torch.uint8 else 1.0
+        self.scale = scale
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _item(self, i: int) -> tuple[torch.Tensor, int]:
+        item = self.dataset[i]
+        x, y = (item[0], item[1] if len(item) > 1 else None) if isinstance(item, (tuple, list)) else (item, None)
+        x = torch.as_tensor(x)
+        if x.dtype != torch.uint8:
+            x = x.float()
+        return x, (int(y) if (y is not None and self.labeled) else -1)
+
+    def load(self, i: int, augment: SampleAugment | None, g: torch.Generator | None) -> tuple[torch.Tensor, int]:
+        return self._item(i)
+
+
+# ---- the loader ---------------------------------------------------------------------------------------
+class _Read(torch.utils.data.Dataset):
+    """What the DataLoader's workers see: (index, seed) -> (sample, label, index), or a marker for a bad file."""
+
+    def __init__(self, data: SampleSet, augment: SampleAugment | None, skip_bad: bool):
+        self.data, self.augment, self.skip_bad = data, augment, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, ...]:
+        i, seed = key
+        g = torch.Generator().manual_seed(seed) if self.augment is not None else None
+        try:
+            x, y = self.data.load(i, self.augment, g)
+        except DataError as e:
+            if self.skip_bad:
+                return (None, -1, i, str(e).split(":", 1)[0])
+            raise
+        return (x, y, i, None)
+
+
+def _collate(items: list[tuple[Any, ...]]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[str]]:
+    bad = [it[3] for it in items if it[0] is None]
+    good = [it for it in items if it[0] is not None]
+    if not good:
+        return None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), bad
+    shapes = {tuple(it[0].shape) for it in good}
+    if len(shapes) != 1:
+        raise DataError(f"samples of one batch have different shapes {sorted(shapes)[:3]}; set data.image_size so "
+                        "that every image is resized to one size")
+    return (torch.stack([it[0] for it in good]), torch.tensor([it[1] for it in good]),
+            torch.tensor([it[2] for it in good]), bad)
+
+
+class _Batches:
+    """The batch sampler: this rank's slice of every global batch of the current epoch, from `start` on. Set
+    before each pass; it runs in the main process, so persistent workers see the new epoch."""
+
+    def __init__(self, loader: StreamLoader):
+        self.loader = loader
+        self.start = 0
+
+    def __len__(self) -> int:
+        return len(self.loader) - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        ld = self.loader
+        order = ld.order()
+        for step in range(self.start, len(ld)):
+            idx = order[step * ld.batch_size:(step + 1) * ld.batch_size]
+            lo, hi = (ld.rank * len(idx)) // ld.world, ((ld.rank + 1) * len(idx)) // ld.world
+            yield [(int(i), _mix(ld.seed, ld.epoch, int(i), 2)) for i in idx[lo:hi]]
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # several workers, each with its own threads, would fight over the cores
+
+
+def _original_message(e: BaseException) -> str:
+    """The message of an exception raised in a worker (PyTorch re-raises it as "Caught X in DataLoader worker
+    process N. Original Traceback ...", the original message on the last line)."""
+    text = str(e).strip()
+    if not text.startswith("Caught "):
+        return text
+    last = text.splitlines()[-1]
+    return last.split(": ", 1)[1].strip() if ": " in last else last
+
+
+class StreamLoader:
+    """Batches of a :class:`SampleSet` through a ``torch.utils.data.DataLoader`` (see the module docstring);
+    the same interface as :class:`~kdkit.data.BatchLoader`."""
+
+    def __init__(self, data: SampleSet, batch_size: int, *, shuffle: bool, drop_last: bool, mean: list[float],
+                 std: list[float], augment: SampleAugment | None = None, seed: int = 0,
+                 device: torch.device | str = "cpu", rank: int = 0, world: int = 1, normalize: bool = True,
+                 channels_last: bool = False, workers: int = 0, skip_bad: bool = False):
+        self.data = data
+        self.batch_size = min(batch_size, len(data)) if drop_last else batch_size
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.augment = augment if augment is not None and augment.active else None
+        self.seed, self.epoch = seed, 0
+        self.device = torch.device(device)
+        self.rank, self.world = rank, world
+        self.normalize = normalize
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
+        self.skip_bad = skip_bad
+        self.skipped: list[str] = []  # files left out (data.on_bad_file: skip)
+        self._sampler = _Batches(self)
+        self.workers = workers
+        self._loader = torch.utils.data.DataLoader(
+            _Read(data, self.augment, skip_bad), batch_sampler=self._sampler, collate_fn=_collate,
+            num_workers=workers, persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
+            pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init if workers > 0 else None,
+            timeout=WORKER_TIMEOUT_S if workers > 0 else 0)
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        if n == 0:
+            return 0
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(len(self.data))
+        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        return torch.randperm(len(self.data), generator=g)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.iterate(0)
+
+    def iterate(self, start_step: int = 0) -> Iterator[Batch]:
+        self._sampler.start = start_step
+        try:
+            for x, y, index, bad in self._loader:
+                if bad:
+                    self._skipped(bad)
+                if x is None:
+                    continue
+                yield self._batch(x, y, index)
+        except DataError as e:
+            raise DataError(_original_message(e)) from None
+        except RuntimeError as e:
+            text = str(e)
+            if "DataLoader worker" in text or "DataLoader timed out" in text:
+                raise DataError(f"a data-loading worker failed ({text.splitlines()[0][:200]}); rerun with "
+                                "data.workers=0 to see the error in the main process") from None
+            raise
+
+    def _skipped(self, names: list[str]) -> None:
+        for n in names:
+            self.skipped.append(n)
+            warn(f"{n}: not a readable image; left out of its batch (data.on_bad_file=skip)")
+
+    def _batch(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> Batch:
+        x = x.to(self.device, non_blocking=True).float()
+        if self.data.scale != 1.0:
+            x.div_(self.data.scale)
+        if self.normalize:
+            x = normalize(x, self.mean, self.std)
+        if self.memory_format is not torch.contiguous_format and x.dim() == 4:
+            x = x.contiguous(memory_format=self.memory_format)
+        labels = None if self.data.labels is None else y.to(self.device)
+        return Batch(x, labels, index)
+
+
+def sample_stats(data: SampleSet, count: int = 512, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std estimated from `count` samples drawn with `seed` (decoded without
+    augmentation): a streamed training set is too large to scan for its normalisation."""
+    n = min(count, len(data))
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+    xs = [data.load(int(i), None, None)[0] for i in idx]
+    shapes = {tuple(x.shape) for x in xs}
+    if len(shapes) != 1:
+        raise DataError(f"the samples have different shapes {sorted(shapes)[:3]}; set data.image_size so that every "
+                        "image is resized to one size")
+    stacked = torch.stack(xs)
+    if data.scale == 1.0 and stacked.dtype == torch.uint8:
+        stacked = stacked.float()
+    return channel_stats(stacked)
