@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 import kdkit
 from kdkit.config import DataConfig, load_config
 from kdkit.data import DataInfo, load_data, make_loader
-from kdkit.data.stream import FileSampleSet, StreamLoader, TensorSampleSet
+from kdkit.data.stream import FileSampleSet, SampleSet, StreamLoader, TensorSampleSet
 from kdkit.errors import ConfigError, DataError, RunWarning
 from kdkit.run import execute
 
@@ -134,7 +134,10 @@ def test_a_corrupt_file_mid_epoch_is_named_and_the_checkpoint_kept(tmp_path):
     root = write_folder(tmp_path / "imgs")
     bad = root / "train" / "class1" / "005.png"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated
-    cfg = _cfg(root, tmp_path / "r", **{"train.epochs": 2, "data.workers": 2})
+    with pytest.raises(DataError, match=r"005\.png: not a readable image .*data\.on_bad_file=skip"):
+        execute(_cfg(root, tmp_path / "early", **{"data.workers": 2}), "train")  # met by the normalisation
+    assert not (tmp_path / "early").exists()  # before any work
+    cfg = _cfg(root, tmp_path / "r", **{"train.epochs": 2, "data.workers": 2, "data.normalize": False})
     with pytest.raises(DataError, match=r"005\.png: not a readable image .*data\.on_bad_file=skip"):
         execute(cfg, "train")
     assert (tmp_path / "r" / "checkpoint.pt").is_file()  # the checkpoint written before the first step
@@ -175,7 +178,8 @@ def test_natural_image_augmentations_are_seeded_per_sample(tmp_path):
     assert draw(1).shape == (3, 24, 24) and torch.equal(draw(1), draw(1)) and not torch.equal(draw(1), draw(2))
     assert image_sample(path, "RGB", 24, None, None, crop=0.875).shape == (3, 24, 24)  # centre crop for evaluation
     with pytest.raises(DataError, match="random_resized_crop resizes its crops to data.image_size"):
-        execute(_cfg(root, tmp_path / "r", **{"data.augment.random_resized_crop": True}), "train")
+        execute(_cfg(root, tmp_path / "r", **{"data.augment.random_resized_crop": True, "data.image_size": None}),
+                "train")
 
 
 class _Noisy(Dataset):
@@ -203,16 +207,12 @@ def test_a_users_augmenting_loader_is_read_every_epoch_as_it_is(tmp_path):
     ds = _Noisy()
     loader = DataLoader(ds, batch_size=16, shuffle=True)
     test = (ds.base, ds.labels)
-    seen = []
-    hook = loader.dataset.__class__.__getitem__
-
     res = kdkit.train(_net(), loader, test_data=test, train={"epochs": 3, "progress": "none"},
                       output_dir=str(tmp_path / "r"))
     assert ds.reads >= 3 * 64  # read in every epoch (plus one batch to look at it), not collected once
     stages = res.summary["stages"][0]
     assert stages["batch_size"] == 16 and stages["steps_per_epoch"] == 4  # the loader's own batch size
     assert res.summary["data"]["path"] == "stream" and "iterated every epoch" in res.summary["data"]["notes"][0]
-    del seen, hook
     # collected into memory only when asked: then its augmentation is read once
     ds2 = _Noisy()
     kdkit.train(_net(), DataLoader(ds2, batch_size=16), test_data=test, train={"epochs": 3, "progress": "none"},
@@ -236,8 +236,8 @@ def test_an_iterable_dataset_is_one_pass_per_epoch(tmp_path):
 
 @pytest.mark.parametrize("method,extra", [
     ("kd", {}),
-    ("fitnets", {"method.pairs": "[[layers.0, layers.0]]"}),
-    ("adaptive", {"method.paths": "[soft_target, logits, {name: hint, pairs: [[layers.0, layers.0]]}]"}),
+    ("fitnets", {"method.pairs": [["layers.0", "layers.0"]]}),
+    ("adaptive", {"method.paths": ["soft_target", "logits", {"name": "hint", "pairs": [["layers.0", "layers.0"]]}]}),
     ("th_kd", {}),
 ])
 @pytest.mark.parametrize("shape", [(24,), (3, 8)])
@@ -246,11 +246,12 @@ def test_vectors_and_sequences_go_through_the_methods(tmp_path, method, extra, s
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, *shape, generator=g)
     y = (x.flatten(1)[:, :4].sum(1) > 0).long() + 2 * (x.flatten(1)[:, 4:8].sum(1) > 0).long()
-    common = {"train": {"epochs": 3, "progress": "none", "optimizer": "adam", "lr": 0.01}, "data": {"val_split": 0.1}}
-    teacher = kdkit.train("mlp", (x, y), model={"hidden": [64]}, output_dir=str(tmp_path / "t"), **common)
+    common = {"train": {"epochs": 8, "batch_size": 32, "progress": "none", "optimizer": "adam", "lr": 0.01},
+              "data": {"val_split": 0.1}}
+    teacher = kdkit.train("mlp", (x, y), **{"model.hidden": [64]}, output_dir=str(tmp_path / "t"), **common)
     assert teacher.summary["data"]["input_shape"] == list(shape)
-    res = kdkit.distill(teacher.run_dir / "model.pt", "mlp", (x, y), method=method, student={"hidden": [32]},
-                        output_dir=str(tmp_path / method), **common, **{k: v for k, v in extra.items()})
+    res = kdkit.distill(teacher.run_dir / "model.pt", "mlp", (x, y), method=method, **{"student.hidden": [32]},
+                        output_dir=str(tmp_path / method), **common, **extra)
     assert res.summary["test_accuracy"] > 0.3 and res.summary["data"]["input_shape"] == list(shape)
     loaded = kdkit.load(res.run_dir / "model.pt")
     assert loaded(x[:5]).shape == (5, 4)
@@ -259,7 +260,7 @@ def test_vectors_and_sequences_go_through_the_methods(tmp_path, method, extra, s
 def test_methods_that_need_images_say_so_before_any_work(tmp_path):
     x = torch.randn(100, 24)
     y = (x[:, 0] > 0).long()
-    teacher = kdkit.train("mlp", (x, y), model={"hidden": [16]}, train={"epochs": 1, "progress": "none"},
+    teacher = kdkit.train("mlp", (x, y), **{"model.hidden": [16]}, train={"epochs": 1, "progress": "none"},
                           output_dir=str(tmp_path / "t"))
     with pytest.raises(ConfigError, match=r"method 'dafl' works on images \[C, H, W\]; this data's samples are "
                                           r"\(24,\)"):
@@ -285,6 +286,6 @@ def test_streamed_mid_epoch_resume_with_workers_is_bit_identical(tmp_path, monke
 
 def test_the_tensor_path_streams_when_asked():
     d = load_data(DataConfig(name="digits", val_split=0.1, in_memory=False))
-    assert isinstance(d.train, TensorSampleSet) and d.path == "stream"
+    assert isinstance(d.train, SampleSet) and isinstance(d.test, TensorSampleSet) and d.path == "stream"
     info = DataInfo("x", ["a"], (1, 8, 8), [0.0], [1.0])
     assert info.is_images and DataInfo("x", ["a"], (24,), [0.0], [1.0]).input_size == 1

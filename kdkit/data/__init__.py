@@ -182,7 +182,7 @@ def make_bundle(cfg: DataConfig, train: Split | None, test: Split, train_images:
         if isinstance(source, ImageSet):
             mean, std = channel_stats(source.images)
         elif isinstance(source, SampleSet):
-            mean, std = sample_stats(source, seed=cfg.split_seed)
+            mean, std = sample_stats(source, seed=cfg.split_seed, skip_bad=cfg.on_bad_file == "skip")
         else:
             raise DataError("a loader of uint8 images needs its normalisation: set data.normalize=false to feed the "
                             "images as given, or pass float images")

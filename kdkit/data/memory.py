@@ -195,7 +195,7 @@ def memory_bundle(cfg: DataConfig, train: Any, val: Any, test: Any,
                                if tr is None else "train_data has no labels to hold a test split out of"))
         keep, held = stratified_split(tr.labels, cfg.test_split, cfg.split_seed)
         tr, sets["test"] = tr.subset(keep), tr.subset(held)
-    if tr is not None and tr.labels is None and sets["val"] is None:
+    if (tr is None or tr.labels is None) and sets["val"] is None:
         cfg.val_split = 0.0  # nothing to carve a labeled validation split from
     test_set = sets["test"]
     assert test_set is not None

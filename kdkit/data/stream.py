@@ -320,12 +320,20 @@ class StreamLoader:
         return Batch(x, labels, index)
 
 
-def sample_stats(data: SampleSet, count: int = 512, seed: int = 0) -> tuple[list[float], list[float]]:
+def sample_stats(data: SampleSet, count: int = 512, seed: int = 0,
+                 skip_bad: bool = False) -> tuple[list[float], list[float]]:
     """Per-channel mean and std estimated from `count` samples drawn with `seed` (decoded without
-    augmentation): a streamed training set is too large to scan for its normalisation."""
+    augmentation): a streamed training set is too large to scan for its normalisation. With `skip_bad`,
+    unreadable files are passed over (data.on_bad_file: skip)."""
     n = min(count, len(data))
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
-    xs = [data.load(int(i), None, None)[0] for i in idx]
+    xs = []
+    for i in idx:
+        try:
+            xs.append(data.load(int(i), None, None)[0])
+        except DataError:
+            if not skip_bad:
+                raise
     shapes = {tuple(x.shape) for x in xs}
     if len(shapes) != 1:
         raise DataError(f"the samples have different shapes {sorted(shapes)[:3]}; set data.image_size so that every "
