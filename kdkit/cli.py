@@ -7,7 +7,8 @@
     kdkit models [NAME]                         the zoo, or one model's layer paths and parts
     kdkit report RUN_DIR [RUN_DIR ...]          curves, per-path weights and report.md of runs
     kdkit sample RUN_DIR [-n 64]                images from a data-free run's generator, as a PNG grid
-    kdkit export RUN_DIR --format torchscript|onnx|state_dict   the student alone, checked against PyTorch
+    kdkit export RUN_DIR [--format pt2|onnx|torchscript|state_dict]   the student alone, checked, with its
+                                                preprocessing in a sidecar JSON
     kdkit bench speed --teacher T --student S   kdkit's training step against a hand-written loop
     kdkit compare SPEC.yaml                     recipes over paired seeds (a resumable queue), 95% intervals
     kdkit demo                                  teacher, student alone and KD on digits, in a table
@@ -71,11 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the noise")
     g.add_argument("--tensors", action="store_true", help="also save the normalised images as a .pt tensor")
 
-    x = sub.add_parser("export", help="the trained student as a standalone TorchScript, ONNX or state_dict file",
-                       description="Write the student of a finished run (no teacher, adapters folded) and check "
-                                   "that the exported file's outputs match the PyTorch model's on a batch.")
+    x = sub.add_parser("export", help="the trained student as a standalone torch.export, ONNX, TorchScript or "
+                                      "state_dict file, with a sidecar JSON of its preprocessing",
+                       description="Write the student of a finished run (no teacher, adapters folded), check that "
+                                   "the exported file's outputs match the PyTorch model's on a batch, and write "
+                                   "FILE.json with the input shape, class names and preprocessing.")
     x.add_argument("run_dir", metavar="RUN_DIR", help="a finished run (or its model.pt)")
-    x.add_argument("--format", default="torchscript", choices=("torchscript", "onnx", "state_dict"))
+    x.add_argument("--format", default="pt2", choices=("pt2", "onnx", "torchscript", "state_dict"),
+                   help="pt2 (torch.export, default), onnx, torchscript (deprecated upstream) or state_dict")
+    x.add_argument("--with-preprocessing", action="store_true",
+                   help="put the normalisation into the graph: the exported model takes pixels in 0..255")
     x.add_argument("--out", help="output path (default RUN_DIR/model.<format suffix>)")
 
     b = sub.add_parser("bench", help="measure kdkit itself (bench speed: kdkit's step against a hand-written loop)")
@@ -250,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(sample_run(args.run_dir, args.n, args.out, args.seed, args.tensors)))
             return 0
         if args.command == "export":
-            from .export import export
+            from .exporting import export
 
-            print(json.dumps(export(args.run_dir, args.format, args.out), indent=2))
+            print(json.dumps(export(args.run_dir, args.format, args.out, preprocessing=args.with_preprocessing),
+                             indent=2))
             return 0
         if args.command == "bench":
             from .bench.speed import main as bench_speed

@@ -18,10 +18,11 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, repeats: int = 50,
-               warmup: int = 10, budget_s: float | None = None) -> float:
-    """Median milliseconds per image of ``model(x)`` for a batch of `batch` on the model's device, in eval mode;
-    with `budget_s`, timing stops early (after at least 3 runs) once that many seconds are spent."""
+def latency_stats(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, repeats: int = 50,
+                  warmup: int = 10, budget_s: float | None = None) -> dict[str, float]:
+    """Milliseconds per image of ``model(x)`` for a batch of `batch` on the model's device, in eval mode, after
+    `warmup` untimed calls: the median and the quartiles of up to `repeats` timed calls (with `budget_s`,
+    timing stops once that many seconds are spent, after at least 5 calls)."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
@@ -34,10 +35,36 @@ def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, r
         t = time.perf_counter()
         model(x)
         times.append(time.perf_counter() - t)
-        if budget_s is not None and len(times) >= 3 and time.perf_counter() - start > budget_s:
+        if budget_s is not None and len(times) >= 5 and time.perf_counter() - start > budget_s:
             break
     model.train(was)
-    return 1000.0 * statistics.median(times) / batch
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    scale = 1000.0 / batch
+    return {"median": scale * statistics.median(times), "q1": scale * q[0], "q3": scale * q[2], "calls": len(times)}
+
+
+def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, repeats: int = 50,
+               warmup: int = 10, budget_s: float | None = None) -> float:
+    """The median of :func:`latency_stats`."""
+    return latency_stats(model, input_shape, batch, repeats, warmup, budget_s)["median"]
+
+
+def busy_note(stats: list[dict[str, float]], max_spread: float = 0.5) -> str | None:
+    """Why CPU timings taken now should not be trusted, or None: another process kept the cores busy (the
+    1-minute load average above half the cores, kdkit's own process counted), or the timed calls spread
+    widely (interquartile range above `max_spread` of the median)."""
+    import os
+
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    if load > 1.0 + 0.5 * cores:
+        return f"the machine was busy (1-minute load {load:.1f} on {cores} cores): CPU timings are not reliable"
+    wide = [s for s in stats if s["median"] > 0 and (s["q3"] - s["q1"]) / s["median"] > max_spread]
+    if wide:
+        return (f"the timed calls spread widely (interquartile range up to "
+                f"{max((s['q3'] - s['q1']) / s['median'] for s in wide):.0%} of the median): CPU timings are not "
+                "reliable")
+    return None
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -62,13 +89,17 @@ def size_bytes(model: nn.Module) -> int:
 
 
 def model_card(model: nn.Module, input_shape: tuple[int, ...], test_accuracy: float | None) -> dict[str, Any]:
-    """Accuracy, parameters, MACs per image, size on disk and CPU latency per image at batch 1 and 64
-    (medians, each timed for at most about a second, with torch's current thread count)."""
+    """Accuracy, parameters, MACs per image, size on disk and CPU latency per image at batch 1 and 64 (median and
+    quartiles after 10 warm-up calls; at most about 2 s each, with torch's current thread count)."""
     cpu = model if all(p.device.type == "cpu" for p in model.parameters()) else copy.deepcopy(model).cpu()
+    b1 = latency_stats(cpu, input_shape, 1, repeats=200, warmup=10, budget_s=2.0)
+    b64 = latency_stats(cpu, input_shape, 64, repeats=40, warmup=3, budget_s=2.0)
     return {
         "test_accuracy": test_accuracy, "params": count_params(model), "macs": count_macs(cpu, input_shape),
         "size_bytes": size_bytes(model),
-        "cpu_latency_ms_batch1": round(latency_ms(cpu, input_shape, 1, repeats=50, warmup=3, budget_s=1.0), 4),
-        "cpu_latency_ms_per_image_batch64": round(latency_ms(cpu, input_shape, 64, repeats=20, warmup=2,
-                                                             budget_s=1.0), 4),
+        "cpu_latency_ms_batch1": round(b1["median"], 4),
+        "cpu_latency_ms_batch1_quartiles": [round(b1["q1"], 4), round(b1["q3"], 4)],
+        "cpu_latency_ms_per_image_batch64": round(b64["median"], 4),
+        "cpu_latency_ms_per_image_batch64_quartiles": [round(b64["q1"], 4), round(b64["q3"], 4)],
+        "_latency_stats": [b1, b64],
     }

@@ -161,9 +161,12 @@ def card_lines(card: dict[str, Any]) -> list[str]:
     out += [f"| {name} | " + " | ".join(fn(card[r]) for r in roles) + " |" for name, fn in rows]
     if "top1_agreement" in card:
         c = card["compression"]
+        speed = (f"{c['speedup_batch1']:.2f}x faster at batch 1" if c.get("speedup_batch1") is not None
+                 else "of unmeasured speed (see below)")
         out += ["", f"Student and teacher agree on {_pct(card['top1_agreement'])} of the test images (top-1). "
-                f"The student is {c['params']:.1f}x smaller in parameters, {c['macs']:.1f}x in MACs and "
-                f"{c['speedup_batch1']:.2f}x faster at batch 1."]
+                f"The student is {c['params']:.1f}x smaller in parameters, {c['macs']:.1f}x in MACs and {speed}."]
+    if card.get("latency_note"):
+        out += ["", f"Latency: {card['latency_note']}; time the models on a quiet machine."]
     return out
 
 

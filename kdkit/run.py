@@ -353,8 +353,11 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     if dist.is_main:
         save_model(run_dir / "model.pt", exported, student_spec, student_args, info,
                    meta={"method": cfg.method.name, "test_accuracy": test["accuracy"], "seed": cfg.seed,
-                         "run_dir": str(run_dir), "data_root": cfg.data.root, "python_object": role in models},
+                         "run_dir": str(run_dir), "data_root": cfg.data.root, "python_object": role in models,
+                         "kdkit": __version__},
                    patches=method.export_patches())
+        if role in models:  # another process cannot rebuild the user's class: keep the exported program
+            summary["exported_program"] = _save_program(exported, info, run_dir)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     barrier(dist)
     return RunResult(run_dir, summary, exported, dist.is_main, method)
@@ -408,6 +411,21 @@ def _versus_alone(cfg: Config, result: RunResult, resume: bool, dist: DistInfo, 
     return result
 
 
+def _save_program(model: nn.Module, info: DataInfo, run_dir: Path) -> str:
+    """``model.pt2`` (torch.export) of a student passed as a Python object, so ``kdkit export`` works later from
+    the run folder alone; the reason when torch.export cannot trace it."""
+    from .exporting import PROGRAM, exported_program
+
+    model = model.eval()
+    try:
+        example = torch.randn(2, *info.input_shape, device=next(model.parameters()).device)
+        torch.export.save(exported_program(model, example), str(run_dir / PROGRAM))
+    except Exception as e:  # torch.export raises many types for models it cannot trace
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return f"not written: torch.export cannot trace the model ({first})"
+    return PROGRAM
+
+
 def _last_batch(history: list[dict[str, Any]], default: int) -> int:
     """The global batch of the last stage that ran (the one that made the reported model)."""
     ran = [h for h in history if h.get("batch_size")]
@@ -436,19 +454,27 @@ def _progress_facts(engine: Engine, history: list[dict[str, Any]], test_acc: flo
 def _report_card(student: nn.Module, teacher: nn.Module | None, student_acc: float, teacher_acc: float | None,
                  info: DataInfo, test: Any, dist: DistInfo) -> dict[str, Any]:
     """What distillation bought: each model's accuracy, size, MACs and CPU latency, and how often the student
-    agrees with the teacher on the test split (the timings run on rank 0 only)."""
+    agrees with the teacher on the test split (the timings run on rank 0 only). Timings taken on a busy machine
+    or spread widely are flagged (``latency_note``), and the speed-up is then left out rather than guessed."""
+    from .measure import busy_note
+
     card: dict[str, Any] = {}
     agree = agreement(teacher, student, test, dist) if teacher is not None else None
     if not dist.is_main:
         return card
-    card["student" if teacher is not None else "model"] = model_card(student, info.input_shape, student_acc)
+    cards = {"student" if teacher is not None else "model": model_card(student, info.input_shape, student_acc)}
     if teacher is not None:
-        card["teacher"] = model_card(teacher, info.input_shape, teacher_acc)
+        cards["teacher"] = model_card(teacher, info.input_shape, teacher_acc)
+    note = busy_note([st for c in cards.values() for st in c.pop("_latency_stats")])
+    card.update(cards)
+    card["latency_note"] = note
+    if teacher is not None:
         t, s = card["teacher"], card["student"]
         card["top1_agreement"] = agree
         card["compression"] = {"params": t["params"] / max(1, s["params"]), "macs": t["macs"] / max(1, s["macs"]),
                                "size": t["size_bytes"] / max(1, s["size_bytes"]),
-                               "speedup_batch1": t["cpu_latency_ms_batch1"] / max(1e-9, s["cpu_latency_ms_batch1"])}
+                               "speedup_batch1": None if note else
+                               t["cpu_latency_ms_batch1"] / max(1e-9, s["cpu_latency_ms_batch1"])}
     return card
 
 

@@ -113,3 +113,25 @@ def test_report_of_finished_running_and_several_runs(tmp_path, teacher_file, cap
     table = (tmp_path / "cmp" / "report.md").read_text()
     assert table.count("| finished |") == 2 and "in progress (1 epochs)" in table
     assert f"{100 * kd.summary['test_accuracy']:.2f}%" in table and "rdskd" in table
+
+
+def test_latency_reports_quartiles_and_says_when_it_cannot_be_trusted(tmp_path, teacher_file, monkeypatch):
+    import os
+
+    from kdkit.measure import busy_note, latency_stats
+
+    st = latency_stats(nn.Linear(100, 10), (100,), 1, repeats=30, warmup=5)
+    assert st["q1"] <= st["median"] <= st["q3"] and st["calls"] == 30
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert busy_note([{"median": 1.0, "q1": 0.9, "q3": 1.1}]) is None
+    assert "spread widely (interquartile range up to 150%" in busy_note([{"median": 1.0, "q1": 0.5, "q3": 2.0}])
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert "the machine was busy (1-minute load 9.0" in busy_note([{"median": 1.0, "q1": 0.9, "q3": 1.1}])
+    res = distill_run(tmp_path / "r", teacher_file, **{"train.epochs": 1})
+    card = res.summary["report_card"]
+    assert "machine was busy" in card["latency_note"] and card["compression"]["speedup_batch1"] is None
+    assert len(card["student"]["cpu_latency_ms_batch1_quartiles"]) == 2
+    from kdkit.report import report
+
+    report([res.run_dir])
+    assert "time the models on a quiet machine" in (res.run_dir / "report.md").read_text()
