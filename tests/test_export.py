@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def test_export_writes_the_student_alone_and_checks_it(fitnets_run, fmt, capsys)
     assert out["check"]["passed"] and out["check"]["max_abs_diff"] <= 1e-4
     student = kdkit.load(fitnets_run / "model.pt")
     x = torch.randn(3, *out["input_shape"])
-    sidecar = json.loads(open(out["sidecar"]).read())  # what whoever deploys it needs, beside the file
+    sidecar = json.loads(Path(out["sidecar"]).read_text())  # what whoever deploys it needs, beside the file
     assert sidecar["classes"] == student.kdkit_info.info.classes and sidecar["input_shape"] == out["input_shape"]
     assert sidecar["preprocessing"]["mean"] == student.kdkit_info.info.mean and not sidecar["preprocessing"]["in_graph"]
     if fmt == "pt2":
