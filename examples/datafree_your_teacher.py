@@ -34,13 +34,13 @@ def main() -> None:
     torch.manual_seed(0)
     (x, y), test = digits_tensors()
     teacher = kdkit.train(mlp(256), DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True), test_data=test,
-                          output_dir=f"{a.out}/teacher", train={"epochs": 1 if a.quick else 30, "optimizer": "adam",
-                                                                "lr": 0.003})
+                          output_dir=f"{a.out}/teacher", overwrite=True,
+                          train={"epochs": 1 if a.quick else 30, "optimizer": "adam", "lr": 0.003})
     steps = 4 if a.quick else 50
     student = kdkit.distill(teacher.model, mlp(32), None, method=a.method, test_data=test,
                             steps_per_epoch=steps, generator_width=32, latent_dim=32,
                             **({"generator_epochs": 1} if a.quick and a.method == "rdskd" else {}),
-                            output_dir=f"{a.out}/student", data={"val_split": 0},
+                            output_dir=f"{a.out}/student", overwrite=True, data={"val_split": 0},
                             train={"epochs": 1 if a.quick else 20, "select": "last", "batch_size": 128})
     s = student.summary
     print(f"teacher {100 * teacher.test_accuracy:.2f}% -> {a.method} student {100 * student.test_accuracy:.2f}% "

@@ -44,11 +44,12 @@ def main() -> None:
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
     common = {"train": {"epochs": epochs, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0}}
 
-    teacher = kdkit.train(ConvNet(width=32), loader, test_data=test, output_dir=f"{a.out}/teacher", **common)
+    teacher = kdkit.train(ConvNet(width=32), loader, test_data=test, output_dir=f"{a.out}/teacher", overwrite=True,
+                          **common)
     # the student's block2 (16 channels) learns the teacher's block2 (64 channels) through a 1x1 adapter
     student = kdkit.distill(teacher.model, ConvNet(width=8), loader, method="fitnets", test_data=test,
                             pairs=[["block2", "block2"]], hint_weight=1.0, kd_weight=1.0,
-                            output_dir=f"{a.out}/student", **common)
+                            output_dir=f"{a.out}/student", overwrite=True, **common)
     print(f"teacher {100 * teacher.test_accuracy:.2f}% ({teacher.summary['params']:,} parameters) -> "
           f"student {100 * student.test_accuracy:.2f}% ({student.summary['params']:,} parameters); "
           f"run: {student.run_dir}")

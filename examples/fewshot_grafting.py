@@ -38,7 +38,7 @@ def main() -> None:
     torch.manual_seed(0)
     (x, y), test = digits_tensors()
     teacher = kdkit.train(convnet(32), DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True),
-                          test_data=test, output_dir=f"{a.out}/teacher",
+                          test_data=test, output_dir=f"{a.out}/teacher", overwrite=True,
                           train={"epochs": 1 if a.quick else 15, "optimizer": "adam", "lr": 0.003})
     # a few images per class, chosen with the labels (as a user picks them), then handed over without them
     few = torch.cat([torch.nonzero(y == c).flatten()[:a.shots] for c in range(10)])
@@ -46,7 +46,7 @@ def main() -> None:
     epochs = 1 if a.quick else 300  # one batch of the 10 x shots images per epoch
     student = kdkit.distill(teacher.model, convnet(8), x[few], method="netgraft", test_data=test,
                             teacher_blocks=blocks, student_blocks=blocks, block_epochs=epochs, net_epochs=epochs,
-                            data={"shots_per_class": a.shots}, output_dir=f"{a.out}/student",
+                            data={"shots_per_class": a.shots}, output_dir=f"{a.out}/student", overwrite=True,
                             train={"batch_size": 10 * a.shots})
     print(f"teacher {100 * teacher.test_accuracy:.2f}% -> grafted student {100 * student.test_accuracy:.2f}% "
           f"from {a.shots} unlabeled images per class ({student.summary['params']:,} parameters)")

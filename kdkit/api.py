@@ -54,28 +54,53 @@ class Result:
 
 
 def distill(teacher: ModelLike, student: ModelLike, train_data: Any = None, method: str = "kd",
-            val_data: Any = None, test_data: Any = None, **options: Any) -> Result:
+            val_data: Any = None, test_data: Any = None, *, resume: bool = False, overwrite: bool = False,
+            **options: Any) -> Result:
     """Distill `student` from `teacher` with `method` (any ``kdkit distill`` method; see docs/methods.md).
 
     `train_data` is None for the data-free methods (rdskd, dafl, dfad, deepinversion), which then need
-    `test_data` (or a dataset name) to evaluate on."""
+    `test_data` (or a dataset name) to evaluate on. With an `output_dir` that holds an earlier run,
+    ``resume=True`` continues it (the same call, the same data) and ``overwrite=True`` replaces it."""
     return _run("distill", {"teacher": teacher, "student": student}, method, train_data, val_data, test_data,
-                options)
+                options, resume, overwrite)
 
 
-def train(model: ModelLike, train_data: Any, val_data: Any = None, test_data: Any = None,
-          **options: Any) -> Result:
-    """Train `model` alone with cross-entropy (``kdkit train``): a teacher, or a student baseline."""
-    return _run("train", {"model": model}, "supervised", train_data, val_data, test_data, options)
+def train(model: ModelLike, train_data: Any, val_data: Any = None, test_data: Any = None, *, resume: bool = False,
+          overwrite: bool = False, **options: Any) -> Result:
+    """Train `model` alone with cross-entropy (``kdkit train``): a teacher, or a student baseline. `resume` and
+    `overwrite` as in :func:`distill`."""
+    return _run("train", {"model": model}, "supervised", train_data, val_data, test_data, options, resume,
+                overwrite)
+
+
+def _section_of(key: str, method: str) -> str:
+    """Where a bare keyword option belongs: the method's own options first, then the train section (epochs,
+    lr, batch_size...), then the data section; otherwise an error with the closest key of any section."""
+    import dataclasses
+
+    from .config import DataConfig, TrainConfig
+    from .errors import closest
+    from .methods import method_class
+
+    fields = {"method": [f.name for f in dataclasses.fields(method_class(method).Options) if f.init],
+              "train": [f.name for f in dataclasses.fields(TrainConfig)],
+              "data": [f.name for f in dataclasses.fields(DataConfig)]}
+    for section, names in fields.items():
+        if key in names:
+            return section
+    found = [f"{s}.{c}" for s, names in fields.items() for c in closest(key, names, 2)]
+    hint = f" (did you mean {' or '.join(repr(f) for f in found[:3])}?)" if found else ""
+    raise ConfigError(f"unknown option {key!r}{hint}: keyword options are method options, train and data keys "
+                      "(epochs=, lr=, batch_size=...), sections (train={...}) or dotted keys ('train.epochs')")
 
 
 def _options(options: dict[str, Any], method: str) -> dict[str, Any]:
-    """The raw nested config of the keyword options (sections, dotted keys, method keys)."""
+    """The raw nested config of the keyword options (sections, dotted keys, method, train and data keys)."""
     raw: dict[str, Any] = {"method": {"name": method}, "train": {"progress": "lines"}}
     for key, value in options.items():
         parts = key.split(".")
         if len(parts) == 1 and key not in TOP_KEYS:
-            parts = ["method", key]
+            parts = [_section_of(key, method), key]
         node = raw
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -105,7 +130,7 @@ def _model(role: str, model: ModelLike, raw: dict[str, Any], given: dict[str, nn
 
 
 def _run(command: str, models: dict[str, ModelLike], method: str, train_data: Any, val_data: Any, test_data: Any,
-         options: dict[str, Any]) -> Result:
+         options: dict[str, Any], resume: bool = False, overwrite: bool = False) -> Result:
     from .data.memory import memory_bundle
     from .run import execute
 
@@ -124,6 +149,9 @@ def _run(command: str, models: dict[str, ModelLike], method: str, train_data: An
         raw.setdefault("data", {})["name"] = "memory"
         raw["data"].setdefault("normalize", False)  # the user's images go to the models as given
     cfg = build_config(raw, default_method=method)
+    cfg.output_dir_given = cfg.output_dir is not None
+    if (resume or overwrite) and cfg.output_dir is None:
+        raise ConfigError("resume= and overwrite= act on a run folder: give output_dir too")
     for role, module in given.items():
         setattr(cfg, role, ModelConfig(module=f"{type(module).__module__}:{type(module).__qualname__}"))
     bundle = None
@@ -131,7 +159,7 @@ def _run(command: str, models: dict[str, ModelLike], method: str, train_data: An
         cls = method_class(cfg.method.name)
         bundle = memory_bundle(cfg.data, train_data, val_data, test_data, _class_count(cfg, given, models),
                                cls.reads_training_data)
-    res = execute(cfg, command, data=bundle, models=given)
+    res = execute(cfg, command, resume=resume, data=bundle, models=given, overwrite=overwrite)
     return Result(res.model, res.summary, res.run_dir, res.method)
 
 

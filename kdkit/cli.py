@@ -48,9 +48,12 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("config", nargs="?", help="YAML recipe (e.g. configs/mnist/kd.yaml)")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
         s.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR")
+        s.add_argument("--overwrite", action="store_true",
+                       help="replace a run already in output_dir (by default a recipe's folder that holds a run "
+                            "gives way to a fresh -2 beside it)")
 
     e = sub.add_parser("eval", help="accuracy of a model file on a dataset (prints JSON)")
-    e.add_argument("--checkpoint", required=True, help="a model.pt written by kdkit")
+    e.add_argument("--checkpoint", required=True, help="a model.pt written by kdkit, or its run folder")
     e.add_argument("--data", help="dataset name (default: the one the model was trained on)")
     e.add_argument("--root", help="dataset folder (default: the one the model was trained with)")
     e.add_argument("--split", default="test", choices=("test", "train"))
@@ -141,7 +144,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         if args.config is None and not overrides:
             raise KdkitError(f"kdkit {command} needs a CONFIG file (see configs/) or key=value settings")
         cfg = load_config(args.config, overrides, default_method=default_method)
-    result = execute(cfg, command, resume=resume)
+    result = execute(cfg, command, resume=resume, overwrite=args.overwrite)
     s = result.summary
     if not result.is_main:
         return 0
@@ -165,6 +168,10 @@ def _eval(args: argparse.Namespace) -> int:
     from .engine import evaluate
     from .modelfile import check_compatible, load
 
+    checkpoint = Path(args.checkpoint)
+    if checkpoint.is_dir():  # a run folder, as report, export and sample take
+        checkpoint = checkpoint / "model.pt"
+    args.checkpoint = str(checkpoint)
     model = load(args.checkpoint)
     mf = model.kdkit_info
     name = args.data or mf.info.name
@@ -231,6 +238,8 @@ def _show_run_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     _show_run_warnings()
+    if os.getcwd() not in sys.path and "" not in sys.path:  # the console script: user modules from the cwd
+        sys.path.insert(0, os.getcwd())
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

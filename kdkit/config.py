@@ -163,7 +163,8 @@ class TrainConfig:
     teacher_cache_mb: float = opt(2048.0, "teacher cache size kept in memory; past it, memory-mapped temporary files",
                                   ge=0)
     deterministic: bool = opt(False, "deterministic algorithms (bit-identical reruns, slower on GPU)")
-    select: Literal["best_val", "last"] = opt("best_val", "final model: best validation accuracy, or last")
+    select: Literal["best_val", "last"] = opt("best_val", "final model: best validation accuracy (ties: the lower "
+                                              "validation loss), or last")
     eval_every: int = opt(1, "evaluate on the validation split every N epochs", ge=1)
     checkpoint_every: int = opt(0, "also checkpoint every N steps inside an epoch (0: per epoch only)", ge=0)
     log_every: int = opt(50, "log training losses every N steps", ge=1)
@@ -247,10 +248,20 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides to a nested dict (in place) and return it."""
+    """Apply ``a.b.c=value`` overrides to a nested dict (in place) and return it; ``~a.b.c`` removes a key
+    (the default then applies)."""
     for item in overrides:
+        if item.startswith("~") and "=" not in item:
+            parts = item[1:].strip().split(".")
+            node: Any = raw
+            for p in parts[:-1]:
+                node = node.get(p) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(parts[-1], None)
+            continue
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=3)")
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=3), or ~key to "
+                              "remove a key")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
         if not all(parts):
@@ -331,12 +342,41 @@ def parse_method(data: Any, default: str = "kd") -> MethodConfig:
     return MethodConfig(name=name, options=parse(cls.Options, data, "method"))
 
 
+def _drop_other_methods_keys(raw: dict[str, Any], recipe_method: Any, recipe_keys: set[str],
+                             overrides: list[str]) -> None:
+    """When an override switches ``method.name``, the recipe's method options that the new method does not
+    have are dropped, with a warning naming them (options given on the command line are still checked)."""
+    import dataclasses
+
+    from .errors import warn
+    from .methods import METHODS, method_class
+
+    method = raw.get("method")
+    if not isinstance(method, dict) or not recipe_method or method.get("name", recipe_method) == recipe_method:
+        return
+    if method.get("name") not in METHODS:
+        return  # the unknown name is reported by the parse
+    given = {o.split("=", 1)[0].strip().split(".", 1)[1] for o in overrides
+             if o.split("=", 1)[0].strip().startswith("method.")}
+    valid = {f.name for f in dataclasses.fields(method_class(method["name"]).Options) if f.init}
+    dropped = sorted(k for k in recipe_keys if k not in valid and k not in given)
+    for k in dropped:
+        method.pop(k, None)
+    if dropped:
+        warn(f"method.name={method['name']}: the recipe's method keys {', '.join(dropped)} are options of "
+             f"{recipe_method}, not of {method['name']}, and were dropped")
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
                 default_method: str = "kd") -> Config:
     """Load a recipe (or start from defaults when `path` is None), apply overrides, validate."""
     raw = load_yaml(path) if path is not None else {}
     overrides = list(overrides or [])
+    before = raw.get("method")
+    recipe_method = before.get("name") if isinstance(before, dict) else before
+    recipe_keys = set(before) - {"name"} if isinstance(before, dict) else set()
     apply_overrides(raw, overrides)
+    _drop_other_methods_keys(raw, recipe_method, recipe_keys, overrides)
     cfg = build_config(raw, default_method)
     cfg.output_dir_given = any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides)
     return cfg

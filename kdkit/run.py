@@ -106,26 +106,49 @@ def parameters_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
-def make_run_dir(cfg: Config, resume: bool, dist: DistInfo) -> Path:
-    """Create (or, on resume, check) the run directory; rank 0 decides, the others follow."""
+def _fresh(path: Path) -> Path:
+    """`path`, or `path`-2, -3... : the first that holds no run."""
+    n, fresh = 1, path
+    while (fresh / "config.yaml").exists():
+        n += 1
+        fresh = path.with_name(f"{path.name}-{n}")
+    return fresh
+
+
+def make_run_dir(cfg: Config, resume: bool, dist: DistInfo, overwrite: bool = False) -> Path:
+    """Create (or, on resume, check) the run directory; rank 0 decides, the others follow.
+
+    A folder that holds an earlier run is never written over silently: ``overwrite`` replaces it, an
+    output_dir given explicitly is an error naming the ways on, and a recipe's (or the default) folder gives
+    way to a fresh ``-2`` (``-3``...) beside it, said in the log."""
+    import shutil
+
     path: Any = None
     if dist.is_main:
         if cfg.output_dir:
             path = Path(cfg.output_dir)
         else:
-            path = Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-            n = 1
-            while path.exists():
-                n += 1
-                path = Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{n}"
+            path = _fresh(Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
         if resume:
             if not (path / "config.yaml").is_file():
                 raise CheckpointError(f"nothing to resume in {path}: it holds no config.yaml of an earlier run")
         elif (path / "config.yaml").exists():
-            raise ConfigError(
-                f"output_dir {path} already holds a run; resume it with --resume, or choose another output_dir"
-            )
-        path.mkdir(parents=True, exist_ok=True)
+            if overwrite:
+                shutil.rmtree(path)
+            elif cfg.output_dir_given:
+                raise ConfigError(
+                    f"output_dir {path} already holds a run: continue it with --resume {path} (resume=True in "
+                    "Python), replace it with --overwrite (overwrite=True), or choose another output_dir")
+            else:
+                fresh = _fresh(path)
+                print(f"kdkit: {path} holds an earlier run; this run goes to {fresh} (--overwrite replaces it, "
+                      f"--resume {path} continues it)", file=sys.stderr, flush=True)
+                path = fresh
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the run folder {path} ({e.strerror or e}); choose another output_dir "
+                              "that can be written") from None
         path = str(path)
     return Path(broadcast_object(path, dist))
 
@@ -197,7 +220,7 @@ def prepare(cfg: Config, command: str, given: frozenset[str] = frozenset()) -> C
 
 
 def execute(cfg: Config, command: str, resume: bool = False, *, data: DataBundle | None = None,
-            models: dict[str, nn.Module] | None = None) -> RunResult:
+            models: dict[str, nn.Module] | None = None, overwrite: bool = False) -> RunResult:
     """Run `command` ("train" or "distill") for `cfg`; with `resume`, continue the run in cfg.output_dir.
 
     The Python API (:mod:`kdkit.api`) passes `data` (a bundle made from the user's tensors or loaders, used
@@ -212,7 +235,7 @@ def execute(cfg: Config, command: str, resume: bool = False, *, data: DataBundle
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
         alone_models = _alone_models(cfg, command, models)
-        result = _execute(cfg, command, resume, dist, t_start, data, models)
+        result = _execute(cfg, command, resume, dist, t_start, data, models, overwrite)
         if alone_models is not None:
             result = _versus_alone(cfg, result, resume, dist, data, alone_models)
         return result
@@ -223,7 +246,7 @@ def execute(cfg: Config, command: str, resume: bool = False, *, data: DataBundle
 
 
 def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: float, given_data: DataBundle | None,
-             models: dict[str, nn.Module]) -> RunResult:
+             models: dict[str, nn.Module], overwrite: bool = False) -> RunResult:
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -278,7 +301,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     method.setup(replace(sample, x=sample.x.to(device)))
     apply_speed_options(tc, [method], [method.student, getattr(method, "teacher", None)])
 
-    run_dir = make_run_dir(cfg, resume, dist)
+    run_dir = make_run_dir(cfg, resume, dist, overwrite)
     roles = {"student": (student_spec, student_args)}
     if t_built is not None:
         roles["teacher"] = (t_built.spec, t_built.args)
@@ -300,7 +323,11 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
             if dist.is_main:
                 (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     elif dist.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        try:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot write in the run folder {run_dir} ({e.strerror or e}); choose an output_dir "
+                              "that can be written") from None
 
     teacher_test = None
     if teacher is not None:

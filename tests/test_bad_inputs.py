@@ -54,6 +54,11 @@ def _wrong_magic(p: Path) -> None:
     p.write_bytes(b"\x00\x00\x0d\x03" + b"\x00" * 20)
 
 
+def _mnist_root(c: Ctx) -> Path:
+    write_mnist(c.tmp / "mnist", gz=False)
+    return c.tmp / "mnist"
+
+
 def _broken_gzip(c: Ctx) -> list[str]:
     def damage(p: Path) -> None:
         packed = gzip.compress(p.read_bytes())
@@ -208,8 +213,14 @@ CATALOGUE = [
         lambda c: c.distill(**{"method.name": "fitnets", "method.pairs": "[[stage1, layers.0]]",
                                "student.arch": "vgg8_bn", "student.width": 0.125}),
         r"cannot adapt student layer 'stage1' \(.*\) to teacher layer 'layers.0' .*; pair layers of the same kind"),
-    Bad("existing-run", "an output directory that already holds a different run", _existing_run,
-        r"already holds a run; resume it with --resume, or choose another output_dir"),
+    Bad("existing-run", "an output directory given explicitly that already holds a run", _existing_run,
+        r"already holds a run: continue it with --resume .*replace it with --overwrite .*or choose another output_dir"),
+    Bad("output-dir-under-a-file", "an output_dir that cannot be created (a path under an existing file)",
+        lambda c: (c.tmp / "afile").write_text("x") and c.train(**{"output_dir": str(c.tmp / "afile" / "run")}),
+        r"cannot create the run folder .*afile/run \(Not a directory\); choose another output_dir"),
+    Bad("image-size-too-large", "a data.image_size the machine cannot hold",
+        lambda c: c.train(**{"data.name": "mnist", "data.root": str(_mnist_root(c)), "data.image_size": 100000}),
+        r"resizing .* images to data.image_size=100000 would take [\d,.]+ GB, more than half of this machine's"),
     Bad("resume-other-config", "--resume with a config file that differs from the run's", _resume_other_config,
         r"config differs from the one .*run was started with \(in: .*\); resume with the run's own config"),
     Bad("resume-with-overrides", "--resume with settings changed on the command line", _resume_with_overrides,

@@ -55,6 +55,26 @@ class ImageSet:
         return ImageSet(self.images, None, self.classes)
 
 
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def check_fits(nbytes: float, what: str, fix: str) -> None:
+    """Refuse, before allocating, what would take more than half of this machine's memory."""
+    have = memory_bytes()
+    if nbytes > have / 2:
+        from ..errors import DataError
+
+        raise DataError(f"{what} would take {nbytes / 2**30:,.1f} GB, more than half of this machine's "
+                        f"{have / 2**30:,.1f} GB; {fix}")
+
+
 def resize(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
     """Resize images to ``size x size`` (bilinear with antialiasing; uint8 stays uint8), in chunks."""
     if images.dim() != 4:
@@ -64,6 +84,8 @@ def resize(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
                         "remove data.image_size")
     if images.shape[-2:] == (size, size):
         return images
+    check_fits(len(images) * images.shape[1] * size * size * images.element_size(),
+               f"resizing {len(images):,} images to data.image_size={size}", "choose a smaller data.image_size")
     out = []
     for part in images.split(chunk):
         f = F.interpolate(part.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)

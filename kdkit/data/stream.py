@@ -122,6 +122,11 @@ class FileSampleSet(SampleSet):
 
     def __init__(self, paths: list[Path], labels: torch.Tensor | None, classes: list[str], mode: str,
                  size: int | None, crop: float = 1.0):
+        if size is not None:
+            from .images import check_fits
+
+            check_fits(256 * (3 if mode == "RGB" else 1) * size * size * 4,
+                       f"a batch of 256 images at data.image_size={size}", "choose a smaller data.image_size")
         self.paths, self.labels, self.classes = paths, labels, classes
         self.mode, self.size, self.crop = mode, size, crop
         self.scale = 255.0

@@ -97,8 +97,17 @@ def fmt(values: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def duration(seconds: float) -> str:
+    """1h02m, 3m05s, 42s."""
+    s = round(max(0.0, seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 class Progress:
-    """A tqdm bar per epoch on a terminal; a plain line per epoch otherwise."""
+    """A tqdm bar per epoch on a terminal; a plain line per epoch otherwise. Both show the time spent and the
+    whole run's estimated time left (all stages), from :attr:`clock` when the engine sets it."""
 
     #: in "lines" mode, a long epoch prints a progress line at most this often (seconds)
     LINE_INTERVAL = 30.0
@@ -109,13 +118,19 @@ class Progress:
         self.mode = mode if enabled else "none"
         self.bar = None
         self.desc, self.total, self.done, self.last_line = "", 0, 0, 0.0
+        #: () -> "elapsed 3m05s, run ~12m left" (set by the engine)
+        self.clock: Any = None
+
+    def _clock(self) -> str:
+        return f"  [{self.clock()}]" if self.clock is not None else ""
 
     def start_epoch(self, desc: str, total: int, initial: int = 0) -> None:
         self.desc, self.total, self.done, self.last_line = desc, total, initial, time.time()
         if self.mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc=desc + self._clock(), leave=False,
+                            dynamic_ncols=True)
 
     def step(self, postfix: dict[str, float] | None = None) -> None:
         self.done += 1
@@ -125,7 +140,7 @@ class Progress:
                 self.bar.set_postfix_str(fmt(postfix), refresh=False)
         elif self.mode == "lines" and postfix and time.time() - self.last_line > self.LINE_INTERVAL:
             self.last_line = time.time()
-            self.say(f"{self.desc}  step {self.done}/{self.total}  {fmt(postfix)}")
+            self.say(f"{self.desc}  step {self.done}/{self.total}  {fmt(postfix)}{self._clock()}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -134,7 +149,7 @@ class Progress:
 
     def end_epoch(self, line: str) -> None:
         self.close()
-        self.say(line)
+        self.say(line + self._clock())
 
     def say(self, line: str) -> None:
         if self.mode != "none":

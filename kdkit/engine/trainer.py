@@ -43,7 +43,7 @@ from ..teacher_cache import TeacherCache
 from .checkpoint import atomic_save, load_latest
 from .distributed import DistInfo
 from .evaluate import evaluate
-from .metrics import Meter, MetricsLog, Progress, fmt
+from .metrics import Meter, MetricsLog, Progress, duration, fmt
 from .optim import Optimizers, Schedules, build_optimizer, update_config
 
 FORMAT = "kdkit-train-state"
@@ -118,6 +118,7 @@ class _StageState:
     schedules: list[Schedules]
     meter: Meter = field(default_factory=Meter)
     best_acc: float = -1.0
+    best_loss: float = float("inf")  # the tie-break between epochs of equal validation accuracy
     best_epoch: int = -1
     best_state: dict[str, torch.Tensor] | None = None
     last_val: dict[str, float] = field(default_factory=dict)
@@ -208,7 +209,8 @@ class Engine:
                 "optimizers": [o.state_dict() for o in st.optimizers],
                 "schedules": [s.state_dict() for s in st.schedules],
                 "meter": st.meter.state_dict(),
-                "best_acc": st.best_acc, "best_epoch": st.best_epoch, "best_state": st.best_state,
+                "best_acc": st.best_acc, "best_loss": st.best_loss, "best_epoch": st.best_epoch,
+                "best_state": st.best_state,
                 "last_val": st.last_val, "steps_done": st.steps_done, "norm_history": st.norm_history,
             }
             if self.scaler is not None:
@@ -265,10 +267,39 @@ class Engine:
                 signal.signal(s, h)
 
     # ---- the loop ---------------------------------------------------------------------------
+    def _planned_steps(self, stages: list[Stage]) -> int:
+        """Optimizer steps of the whole run as planned (every stage's epochs x steps per epoch)."""
+        total = 0
+        for stage in stages:
+            if stage.data is not None:
+                steps = len(self.loader(stage.data, train=True, batch_size=stage.batch_size,
+                                        drop_last=stage.drop_last))
+            else:
+                steps = int(stage.steps_per_epoch or 0)
+            total += stage.epochs * steps
+        return total
+
+    def _run_clock(self, planned: int, t0: float, start_step: int) -> Any:
+        """The progress lines' clock: time spent, and the whole run's time left at this session's pace (capped
+        by the time budget)."""
+        c = self.train_cfg
+
+        def clock() -> str:
+            spent = self.elapsed_before + time.time() - t0
+            done = self.global_step - start_step
+            left = "?" if done <= 0 else duration((time.time() - t0) / done * max(0, planned - self.global_step))
+            if c.time_budget_min is not None and done > 0:
+                budget_left = max(0.0, 60 * c.time_budget_min - spent)
+                left = duration(min(budget_left, (time.time() - t0) / done * max(0, planned - self.global_step)))
+            return f"elapsed {duration(spent)}, run ~{left} left"
+
+        return clock
+
     def fit(self, resume: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         stages = self.method.stages()
         pos = self._restore(resume) if resume is not None else _Position()
         t0 = time.time()
+        self.progress.clock = self._run_clock(self._planned_steps(stages), t0, self.global_step)
         if resume is None:
             self._save(pos, None, t0)  # the first "last good" checkpoint, for recovery from a fault
         with self._signals():
@@ -429,6 +460,7 @@ class Engine:
                 sch.load_state_dict(s)
             st.meter.load_state_dict(resume["meter"])
             st.best_acc, st.best_epoch = resume["best_acc"], resume["best_epoch"]
+            st.best_loss = float(resume.get("best_loss", float("inf")))
             st.best_state, st.last_val = resume["best_state"], resume.get("last_val", {})
             st.steps_done = int(resume.get("steps_done", 0))
             st.norm_history = [list(h) for h in resume.get("norm_history", st.norm_history)]
@@ -541,8 +573,10 @@ class Engine:
             with self.autocast:
                 st.last_val = evaluate(model, self.loader("val", train=False), self.dist)
             record = {"val/accuracy": st.last_val["accuracy"], "val/loss": st.last_val["loss"]}
-        if (stage.select or c.select) == "best_val" and st.last_val["accuracy"] > st.best_acc:
-            st.best_acc, st.best_epoch = st.last_val["accuracy"], epoch
+        acc, loss = st.last_val["accuracy"], st.last_val.get("loss", float("nan"))
+        tie_better = acc == st.best_acc and loss == loss and loss < st.best_loss  # loss == loss: not NaN
+        if (stage.select or c.select) == "best_val" and (acc > st.best_acc or tie_better):
+            st.best_acc, st.best_loss, st.best_epoch = acc, (loss if loss == loss else float("inf")), epoch
             st.best_state = {k: v.detach().clone() for k, v in self.method.checkpoint_state().items()}
         return record
 
