@@ -54,7 +54,7 @@ def test_python_runs_can_resume_or_overwrite(tmp_path):
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
     opts = {"train": {"epochs": 2, "progress": "none"}, "output_dir": str(tmp_path / "r")}
     kdkit.train(net, (x, y), **opts)
-    with pytest.raises(ConfigError, match=r"already holds a run: continue it with --resume .*\(resume=True in Python\)"):
+    with pytest.raises(ConfigError, match=r"already holds a run: continue it with --resume .*\(resume=True in"):
         kdkit.train(net, (x, y), **opts)
     again = kdkit.train(net, (x, y), resume=True, **opts)  # finished: continues nowhere, same summary
     assert again.summary["reached"]["epoch"] == 2
