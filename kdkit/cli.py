@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the model zoo, or show one model's layer paths")
     m.add_argument("name", nargs="?", help="a zoo model: print its stages, classifier and module paths")
     m.add_argument("--num-classes", type=int, default=10)
-    m.add_argument("--in-channels", type=int, default=3)
+    m.add_argument("--in-channels", type=int, default=None, help="default: 1 for lenet5* and mlp, 3 otherwise")
 
     r = sub.add_parser("report", help="plots, report card and report.md for runs (a comparison for several)")
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -196,8 +196,12 @@ def _models(args: argparse.Namespace) -> int:
     from .measure import count_params
     from .models import create, entry, model_parts, zoo_names
 
+    def channels(name: str) -> int:
+        return 1 if name.startswith("lenet") or name == "mlp" else 3
+
     if args.name:
         e = entry(args.name)
+        args.in_channels = args.in_channels or channels(args.name)
         model = create(args.name, num_classes=args.num_classes, in_channels=args.in_channels)
         parts = model_parts(model)
         print(f"{args.name}: {e.summary}; {count_params(model):,} parameters "
@@ -209,12 +213,13 @@ def _models(args: argparse.Namespace) -> int:
             if n:
                 print(f"  {n:<40} {type(mod).__name__}")
         return 0
-    print(f"{'model':<14} {'params':>12}  description (params for 10 classes, 3x32x32 input)")
+    print(f"{'model':<14} {'params':>12}  {'input':>8}  description (params for 10 classes at that input)")
     for n in zoo_names():
         e = entry(n)
-        c = 1 if n.startswith("lenet") or n == "mlp" else 3
+        c = args.in_channels or channels(n)
         params = count_params(create(n, num_classes=10, in_channels=c))
-        print(f"{n:<14} {params:>12,}  {e.summary}")
+        size = e.default_input_size
+        print(f"{n:<14} {params:>12,}  {f'{c}x{size}x{size}':>8}  {e.summary}")
     return 0
 
 

@@ -153,7 +153,9 @@ class Adaptive(Distiller):
         # candidate pairs for feature paths without explicit ones: all matched stages; maps only, chosen in setup
         self.default_pairs: list[tuple[str, str]] = []
         if any(s.name in FEATURE_PATHS and not s.pairs for s in self.specs):
-            self.default_pairs = matched_stages(self.student, self.teacher, "all")
+            self.default_pairs = matched_stages(
+                self.student, self.teacher, "all", "give each feature path its pairs: method.paths=[{name: hint, "
+                "pairs: [[student_layer, teacher_layer]]}, ...]")
         self.s_head = self.t_head = None
         if "softmax_regression" in kinds:
             self.s_head = model_parts(self.student, classifier=opts.student_classifier).classifier

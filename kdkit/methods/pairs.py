@@ -34,14 +34,12 @@ class PairOptions(DistillOptions):
                 raise ConfigError(f"{where}.pairs[{i}]: expected [student_layer, teacher_layer], got {p}")
 
 
-def matched_stages(student: nn.Module, teacher: nn.Module, which: str) -> list[tuple[str, str]]:
+def matched_stages(student: nn.Module, teacher: nn.Module, which: str,
+                   fix: str = "give method.pairs=[[student_layer, teacher_layer]]") -> list[tuple[str, str]]:
     """Stage pairs matched by relative depth: the middle one, or all the student's stages."""
     s, t = model_parts(student).stages, model_parts(teacher).stages
     if not s or not t:
-        raise ModelError(
-            "the models do not declare their stages, so layer pairs cannot be chosen; "
-            "give method.pairs=[[student_layer, teacher_layer]]"
-        )
+        raise ModelError(f"the models do not declare their stages, so layer pairs cannot be chosen; {fix}")
 
     def partner(i: int) -> str:
         return t[round(i * (len(t) - 1) / max(1, len(s) - 1))]
