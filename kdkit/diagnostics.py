@@ -72,18 +72,33 @@ def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = 2) -
     return grid
 
 
-def save_grid(path: str | Path, images: torch.Tensor, mean: list[float], std: list[float]) -> Path:
-    """Write a PNG grid of (normalised) images."""
+def save_grid(path: str | Path, images: torch.Tensor, mean: list[float], std: list[float],
+              labels: list[str] | None = None, cell_px: int = 72) -> Path:
+    """Write a PNG grid of (normalised) images, each shown at about `cell_px` pixels, with its label (e.g. the
+    teacher's predicted class) in a corner."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = image_grid(to_unit(images, mean, std))
+    n, _, h, w = images.shape
+    cols = max(1, math.ceil(math.sqrt(n)))
+    pad = 2
+    grid = image_grid(to_unit(images, mean, std), cols, pad)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    zoom = max(1.0, cell_px / max(h, w))
+    fig = plt.figure(figsize=(grid.shape[2] * zoom / 100, grid.shape[1] * zoom / 100), dpi=100)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.axis("off")
     if grid.shape[0] == 1:
-        plt.imsave(path, grid[0].numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     else:
-        plt.imsave(path, grid.permute(1, 2, 0).numpy())
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    for i, label in enumerate(labels or []):
+        r, q = divmod(i, cols)
+        ax.text(pad + q * (w + pad) + 0.5, pad + r * (h + pad) + 0.5, label, color="yellow", fontsize=8,
+                va="top", ha="left", bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0})
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path

@@ -125,6 +125,24 @@ def load_generator(path: str | os.PathLike) -> tuple[DAFLGenerator, dict[str, An
     return gen.eval(), obj.get("meta", {})
 
 
+def _teacher_labels(run: Any, images: torch.Tensor, meta: dict[str, Any]) -> list[str] | None:
+    """The run's teacher's predicted class of each image (None when the teacher cannot be loaded)."""
+    import yaml
+
+    from .errors import KdkitError
+    from .modelfile import load
+
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        teacher = load(cfg["teacher"]["checkpoint"])
+    except (OSError, KeyError, TypeError, KdkitError, yaml.YAMLError):
+        return None
+    with torch.no_grad():
+        pred = teacher(images.float()).argmax(1)
+    classes = meta.get("classes") or [str(i) for i in range(int(pred.max()) + 1)]
+    return [str(classes[int(c)]) for c in pred]
+
+
 def sample_run(run_dir: str | os.PathLike, n: int, out: str | os.PathLike | None = None, seed: int = 0,
                tensors: bool = False) -> dict[str, Any]:
     """``kdkit sample``: ``n`` images from a data-free run's generator (``generator.pt``), or the first ``n``
@@ -149,7 +167,7 @@ def sample_run(run_dir: str | os.PathLike, n: int, out: str | os.PathLike | None
         raise CheckpointError(f"{run} holds no generator.pt or synthetic.pt: is it the folder of a finished "
                               "data-free run (rdskd, dafl, dfad, deepinversion)?")
     png = Path(out) if out is not None else run / "samples" / f"sample_n{n}_seed{seed}.png"
-    save_grid(png, images, meta["mean"], meta["std"])
+    save_grid(png, images, meta["mean"], meta["std"], _teacher_labels(run, images, meta))
     result: dict[str, Any] = {"png": str(png), "images": len(images)}
     if tensors:
         path = png.with_suffix(".pt")

@@ -56,25 +56,55 @@ def _save(plt: Any, fig: Any, out: Path) -> Path:
     return out
 
 
+def _kept(rows: list[dict[str, Any]], epochs: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(x position, label) of each stage's kept epoch on the curves' axis of all epochs in order."""
+    out = []
+    for r in rows:
+        if r.get("event") == "stage_end" and r.get("selected_epoch"):
+            for i, e in enumerate(epochs):
+                if e.get("stage") == r.get("stage") and e.get("epoch") == r["selected_epoch"]:
+                    out.append((i + 1, f"kept: {r['stage']} epoch {r['selected_epoch']}"))
+    return out
+
+
 def plot_curves(rows: list[dict[str, Any]], out: Path, title: str) -> Path | None:
+    """Training losses (one panel per update of a several-update stage, e.g. a generator and a student) and the
+    validation accuracy when there is one, with the kept epoch of each stage marked."""
     epochs = _epochs(rows)
     if not epochs:
         return None
     plt = _figure()
     x = list(range(1, len(epochs) + 1))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    keys = sorted({k for r in epochs for k in r if k.startswith("train/")})
+    keys = sorted({k for r in epochs for k in r if k.startswith("train/") and not k.endswith("grad_norm")})
+    groups: dict[str, list[str]] = {}
     for k in keys:
-        ax1.plot(x, [r.get(k, float("nan")) for r in epochs], label=k[len("train/"):])
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("training loss (epoch mean)")
-    ax1.set_yscale("log" if all(r.get(k, 1) > 0 for r in epochs for k in keys) else "linear")
-    ax1.legend(fontsize=7)
+        name = k[len("train/"):]
+        groups.setdefault(name.split("/", 1)[0] if "/" in name and not name.startswith("path/") else "", []).append(k)
     val = [r.get("val/accuracy") for r in epochs]
-    if any(v is not None for v in val):
+    has_val = any(v is not None for v in val)
+    panels = len(groups) + (1 if has_val else 0)
+    fig, axes = plt.subplots(1, max(1, panels), figsize=(5.5 * max(1, panels), 4), squeeze=False)
+    kept = _kept(rows, epochs)
+    for ax, (group, ks) in zip(axes[0], groups.items()):
+        for k in ks:
+            ax.plot(x, [r.get(k, float("nan")) for r in epochs], label=k[len("train/"):].split("/", 1)[-1]
+                    if group else k[len("train/"):])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{group + ' ' if group else ''}training loss (epoch mean)")
+        positive = all(r.get(k, 1) is None or r.get(k, 1) > 0 for r in epochs for k in ks)
+        ax.set_yscale("log" if positive else "linear")
+        ax.legend(fontsize=7)
+    if has_val:
+        ax2 = axes[0][-1]
         ax2.plot(x, [100 * v if v is not None else float("nan") for v in val], marker=".")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("validation accuracy (%)")
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel("validation accuracy (%)")
+    for ax in axes[0]:
+        for pos, _ in kept:
+            ax.axvline(pos, color="gray", linestyle="--", linewidth=0.8)
+        if kept:
+            ax.annotate(kept[-1][1], (kept[-1][0], 1), xycoords=("data", "axes fraction"), fontsize=7,
+                        ha="right", va="top", color="gray", rotation=90)
     fig.suptitle(title)
     return _save(plt, fig, out)
 
@@ -86,12 +116,22 @@ def plot_weights(rows: list[dict[str, Any]], out: Path, title: str) -> Path | No
         return None
     plt = _figure()
     x = list(range(1, len(epochs) + 1))
+    from matplotlib.ticker import ScalarFormatter
+
     fig, ax = plt.subplots(figsize=(7, 4))
-    for k in keys:
-        ax.plot(x, [r.get(k, float("nan")) for r in epochs], label=k[len("weight/"):])
+    values = [r.get(k) for r in epochs for k in keys if isinstance(r.get(k), (int, float)) and r.get(k) > 0]
+    styles = ["-", "--", "-.", ":"]
+    for i, k in enumerate(keys):
+        ax.plot(x, [r.get(k, float("nan")) for r in epochs], label=k[len("weight/"):], linestyle=styles[i % 4],
+                marker="o" if len(x) <= 30 else None, markersize=3)
     ax.set_xlabel("epoch")
     ax.set_ylabel("effective loss weight")
-    ax.set_yscale("log")
+    if values and max(values) / min(values) > 10:  # weights far apart: a log scale, with plain tick labels
+        ax.set_yscale("log")
+    fmt = ScalarFormatter()
+    fmt.set_scientific(False)
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(ScalarFormatter() if values and max(values) / min(values) <= 10 else fmt)
     ax.set_title(f"{title}: per-path weights")
     ax.legend(fontsize=7)
     return _save(plt, fig, out)

@@ -216,8 +216,9 @@ class DataFree(Distiller):
                             min_diversity=o.collapse_min_diversity)
         self.last_diagnostics = {"stage": stage, "epoch": epoch + 1, **d}
         if self.run_dir is not None and o.grid_images:
-            save_grid(Path(self.run_dir) / "samples" / f"{stage}_epoch{epoch + 1:03d}.png", x[:o.grid_images],
-                      self.info.mean, self.info.std)
+            shown = x[:o.grid_images]
+            save_grid(Path(self.run_dir) / "samples" / f"{stage}_epoch{epoch + 1:03d}.png", shown, self.info.mean,
+                      self.info.std, [self.info.classes[int(c)] for c in logits[:len(shown)].argmax(1)])
         record: dict[str, Any] = {f"gen/{k}": d[k] for k in ("class_entropy", "class_max_fraction", "diversity",
                                                              "class_histogram")}
         record["gen/collapse"] = float(bool(d["collapse"]))
