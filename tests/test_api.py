@@ -80,7 +80,7 @@ def test_a_model_file_of_a_python_object_says_how_to_load_it(taught):
 
 def test_options_are_validated_like_recipes(taught):
     teacher, loader, out = taught
-    with pytest.raises(ConfigError, match=r"unknown key 'method.temprature' \(did you mean 'temperature'"):
+    with pytest.raises(ConfigError, match=r"unknown option 'temprature' \(did you mean 'method.temperature'"):
         kdkit.distill(teacher.model, Net(4), loader, temprature=4, output_dir=str(out / "x"))
     with pytest.raises(ConfigError, match=r"unknown key 'train.epoch' \(did you mean 'epochs'"):
         kdkit.distill(teacher.model, Net(4), loader, **{"train.epoch": 3}, output_dir=str(out / "x"))

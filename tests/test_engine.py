@@ -115,7 +115,7 @@ def test_best_versus_last_selection(tmp_path):
 
 def test_existing_run_directory_is_not_overwritten(tmp_path):
     train_run(tmp_path / "r", **{"train.epochs": 1})
-    with pytest.raises(ConfigError, match="already holds a run; resume it with --resume"):
+    with pytest.raises(ConfigError, match="already holds a run: continue it with --resume .* --overwrite"):
         train_run(tmp_path / "r", **{"train.epochs": 1})
 
 
