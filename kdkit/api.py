@@ -50,7 +50,16 @@ class Result:
 
     @property
     def test_accuracy(self) -> float:
+        """Test top-1 accuracy (classification; see :attr:`test_score` for other tasks)."""
+        if "test_accuracy" not in self.summary:
+            raise AttributeError(f"a {self.summary.get('task')} run has no test accuracy; use .test_score "
+                                 f"({self.summary.get('primary_metric')})")
         return float(self.summary["test_accuracy"])
+
+    @property
+    def test_score(self) -> float:
+        """The task's primary test metric: accuracy, or mIoU for segmentation."""
+        return float(self.summary[f"test_{self.summary.get('primary_metric', 'accuracy')}"])
 
 
 def distill(teacher: ModelLike, student: ModelLike, train_data: Any = None, method: str = "kd",

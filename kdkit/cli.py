@@ -149,13 +149,15 @@ def _run(args: argparse.Namespace, command: str) -> int:
     if not result.is_main:
         return 0
     extra = {"vs_alone_difference": s["vs_alone"]["difference"]} if "vs_alone" in s else {}
-    print(json.dumps({k: s[k] for k in ("test_accuracy", "val_accuracy", "params", "wall_time_s")} | extra
+    p = s.get("primary_metric", "accuracy")
+    print(json.dumps({k: s[k] for k in (f"test_{p}", f"val_{p}", "params", "wall_time_s")} | extra
                      | {"run_dir": str(result.run_dir)}))
     if "vs_alone" in s:
         v = s["vs_alone"]
         verdict = "helped" if v["helped"] else "did NOT help"
-        print(f"kdkit: distillation {verdict}: {100 * v['difference']:+.2f} points of test accuracy against the "
-              f"student alone ({100 * v['student_alone_test_accuracy']:.2f}%, same seed, data and schedule; "
+        what = "test accuracy" if p == "accuracy" else f"test {p}"
+        print(f"kdkit: distillation {verdict}: {100 * v['difference']:+.2f} points of {what} against the "
+              f"student alone ({100 * v[f'student_alone_test_{p}']:.2f}%, same seed, data and schedule; "
               f"{v['run_dir']}); one seed: compare several with kdkit compare", file=sys.stderr)
     return 0
 
@@ -186,9 +188,12 @@ def _eval(args: argparse.Namespace) -> int:
     check_compatible(mf, bundle.info, "model", args.checkpoint)
     loader = make_loader(bundle.split(args.split), args.batch_size, cfg, train=False,
                          info=replace(bundle.info, mean=mf.info.mean, std=mf.info.std))
-    res = evaluate(model, loader)
+    if bundle.info.task != mf.info.task:
+        raise KdkitError(f"{args.checkpoint} is a {mf.info.task} model but {name} is a {bundle.info.task} dataset; "
+                         "evaluate it on data of its task (--data)")
+    res = evaluate(model, loader, task=mf.info.task)
     print(json.dumps({"checkpoint": args.checkpoint, "model": mf.label, "data": name, "split": args.split,
-                      "accuracy": res["accuracy"], "loss": res["loss"], "count": res["count"]}))
+                      **res}))
     return 0
 
 

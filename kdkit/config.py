@@ -84,9 +84,21 @@ class AugmentConfig:
 
 
 @dataclass
+class ScenesConfig:
+    train: int = opt(5000, "mnist-scenes: training scenes (made from training digits only)", gt=0)
+    test: int = opt(1000, "mnist-scenes: test scenes (made from test digits only)", gt=0)
+    size: int = opt(64, "mnist-scenes: side of the square canvas", ge=28)
+    max_digits: int = opt(4, "mnist-scenes: each scene holds 1..max_digits digits", ge=1)
+    min_scale: float = opt(0.8, "mnist-scenes: smallest digit scale (1 = 28 pixels)", gt=0)
+    max_scale: float = opt(1.5, "mnist-scenes: largest digit scale", gt=0)
+    seed: int = opt(0, "mnist-scenes: seed of the scenes (fixed across training seeds)")
+    folder: str | None = opt(None, "mnist-scenes: where the scenes are written once (default: data.root/scenes)")
+
+
+@dataclass
 class DataConfig:
     name: str = opt("digits", "dataset: digits, mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, imagefolder, "
-                              "filelist")
+                              "filelist; segmentation: mnist-scenes, segfolder")
     root: str | None = opt(None, "folder holding the dataset's files (not needed for digits)")
     image_size: int | None = opt(None, "resize images to this square size once, at load time", gt=0)
     channels: int | None = opt(None, "imagefolder: 1 (grayscale) or 3 (RGB); default from the images", ge=1)
@@ -96,6 +108,10 @@ class DataConfig:
     train_subset: int | None = opt(None, "keep only this many labeled training images per class", gt=0)
     shots_per_class: int | None = opt(None, "few-shot methods: images per class (N-shot contains smaller)", gt=0)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    source: str = opt("mnist", "mnist-scenes: the idx dataset in data.root the digits come from (mnist, "
+                               "fashion-mnist, kmnist)")
+    scenes: ScenesConfig = field(default_factory=ScenesConfig)
+    ignore_index: int = opt(255, "segmentation: the label-map value of pixels that count nowhere", ge=0)
     normalize: bool = opt(True, "normalise with the training set's per-channel mean and std")
     in_memory: bool | Literal["auto"] = opt(
         "auto", "hold the decoded data in memory (true), stream it from disk in worker processes (false), or "
@@ -206,6 +222,8 @@ class Config:
     name: str = "run"
     seed: int = 0
     output_dir: str | None = None
+    #: classification, segmentation (kdkit.tasks), or auto: the dataset's own task
+    task: str = "auto"
     model: ModelConfig | None = None
     teacher: ModelConfig | None = None
     student: ModelConfig | None = None
@@ -223,6 +241,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, as written to ``config.yaml``; loading it gives this config back."""
         out: dict[str, Any] = {"name": self.name, "seed": self.seed, "output_dir": self.output_dir}
+        if self.task != "auto":
+            out["task"] = self.task
         for key in ("model", "teacher", "student"):
             m: ModelConfig | None = getattr(self, key)
             if m is not None:
@@ -236,7 +256,7 @@ class Config:
         return out
 
 
-TOP_KEYS = ("name", "seed", "output_dir", "model", "teacher", "student", "data", "method", "train", "logging")
+TOP_KEYS = ("name", "seed", "output_dir", "task", "model", "teacher", "student", "data", "method", "train", "logging")
 
 
 def parse_value(text: str) -> Any:
@@ -314,8 +334,12 @@ def build_config(raw: dict[str, Any], default_method: str = "kd") -> Config:
                 f"unknown config section '{key}'{did_you_mean(str(key), TOP_KEYS)}; "
                 f"valid sections: {', '.join(TOP_KEYS)}"
             )
-    simple = {k: raw[k] for k in ("name", "seed", "output_dir") if k in raw}
+    simple = {k: raw[k] for k in ("name", "seed", "output_dir", "task") if k in raw}
     cfg = parse(Config, simple)
+    if cfg.task != "auto":
+        from .tasks import get_task
+
+        get_task(cfg.task)
     for key in ("model", "teacher", "student"):
         setattr(cfg, key, parse_model(raw.get(key), key))
     cfg.data = parse(DataConfig, raw.get("data") or {}, "data")

@@ -88,14 +88,16 @@ def size_bytes(model: nn.Module) -> int:
     return buf.tell()
 
 
-def model_card(model: nn.Module, input_shape: tuple[int, ...], test_accuracy: float | None) -> dict[str, Any]:
-    """Accuracy, parameters, MACs per image, size on disk and CPU latency per image at batch 1 and 64 (median and
-    quartiles after 10 warm-up calls; at most about 2 s each, with torch's current thread count)."""
+def model_card(model: nn.Module, input_shape: tuple[int, ...], test_accuracy: float | None,
+               metric: str = "accuracy") -> dict[str, Any]:
+    """The test score (``test_<metric>``: accuracy, or the task's primary metric), parameters, MACs per image,
+    size on disk and CPU latency per image at batch 1 and 64 (median and quartiles after 10 warm-up calls; at
+    most about 2 s each, with torch's current thread count)."""
     cpu = model if all(p.device.type == "cpu" for p in model.parameters()) else copy.deepcopy(model).cpu()
     b1 = latency_stats(cpu, input_shape, 1, repeats=200, warmup=10, budget_s=2.0)
     b64 = latency_stats(cpu, input_shape, 64, repeats=40, warmup=3, budget_s=2.0)
     return {
-        "test_accuracy": test_accuracy, "params": count_params(model), "macs": count_macs(cpu, input_shape),
+        f"test_{metric}": test_accuracy, "params": count_params(model), "macs": count_macs(cpu, input_shape),
         "size_bytes": size_bytes(model),
         "cpu_latency_ms_batch1": round(b1["median"], 4),
         "cpu_latency_ms_batch1_quartiles": [round(b1["q1"], 4), round(b1["q3"], 4)],

@@ -80,7 +80,8 @@ def parse_model_file(obj: Any, path: Any) -> tuple[ModelFile, dict[str, Any]]:
             "give the architecture too (teacher.arch or teacher.module) and kdkit loads the weights into it"
         )
     d = obj["data"]
-    info = DataInfo(d["name"], list(d["classes"]), tuple(d["input_shape"]), list(d["mean"]), list(d["std"]))
+    info = DataInfo(d["name"], list(d["classes"]), tuple(d["input_shape"]), list(d["mean"]), list(d["std"]),
+                    task=d.get("task", "classification"))
     mf = ModelFile(obj["arch"], obj["module"], dict(obj["args"]), info, dict(obj.get("meta", {})),
                    list(obj.get("patches", [])))
     return mf, obj["state_dict"]

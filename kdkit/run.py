@@ -35,6 +35,7 @@ from .errors import CheckpointError, ConfigError, KdkitError, ModelError, warn
 from .measure import count_params, model_card
 from .methods import Method, method_class
 from .modelfile import BuiltModel, build_from_config, save_model
+from .tasks import get_task
 
 
 @dataclass
@@ -173,16 +174,27 @@ def forward_two(model: nn.Module, x: torch.Tensor, who: str, where: str = "", fi
 
 
 def check_forward(model: nn.Module, x: torch.Tensor, info: DataInfo, role: str, label: str) -> None:
-    """Run the model once on two images: a clear error if it cannot take the data's inputs or does not give
-    [batch, classes] logits for the data's classes."""
+    """Run the model once on two images: a clear error if it cannot take the data's inputs or breaks the task's
+    output contract ([batch, classes] logits; [batch, classes, H, W] for segmentation)."""
     out = forward_two(model, x, f"{role} {label}", f" from {info.name}",
                       "; set data.image_size (or the model's input_size/in_channels) to match")
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != info.num_classes:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(
-            f"{role} {label} outputs {shape} for a batch of 2, expected (2, {info.num_classes}) logits for "
-            f"{info.name}'s {info.num_classes} classes; set num_classes or adapt the model's forward"
-        )
+    get_task(info.task).check_output(out, x[:2], info.num_classes, f"{role} {label}", info.name)
+
+
+def resolve_task(cfg: Config, info: DataInfo, cls: type[Method]) -> None:
+    """Set the run's task from the data (``task: auto``) or check the configured one against it, and check that
+    the method works on it: one-line errors before any work."""
+    data_task = info.task
+    if cfg.task not in ("auto", data_task):
+        what = {"classification": "one class per image", "segmentation": "a label map per image"}
+        raise ConfigError(f"task: {cfg.task}, but {info.name} is a {data_task} dataset ({what.get(data_task, '')}); "
+                          f"pick a {cfg.task} dataset (data.name) or set task: auto")
+    if data_task not in cls.tasks:
+        from .methods import METHODS
+
+        able = sorted(n for n, c in METHODS.items() if data_task in c.tasks)
+        raise ConfigError(f"method {cls.name!r} does not work on {data_task}; methods for {data_task}: "
+                          f"{', '.join(able)}")
 
 
 def _eval_loader(data: DataBundle, split: str, cfg: Config, device: torch.device, dist: DistInfo) -> Any:
@@ -264,6 +276,9 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         stats, teacher_obj = _teacher_stats(cfg) if "teacher" not in models else (None, None)
         data = load_data(cfg.data, train_images=False, stats=stats)
     info = data.info
+    resolve_task(cfg, info, cls)
+    task = get_task(info.task)
+    primary = task.primary
 
     role = "model" if command == "train" else "student"
     student_spec: ModelConfig = cfg.model if command == "train" else cfg.student  # type: ignore[assignment]
@@ -331,28 +346,31 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
 
     teacher_test = None
     if teacher is not None:
-        teacher_test = evaluate(teacher.to(device), _eval_loader(data, "test", cfg, device, dist), dist)["accuracy"]
+        teacher_test = evaluate(teacher.to(device), _eval_loader(data, "test", cfg, device, dist), dist,
+                                task)[primary]
 
     engine = Engine(method, data, cfg, run_dir=run_dir, dist=dist, device=device)
     history = engine.fit(resume=state)
     method.finish()
 
     final = method.eval_model()
-    val = evaluate(final, _eval_loader(data, "val", cfg, device, dist), dist) if data.val is not None else None
-    test = evaluate(final, _eval_loader(data, "test", cfg, device, dist), dist)
+    val = evaluate(final, _eval_loader(data, "val", cfg, device, dist), dist, task) if data.val is not None else None
+    test = evaluate(final, _eval_loader(data, "test", cfg, device, dist), dist, task)
     extra: dict[str, Any] = {}
     for name, m in method.extra_eval_models().items():
         if data.val is not None:
-            extra[f"val_accuracy_{name}"] = evaluate(m, _eval_loader(data, "val", cfg, device, dist), dist)["accuracy"]
-        extra[f"test_accuracy_{name}"] = evaluate(m, _eval_loader(data, "test", cfg, device, dist), dist)["accuracy"]
+            extra[f"val_{primary}_{name}"] = evaluate(m, _eval_loader(data, "val", cfg, device, dist), dist,
+                                                      task)[primary]
+        extra[f"test_{primary}_{name}"] = evaluate(m, _eval_loader(data, "test", cfg, device, dist), dist,
+                                                   task)[primary]
     if tc.snapshot_min:
-        extra["snapshots"] = _score_snapshots(engine, final, test["accuracy"], _eval_loader(data, "test", cfg, device,
-                                                                                         dist), dist)
-    extra.update(_progress_facts(engine, history, test["accuracy"], None if val is None else val["accuracy"]))
+        extra["snapshots"] = _score_snapshots(engine, final, test[primary], _eval_loader(data, "test", cfg, device,
+                                                                                       dist), dist)
+    extra.update(_progress_facts(engine, history, test[primary], None if val is None else val[primary]))
     exported = method.export_model()
     summary: dict[str, Any] = {
         "name": cfg.name, "command": command, "method": cfg.method.name, "seed": cfg.seed,
-        "test_accuracy": test["accuracy"], "val_accuracy": None if val is None else val["accuracy"],
+        f"test_{primary}": test[primary], f"val_{primary}": None if val is None else val[primary],
         "test_loss": test["loss"], "params": count_params(exported),
         "wall_time_s": round(time.time() - t_start, 2), "train_time_s": round(engine.elapsed, 2),
         "model": student_spec.label, "model_args": student_args,
@@ -366,20 +384,23 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         "pairing": {"student_init": init_fingerprint,
                     "data_order": next((h["data_order"] for h in history if h.get("data_order")), None)},
     }
+    if task.name != "classification":
+        summary.update(task=task.name, primary_metric=primary,
+                       test_metrics={k: v for k, v in test.items() if k != "count"})
     if cfg.recipe_name:
         summary["recipe_name"] = cfg.recipe_name
     if teacher is not None:
-        summary.update(teacher=cfg.teacher.label, teacher_test_accuracy=teacher_test,  # type: ignore[union-attr]
-                       teacher_params=count_params(teacher))
+        summary.update({"teacher": cfg.teacher.label, f"teacher_test_{primary}": teacher_test,  # type: ignore
+                        "teacher_params": count_params(teacher)})
     summary.update(extra)
     summary.update(method.summary())
-    summary["report_card"] = _report_card(exported, teacher, test["accuracy"], teacher_test, info,
+    summary["report_card"] = _report_card(exported, teacher, test[primary], teacher_test, info,
                                           _eval_loader(data, "test", cfg, device, dist), dist)
     if dist.is_main:
         summary["report_card"].update(method.card_fields())
     if dist.is_main:
         save_model(run_dir / "model.pt", exported, student_spec, student_args, info,
-                   meta={"method": cfg.method.name, "test_accuracy": test["accuracy"], "seed": cfg.seed,
+                   meta={"method": cfg.method.name, f"test_{primary}": test[primary], "seed": cfg.seed,
                          "run_dir": str(run_dir), "data_root": cfg.data.root, "python_object": role in models,
                          "kdkit": __version__},
                    patches=method.export_patches())
@@ -427,11 +448,11 @@ def _versus_alone(cfg: Config, result: RunResult, resume: bool, dist: DistInfo, 
     s = result.summary
     if dist.is_main:
         same = {k: s["pairing"].get(k) == alone["pairing"].get(k) for k in ("student_init", "data_order")}
-        vs = {"student_alone_test_accuracy": alone["test_accuracy"],
-              "difference": s["test_accuracy"] - alone["test_accuracy"],
-              "student_alone_val_accuracy": alone.get("val_accuracy"), "same_init": same["student_init"],
+        p = get_task(s.get("task", "classification")).primary
+        vs = {f"student_alone_test_{p}": alone[f"test_{p}"], "difference": s[f"test_{p}"] - alone[f"test_{p}"],
+              f"student_alone_val_{p}": alone.get(f"val_{p}"), "same_init": same["student_init"],
               "same_data_order": same["data_order"], "run_dir": str(result.run_dir / "alone"),
-              "helped": s["test_accuracy"] > alone["test_accuracy"]}
+              "helped": s[f"test_{p}"] > alone[f"test_{p}"]}
         s["vs_alone"] = vs
         s["report_card"]["vs_student_alone"] = vs
         (result.run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n", encoding="utf-8")
@@ -473,8 +494,9 @@ def _progress_facts(engine: Engine, history: list[dict[str, Any]], test_acc: flo
         out["selected"] = {"stage": last["stage"], "rule": last["selected"], "epoch": last["selected_epoch"]}
     out["stopped_by"] = None if engine.stopped is None else engine.stopped["by"]
     lm = engine.last_model_eval
-    out["test_accuracy_last"] = test_acc if lm is None else lm["test_accuracy"]
-    out["val_accuracy_last"] = val_acc if lm is None else lm["val_accuracy"]
+    p = engine.primary
+    out[f"test_{p}_last"] = test_acc if lm is None else lm[f"test_{p}"]
+    out[f"val_{p}_last"] = val_acc if lm is None else lm[f"val_{p}"]
     return out
 
 
@@ -486,18 +508,20 @@ def _report_card(student: nn.Module, teacher: nn.Module | None, student_acc: flo
     from .measure import busy_note
 
     card: dict[str, Any] = {}
-    agree = agreement(teacher, student, test, dist) if teacher is not None else None
+    agree = agreement(teacher, student, test, dist, info.task) if teacher is not None else None
     if not dist.is_main:
         return card
-    cards = {"student" if teacher is not None else "model": model_card(student, info.input_shape, student_acc)}
+    metric = get_task(info.task).primary
+    cards = {"student" if teacher is not None else "model": model_card(student, info.input_shape, student_acc,
+                                                                       metric)}
     if teacher is not None:
-        cards["teacher"] = model_card(teacher, info.input_shape, teacher_acc)
+        cards["teacher"] = model_card(teacher, info.input_shape, teacher_acc, metric)
     note = busy_note([st for c in cards.values() for st in c.pop("_latency_stats")])
     card.update(cards)
     card["latency_note"] = note
     if teacher is not None:
         t, s = card["teacher"], card["student"]
-        card["top1_agreement"] = agree
+        card["top1_agreement" if info.task == "classification" else "pixel_agreement"] = agree
         card["compression"] = {"params": t["params"] / max(1, s["params"]), "macs": t["macs"] / max(1, s["macs"]),
                                "size": t["size_bytes"] / max(1, s["size_bytes"]),
                                "speedup_batch1": None if note else
@@ -525,10 +549,11 @@ def _score_snapshots(engine: Engine, final: nn.Module, final_acc: float, loader:
     for minutes in engine.train_cfg.snapshot_min:
         kept = next((s for m, s in engine.snapshots if m == minutes), None)
         if kept is None or model is None:
-            out.append({"minutes": minutes, "test_accuracy": final_acc, "final_model": True})
+            out.append({"minutes": minutes, f"test_{engine.primary}": final_acc, "final_model": True})
             continue
         model.load_state_dict(kept)
-        out.append({"minutes": minutes, "test_accuracy": evaluate(model, loader, dist)["accuracy"]})
+        out.append({"minutes": minutes, f"test_{engine.primary}": evaluate(model, loader, dist,
+                                                                           engine.method.task)[engine.primary]})
     return out
 
 

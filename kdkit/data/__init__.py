@@ -17,7 +17,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import DataError
-from . import cifar, digits, filelist, idx, imagefolder, svhn
+from . import cifar, digits, filelist, idx, imagefolder, scenes, segfolder, svhn
 from .augment import Augment
 from .images import ImageSet, channel_stats, resize
 from .loader import Batch, BatchLoader
@@ -44,6 +44,8 @@ DATASETS: dict[str, Callable[[DataConfig, bool], tuple[ImageSet | None, ImageSet
     "imagefolder": imagefolder.load,
     "filelist": filelist.load,
     "svhn": svhn.load,
+    "mnist-scenes": scenes.load,
+    "segfolder": segfolder.load,
     "memory": _memory,
 }
 
@@ -56,6 +58,8 @@ class DataInfo:
     mean: list[float]
     std: list[float]
     shots: int | None = None  # images per class of the few-shot view (data.shots_per_class), if any
+    #: what the labels are (kdkit.tasks): "classification" (a class per sample), "segmentation" (a label map)
+    task: str = "classification"
 
     @property
     def num_classes(self) -> int:
@@ -75,8 +79,11 @@ class DataInfo:
         return len(self.input_shape) == 3
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "classes": self.classes, "input_shape": list(self.input_shape),
-                "mean": self.mean, "std": self.std}
+        out = {"name": self.name, "classes": self.classes, "input_shape": list(self.input_shape),
+               "mean": self.mean, "std": self.std}
+        if self.task != "classification":
+            out["task"] = self.task
+        return out
 
 
 #: a split of a run: decoded in memory, streamed sample by sample, or the user's own loader
@@ -186,7 +193,11 @@ def make_bundle(cfg: DataConfig, train: Split | None, test: Split, train_images:
         else:
             raise DataError("a loader of uint8 images needs its normalisation: set data.normalize=false to feed the "
                             "images as given, or pass float images")
-    info = DataInfo(cfg.name, list(test.classes), tuple(test.shape), mean, std, cfg.shots_per_class)
+    info = DataInfo(cfg.name, list(test.classes), tuple(test.shape), mean, std, cfg.shots_per_class,
+                    labels_task(test))
+    if info.task != "classification" and (cfg.train_subset or cfg.shots_per_class):
+        raise DataError(f"data.train_subset and data.shots_per_class pick images per class; {cfg.name} is labelled "
+                        f"per pixel ({info.task}): remove them")
     if isinstance(train, UserLoader):
         if val is None and cfg.val_split > 0:
             cfg.val_split = 0.0
@@ -216,9 +227,20 @@ def make_bundle(cfg: DataConfig, train: Split | None, test: Split, train_images:
     return DataBundle(info, train, val, test, fewshot, full)
 
 
+def labels_task(data: Split) -> str:
+    """The task a split's labels are for: "segmentation" for label maps, else "classification"."""
+    if isinstance(data, ImageSet):
+        return "segmentation" if data.labels is not None and data.labels.dim() == 3 else "classification"
+    return getattr(data, "task", "classification")
+
+
 def _resized(data: Split, size: int) -> Split:
     if isinstance(data, ImageSet):
-        return ImageSet(resize(data.images, size), data.labels, data.classes)
+        labels = data.labels
+        if labels is not None and labels.dim() == 3 and labels.shape[-2:] != (size, size):  # label maps: nearest
+            labels = torch.nn.functional.interpolate(labels[:, None].float(), size=(size, size),
+                                                     mode="nearest")[:, 0].to(labels.dtype)
+        return ImageSet(resize(data.images, size), labels, data.classes)
     return data  # image files are resized when decoded; a user's loader is used as it is
 
 

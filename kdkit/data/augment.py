@@ -31,20 +31,24 @@ class Augment:
             p["flip"] = torch.rand(n, generator=gen) < 0.5
         return p
 
-    def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Augment float images ``x [B, C, H, W]`` with the given per-image parameters."""
+    def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor], fill: float = 0) -> torch.Tensor:
+        """Augment images ``x [B, C, H, W]`` with the given per-image parameters (padding with `fill`)."""
         if "crop" in params:
-            x = random_crop(x, self.crop_padding, params["crop"].to(x.device))
+            x = random_crop(x, self.crop_padding, params["crop"].to(x.device), fill)
         if "flip" in params:
             flip = params["flip"].to(x.device).view(-1, 1, 1, 1)
             x = torch.where(flip, x.flip(3), x)
         return x
 
+    def apply_maps(self, y: torch.Tensor, params: dict[str, torch.Tensor], fill: int = 255) -> torch.Tensor:
+        """The same crops and flips on label maps ``y [B, H, W]``; pixels padded in are `fill` (ignored)."""
+        return self.apply(y.unsqueeze(1), params, fill).squeeze(1)
 
-def random_crop(x: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Zero-pad by `padding` and crop back to the input size at per-image ``offsets [B, 2]`` (dy, dx)."""
+
+def random_crop(x: torch.Tensor, padding: int, offsets: torch.Tensor, fill: float = 0) -> torch.Tensor:
+    """Pad by `padding` with `fill` and crop back to the input size at per-image ``offsets [B, 2]`` (dy, dx)."""
     b, _, h, w = x.shape
-    xp = F.pad(x, (padding, padding, padding, padding))
+    xp = F.pad(x, (padding, padding, padding, padding), value=fill)
     rows = offsets[:, 0:1] + torch.arange(h, device=x.device)  # [B, H]
     cols = offsets[:, 1:2] + torch.arange(w, device=x.device)  # [B, W]
     bi = torch.arange(b, device=x.device)[:, None, None]

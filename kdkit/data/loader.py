@@ -88,6 +88,7 @@ class BatchLoader:
             x = self.images[local.to(self.images.device)].float()  # indexing copies: dividing in place is safe
             if self.images.dtype == torch.uint8:
                 x.div_(255.0)
+            params = {}
             if self.augment is not None:
                 g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, step, 1))
                 params = {k: v[lo:hi] for k, v in self.augment.sample(total, g).items()}
@@ -97,4 +98,8 @@ class BatchLoader:
             if self.memory_format is not torch.contiguous_format:
                 x = x.contiguous(memory_format=self.memory_format)
             y = None if self.labels is None else self.labels[local.to(self.labels.device)]
+            if y is not None and y.dim() == 3:  # label maps: cropped and flipped with their images
+                if self.augment is not None:
+                    y = self.augment.apply_maps(y, params)
+                y = y.long()
             yield Batch(x, y, local)

@@ -12,7 +12,8 @@ def _count(total: int, amount: float) -> int:
 
 
 def stratified_split(labels: torch.Tensor, amount: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keep, carved) indices; `amount` is a fraction (<1) or a count, carved proportionally per class."""
+    """(keep, carved) indices; `amount` is a fraction (<1) or a count, carved proportionally per class (label
+    maps, which have no class per image: a seeded random share)."""
     n = len(labels)
     want = _count(n, amount)
     if want <= 0:
@@ -21,6 +22,11 @@ def stratified_split(labels: torch.Tensor, amount: float, seed: int) -> tuple[to
         raise DataError(f"cannot carve {want} of {n} images for a held-out split; lower the split size")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
+    if labels.dim() > 1:
+        carved_idx = perm[:want].sort().values
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[carved_idx] = False
+        return torch.nonzero(mask).flatten(), carved_idx
     # order the permutation class by class, then take each class's share in proportion
     carved = []
     classes = torch.unique(labels)

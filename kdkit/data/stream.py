@@ -60,6 +60,12 @@ class SampleSet:
     def is_images(self) -> bool:
         return len(self.shape) == 3
 
+    @property
+    def task(self) -> str:
+        """"segmentation" when the labels are label maps decoded with the samples (``labels`` is then a
+        per-sample placeholder ``[N, 1, 1]``), else "classification"."""
+        return "segmentation" if self.labels is not None and self.labels.dim() > 1 else "classification"
+
     def subset(self, index: torch.Tensor) -> SampleSet:
         return _View(self, index, labeled=self.labels is not None)
 
@@ -73,11 +79,14 @@ class SampleSet:
 
     def to_memory(self) -> ImageSet:
         """Decode every sample into one in-memory set (data.in_memory)."""
-        xs = [self.load(i, None, None)[0] for i in range(len(self))]
-        shapes = {tuple(x.shape) for x in xs}
+        pairs = [self.load(i, None, None) for i in range(len(self))]
+        shapes = {tuple(x.shape) for x, _ in pairs}
         if len(shapes) != 1:
             raise DataError(f"the samples have different shapes {sorted(shapes)[:3]}; set data.image_size")
-        return ImageSet(torch.stack(xs), self.labels, self.classes)
+        labels = self.labels
+        if labels is not None and labels.dim() > 1:  # label maps come with their samples
+            labels = torch.stack([y for _, y in pairs])
+        return ImageSet(torch.stack([x for x, _ in pairs]), labels, self.classes)
 
 
 class _View(SampleSet):
@@ -108,10 +117,17 @@ class TensorSampleSet(SampleSet):
     def __len__(self) -> int:
         return len(self.data)
 
-    def load(self, i: int, augment: SampleAugment | None, g: torch.Generator | None) -> tuple[torch.Tensor, int]:
+    def load(self, i: int, augment: SampleAugment | None, g: torch.Generator | None) -> tuple[torch.Tensor, Any]:
         from .natural import augment_sample
 
         x = self.data.images[i]
+        if self.labels is not None and self.labels.dim() > 1:  # a label map: augmented with its image
+            y = self.labels[i]
+            if augment is not None and g is not None:
+                from .segfolder import augment_pair
+
+                x, y = augment_pair(x, y, augment, g)
+            return x, y
         if augment is not None and g is not None and x.dim() == 3:
             x = augment_sample(x, augment, g)
         return x, (int(self.labels[i]) if self.labels is not None else -1)
@@ -205,8 +221,9 @@ def _collate(items: list[tuple[Any, ...]]) -> tuple[torch.Tensor | None, torch.T
     if len(shapes) != 1:
         raise DataError(f"samples of one batch have different shapes {sorted(shapes)[:3]}; set data.image_size so "
                         "that every image is resized to one size")
-    return (torch.stack([it[0] for it in good]), torch.tensor([it[1] for it in good]),
-            torch.tensor([it[2] for it in good]), bad)
+    ys = [it[1] for it in good]
+    labels = torch.stack(ys) if isinstance(ys[0], torch.Tensor) else torch.tensor(ys)  # label maps, or indices
+    return torch.stack([it[0] for it in good]), labels, torch.tensor([it[2] for it in good]), bad
 
 
 class _Batches:
@@ -321,7 +338,7 @@ class StreamLoader:
             x = normalize(x, self.mean, self.std)
         if self.memory_format is not torch.contiguous_format and x.dim() == 4:
             x = x.contiguous(memory_format=self.memory_format)
-        labels = None if self.data.labels is None else y.to(self.device)
+        labels = None if self.data.labels is None else y.to(self.device).long()
         return Batch(x, labels, index)
 
 

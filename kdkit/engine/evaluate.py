@@ -1,55 +1,69 @@
-"""Accuracy of a model on a split (sharded across processes under torchrun)."""
+"""A model's metrics on a split, by its task (sharded across processes under torchrun)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data import BatchLoader
+from ..tasks import TASKS, Task
 from .distributed import DistInfo, all_reduce_sum
 
 
+def _task(task: Task | str | None) -> Task:
+    return TASKS["classification"] if task is None else (TASKS[task] if isinstance(task, str) else task)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader, dist: DistInfo | None = None) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of `model` over `loader` (labels required)."""
+def evaluate(model: nn.Module, loader: BatchLoader, dist: DistInfo | None = None,
+             task: Task | str | None = None) -> dict[str, Any]:
+    """The task's metrics of `model` over `loader` (labels required): for classification top-1 ``accuracy``,
+    for segmentation ``miou``, ``pixel_accuracy`` and ``per_class_iou``; always the mean supervised ``loss``
+    and the ``count`` of scored samples (pixels for segmentation)."""
+    t = _task(task)
     was = model.training
     model.eval()
-    device = loader.device
-    stats = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
+    meter = None
     for batch in loader:
         assert batch.y is not None
-        logits = model(batch.x).float()
-        stats[0] += (logits.argmax(1) == batch.y).sum()
-        stats[1] += F.cross_entropy(logits, batch.y, reduction="sum")
-        stats[2] += len(batch.y)
+        out = t.align(model(batch.x), batch.x)
+        if meter is None:
+            meter = t.meter(out.shape[1], loader.device)
+        meter.update(out, batch.y)
     model.train(was)
+    if meter is None:  # an empty split: nothing scored
+        return {t.primary: 0.0, "loss": float("nan"), "count": 0}
     if dist is not None:
-        all_reduce_sum(stats, dist)
-    n = max(1.0, stats[2].item())
-    return {"accuracy": stats[0].item() / n, "loss": stats[1].item() / n, "count": int(stats[2].item())}
+        all_reduce_sum(meter.stats, dist)
+    return meter.result()
 
 
 @torch.no_grad()
-def predictions(model: nn.Module, loader: BatchLoader) -> torch.Tensor:
-    """Argmax predictions over `loader` in order (single process)."""
+def predictions(model: nn.Module, loader: BatchLoader, task: Task | str | None = None) -> torch.Tensor:
+    """Hard predictions over `loader` in order (single process): a class per sample, or per pixel."""
+    t = _task(task)
     was = model.training
     model.eval()
-    out = [model(b.x).argmax(1).cpu() for b in loader]
+    out = [t.predict(t.align(model(b.x), b.x)).cpu() for b in loader]
     model.train(was)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
 @torch.no_grad()
-def agreement(a: nn.Module, b: nn.Module, loader: BatchLoader, dist: DistInfo | None = None) -> float:
-    """Fraction of `loader`'s images on which `a` and `b` predict the same class (top-1)."""
+def agreement(a: nn.Module, b: nn.Module, loader: BatchLoader, dist: DistInfo | None = None,
+              task: Task | str | None = None) -> float:
+    """Fraction of `loader`'s predictions (images, or pixels for dense tasks) on which `a` and `b` agree."""
+    t = _task(task)
     was = a.training, b.training
     a.eval()
     b.eval()
     stats = torch.zeros(2, dtype=torch.float64, device=loader.device)
     for batch in loader:
-        stats[0] += (a(batch.x).argmax(1) == b(batch.x).argmax(1)).sum()
-        stats[1] += len(batch.x)
+        pa, pb = (t.predict(t.align(m(batch.x), batch.x)) for m in (a, b))
+        stats[0] += (pa == pb).sum()
+        stats[1] += pa.numel()
     a.train(was[0])
     b.train(was[1])
     if dist is not None:

@@ -143,6 +143,8 @@ class Engine:
     def __init__(self, method: Method, data: DataBundle, cfg: Config, *, run_dir: Path | None, dist: DistInfo,
                  device: torch.device):
         self.method = method
+        #: the task's metric that validation selects on (accuracy, miou...)
+        self.primary = method.task.primary
         self.data = data
         self.cfg = cfg
         self.train_cfg = cfg.train
@@ -566,14 +568,15 @@ class Engine:
         record: dict[str, float] = {}
         if stage.monitor is not None:
             score = float(stage.monitor())
-            st.last_val = {"accuracy": score, "loss": float("nan")}  # "accuracy" here is the monitor's score
+            st.last_val = {self.primary: score, "loss": float("nan")}  # here the primary is the monitor's score
             record["monitor"] = score
         else:
             model = (stage.evaluate or self.method.eval_model)()
             with self.autocast:
-                st.last_val = evaluate(model, self.loader("val", train=False), self.dist)
-            record = {"val/accuracy": st.last_val["accuracy"], "val/loss": st.last_val["loss"]}
-        acc, loss = st.last_val["accuracy"], st.last_val.get("loss", float("nan"))
+                scores = evaluate(model, self.loader("val", train=False), self.dist, self.method.task)
+            st.last_val = {self.primary: scores[self.primary], "loss": scores["loss"]}
+            record = {f"val/{self.primary}": st.last_val[self.primary], "val/loss": st.last_val["loss"]}
+        acc, loss = st.last_val[self.primary], st.last_val.get("loss", float("nan"))
         tie_better = acc == st.best_acc and loss == loss and loss < st.best_loss  # loss == loss: not NaN
         if (stage.select or c.select) == "best_val" and (acc > st.best_acc or tie_better):
             st.best_acc, st.best_loss, st.best_epoch = acc, (loss if loss == loss else float("inf")), epoch
@@ -601,7 +604,8 @@ class Engine:
         }
         if cache is not None:
             result["teacher_cache"] = cache.stats()
-        key, what = ("monitor", "monitor") if stage.monitor is not None else ("val_accuracy", "validation accuracy")
+        key, what = (("monitor", "monitor") if stage.monitor is not None
+                     else (f"val_{self.primary}", f"validation {self.primary}"))
         select = stage.select or self.train_cfg.select
         last_epoch = reached["epoch"]
         if select == "best_val" and st.best_state is not None:
@@ -617,7 +621,7 @@ class Engine:
         else:
             if final:
                 self.last_model_eval = None
-            result.update({"selected": "last", "selected_epoch": last_epoch, key: st.last_val.get("accuracy")})
+            result.update({"selected": "last", "selected_epoch": last_epoch, key: st.last_val.get(self.primary)})
         if stage.on_end is not None:
             stage.on_end()
         self.history.append(result)
@@ -627,9 +631,9 @@ class Engine:
         """Validation and test accuracy of the stage's current (last) state, for the best-vs-last report."""
         model = (stage.evaluate or self.method.eval_model)()
         with self.autocast:
-            test = evaluate(model, self.loader("test", train=False), self.dist)
-        return {"stage": stage.name, **reached, "val_accuracy": st.last_val.get("accuracy"),
-                "test_accuracy": test["accuracy"]}
+            test = evaluate(model, self.loader("test", train=False), self.dist, self.method.task)
+        p = self.primary
+        return {"stage": stage.name, **reached, f"val_{p}": st.last_val.get(p), f"test_{p}": test[p]}
 
     def _all_ranks(self, ok: bool) -> bool:
         """Whether `ok` holds on every process (under torchrun the ranks must agree to stop a step together)."""

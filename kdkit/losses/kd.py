@@ -13,6 +13,9 @@ Logit standardisation (Sun, Ren, Li, Wang & Cao, "Logit Standardization in Knowl
 2024): with ``standardize``, each logit vector is replaced by (z - mean(z)) / std(z) before the
 temperature, so the student matches the shape of the teacher's logits, not their magnitude.
 
+Dense outputs ``[B, K, H, W]`` (segmentation) are soft targets per pixel ("pixel-wise distillation", Liu et
+al., CVPR 2019): every position is one sample, and the loss is the mean over the B*H*W positions.
+
 The teacher's logits are treated as constants (detached).
 """
 
@@ -33,6 +36,11 @@ def standardized(z: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + eps)
 
 
+def as_rows(z: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, K, ...]`` as rows ``[B * ..., K]``: one row per sample, or per position of a dense output."""
+    return z if z.dim() == 2 else z.movedim(1, -1).reshape(-1, z.shape[1])
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0,
             scale: KDScale = "t2", standardize: bool = False) -> torch.Tensor:
     if student_logits.shape != teacher_logits.shape:
@@ -41,7 +49,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
             "differ; do teacher and student have the same number of classes?"
         )
     t = temperature
-    zs, zt = student_logits.float(), teacher_logits.detach().float()
+    zs, zt = as_rows(student_logits.float()), as_rows(teacher_logits.detach().float())
     if standardize:
         zs, zt = standardized(zs), standardized(zt)
     log_p_s = F.log_softmax(zs / t, dim=1)

@@ -25,6 +25,21 @@ def method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
-from . import adaptive, attention, dafl, deepinversion, dfad, fitnets, kd, netgraft, rdskd, sh_kd, supervised, th_kd  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    adaptive,
+    attention,
+    cwd,
+    dafl,
+    deepinversion,
+    dfad,
+    fitnets,
+    kd,
+    netgraft,
+    pairwise,
+    rdskd,
+    sh_kd,
+    supervised,
+    th_kd,
+)
 
 __all__ = ["METHODS", "Method", "Stage", "Update", "method_class", "register"]

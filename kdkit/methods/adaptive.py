@@ -14,6 +14,8 @@ Knowledge flows along several paths at once, each one loss ``L_i`` between the s
 ``feature_map``        mean((pool(r(F_s)) - pool(F_t))^2), globally pooled features        (SRRL FM)
 ``softmax_regression`` mean((h_t(r(e_s)) - z_t)^2), student embedding through the teacher's frozen
                        classifier h_t                                                     (SRRL SR)
+``cwd``                channel-wise distillation of the logit maps (dense tasks)       (Shu et al.)
+``pairwise``           pair-wise similarity of pooled feature maps, on layer pairs     (Liu et al.)
 ``ce``                 CE(z_s, y), when labels are to be weighted like a path
 =====================  =============================================================================
 
@@ -50,7 +52,7 @@ from torch import nn
 
 from ..data import Batch
 from ..errors import ConfigError, ModelError
-from ..losses import Adapter, AttentionLoss, GramLoss, NSTLoss, SoftmaxRegressionLoss
+from ..losses import Adapter, AttentionLoss, GramLoss, NSTLoss, PairwiseLoss, SoftmaxRegressionLoss, cwd_loss
 from ..losses.adapters import AdapterKind, needs_resize
 from ..losses.regression import feature_map_loss, logit_regression
 from ..models import model_parts
@@ -63,10 +65,11 @@ from .distiller import Distiller, SoftTargets
 from .pairs import matched_stages
 
 PathKind = Literal["soft_target", "logits", "hint", "attention", "gram", "nst_mmd", "feature_map",
-                   "softmax_regression", "ce", "nst"]
-FEATURE_PATHS = ("hint", "attention", "gram", "nst_mmd", "feature_map")
+                   "softmax_regression", "ce", "cwd", "pairwise", "nst"]
+FEATURE_PATHS = ("hint", "attention", "gram", "nst_mmd", "feature_map", "pairwise")
 ADAPTED = ("hint", "gram", "feature_map")  # paths that compare adapted student features
-MAP_PATHS = ("attention", "gram", "nst_mmd")  # paths that need [B, C, H, W] maps
+MAP_PATHS = ("attention", "gram", "nst_mmd", "pairwise")  # paths that need [B, C, H, W] maps
+DENSE_PATHS = ("cwd",)  # paths that need dense outputs [B, K, H, W]
 #: the s_i's optimizer in the authors' code (their CIFAR schedule: SGD 0.1, momentum 0.9, weight decay 1e-4)
 AUTHORS_WEIGHTS_OPTIMIZER = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4}
 
@@ -97,6 +100,7 @@ class AdaptiveOptions(SoftTargets):
     gradnorm_lr: float = opt(0.025, "GradNorm learning rate of the loss weights", gt=0)
     gradnorm_layer: str | None = opt(None, "GradNorm shared weights W: a student module (default: its first stage)")
     dwa_temperature: float = opt(2.0, "DWA temperature T", gt=0)
+    pairwise_scale: float = opt(0.5, "pairwise path: node size as a fraction of the map", gt=0, le=1)
     weights_optimizer: dict[str, Any] = opt(
         AUTHORS_WEIGHTS_OPTIMIZER, "uncertainty: optimizer settings of the s_i (train-section keys; the authors' "
         "SGD by default; {} trains them with the student's optimizer, without weight decay)")
@@ -145,6 +149,7 @@ def _pair_key(i: int) -> str:
 class Adaptive(Distiller):
     name = "adaptive"
     Options = AdaptiveOptions
+    tasks = ("classification", "segmentation")
 
     def __init__(self, opts: AdaptiveOptions, **kw: Any):
         super().__init__(opts, **kw)
@@ -211,8 +216,12 @@ class Adaptive(Distiller):
                               torch.Size([emb[0], head.in_features]), "auto", "any",
                               (f"{self.s_head}:input", f"{self.t_head}:input"))
             self.path_losses["softmax_regression"] = SoftmaxRegressionLoss(head, adapter).to(sample.x.device)
+        if any(p.kind in DENSE_PATHS for p in self.paths) and self.task.name == "classification":
+            raise ModelError("the 'cwd' path compares dense outputs [B, K, H, W] (segmentation); this run classifies: "
+                             "remove it")
         if any(p.kind == "attention" for p in self.paths):
             self.path_losses["attention"] = AttentionLoss(resize=self.opts.resize)
+        self.path_losses["pairwise"] = PairwiseLoss(self.opts.pairwise_scale)
         self.path_losses["gram"] = GramLoss()
         self.path_losses["nst_mmd"] = NSTLoss(resize=self.opts.resize)
         self.weighting = make_weighting(
@@ -228,6 +237,9 @@ class Adaptive(Distiller):
                              f"teacher {t!r} is {tuple(t_shape)}; pick convolutional layers")
         if kind in ("hint", "attention", "nst_mmd"):
             needs_resize(s_shape, t_shape, (s, t), self.opts.resize)
+        if kind == "pairwise" and s_shape[2:] != t_shape[2:]:
+            raise ModelError(f"path 'pairwise' compares maps of one spatial size: student {s!r} is {tuple(s_shape)}, "
+                             f"teacher {t!r} is {tuple(t_shape)}; give its pairs")
         if kind in ADAPTED and (s, t) not in self.pair_index:
             i = self.pair_index[(s, t)] = len(self.pair_index)
             spatial = "resize" if self.opts.resize else "any"
@@ -255,15 +267,15 @@ class Adaptive(Distiller):
         if k == "logits":
             return logit_regression(s_logits, t_logits)
         if k == "ce":
-            if batch.y is None:
-                raise ModelError("the 'ce' path needs labels, but this data has none; remove it")
-            return F.cross_entropy(s_logits, batch.y)
+            return self.supervised(s_logits, batch, "the 'ce' path")
+        if k == "cwd":
+            return cwd_loss(s_logits, t_logits, self.opts.temperature)
         if k == "softmax_regression":
             return self.path_losses["softmax_regression"](self.student_taps[f"{self.s_head}:input"], t_logits)
         total = s_logits.new_zeros(())
         for s, t in path.pairs:
             ft = self.teacher_taps[t].detach()
-            if k in ("attention", "nst_mmd"):  # raw student maps: channel counts may differ
+            if k in ("attention", "nst_mmd", "pairwise"):  # raw student maps: channel counts may differ
                 total = total + self.path_losses[k](self.student_taps[s], ft)
                 continue
             fs = self.adapted(s, t, cache)
@@ -277,16 +289,13 @@ class Adaptive(Distiller):
 
     def student_step(self, batch: Batch | None) -> dict[str, torch.Tensor]:
         assert batch is not None and self.weighting is not None
-        t_logits = self.teacher_logits(batch)
-        s_logits = self.student(batch.x)
+        s_logits, t_logits = self.outputs(batch)
         cache: dict[tuple[str, str], torch.Tensor] = {}
         raw = {p.label: self.path_loss(p, batch, s_logits, t_logits, cache) for p in self.paths}
         total = self.opts.alpha * self.weighting(raw)
         out = {f"path/{k}": v.detach() for k, v in raw.items()}
         if self.opts.ce_weight > 0:
-            if batch.y is None:
-                raise ModelError("ce_weight > 0 but the data has no labels; set method.ce_weight=0")
-            ce = F.cross_entropy(s_logits, batch.y)
+            ce = self.supervised(s_logits, batch)
             out["ce"] = ce.detach()
             total = total + self.opts.ce_weight * ce
         assert self.student_taps is not None and self.teacher_taps is not None

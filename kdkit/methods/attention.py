@@ -32,6 +32,7 @@ class AttentionOptions(PairOptions):
 class AttentionTransfer(PairDistiller):
     name = "attention"
     Options = AttentionOptions
+    tasks = ("classification", "segmentation")
     default_pairs = "all"
     term = "at"
 

@@ -102,16 +102,22 @@ class Method(nn.Module):
     #: whether training the student alone on the same labeled data is the baseline (train.vs_alone); False for
     #: methods without labels or data (few-shot grafting, data-free)
     has_alone_baseline: ClassVar[bool] = True
+    #: the tasks (kdkit.tasks) the method works on
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
     #: prefixes of state_dict keys kept out of checkpoints (frozen modules loaded from elsewhere)
     frozen_prefixes: ClassVar[tuple[str, ...]] = ("teacher.",)
 
     def __init__(self, opts: Any, *, student: nn.Module, teacher: nn.Module | None, info: DataInfo,
                  train: TrainConfig):
         super().__init__()
+        from ..tasks import get_task
+
         self.opts = opts
         self.student = student
         self.info = info
         self.train_cfg = train
+        #: the run's task: the supervised loss, the output's alignment to the labels (kdkit.tasks)
+        self.task = get_task(info.task)
 
     # ---- hooks the engine calls -------------------------------------------------------------
     def setup(self, sample: Batch) -> None:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data import Batch
@@ -138,16 +137,26 @@ class Distiller(Method):
             taps.values.update({k: v for k, v in hit.items() if k != _LOGITS})
         return hit[_LOGITS]
 
-    def student_step(self, batch: Batch | None) -> dict[str, torch.Tensor]:
-        assert batch is not None
+    def outputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's and the teacher's outputs on `batch`, aligned to its labels by the task (dense
+        outputs upsampled to the image's size)."""
         t_logits = self.teacher_logits(batch)
         s_logits = self.student(batch.x)
+        return self.task.align(s_logits, batch.x), self.task.align(t_logits, batch.x)
+
+    def supervised(self, s_logits: torch.Tensor, batch: Batch, what: str = "ce_weight > 0") -> torch.Tensor:
+        """The task's loss on labels (cross-entropy per sample or per pixel); a clear error without labels."""
+        if batch.y is None:
+            raise ModelError(f"method {self.name!r}: {what} needs labels, but the data has none; set ce_weight=0")
+        return self.task.loss(s_logits, batch.y)
+
+    def student_step(self, batch: Batch | None) -> dict[str, torch.Tensor]:
+        assert batch is not None
+        s_logits, t_logits = self.outputs(batch)
         losses: dict[str, torch.Tensor] = {}
         o = self.opts
         if o.ce_weight > 0:
-            if batch.y is None:
-                raise ModelError(f"method {self.name!r} has ce_weight > 0 but the data has no labels; set ce_weight=0")
-            losses["ce"] = o.ce_weight * F.cross_entropy(s_logits, batch.y)
+            losses["ce"] = o.ce_weight * self.supervised(s_logits, batch)
         if o.kd_weight > 0:
             kd = o.soft(s_logits, t_logits)
             losses["kd"] = o.kd_weight * (self.kd_normalizer({"kd": kd}) if self.kd_normalizer is not None else kd)

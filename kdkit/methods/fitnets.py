@@ -31,6 +31,7 @@ class FitNetsOptions(PairOptions):
 class FitNets(PairDistiller):
     name = "fitnets"
     Options = FitNetsOptions
+    tasks = ("classification", "segmentation")
     default_pairs = "middle"
     term = "hint"
 

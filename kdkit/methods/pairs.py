@@ -36,7 +36,7 @@ class PairOptions(DistillOptions):
 
 def matched_stages(student: nn.Module, teacher: nn.Module, which: str,
                    fix: str = "give method.pairs=[[student_layer, teacher_layer]]") -> list[tuple[str, str]]:
-    """Stage pairs matched by relative depth: the middle one, or all the student's stages."""
+    """Stage pairs matched by relative depth: the middle one, the last one, or all the student's stages."""
     s, t = model_parts(student).stages, model_parts(teacher).stages
     if not s or not t:
         raise ModelError(f"the models do not declare their stages, so layer pairs cannot be chosen; {fix}")
@@ -47,6 +47,8 @@ def matched_stages(student: nn.Module, teacher: nn.Module, which: str,
     if which == "middle":
         i = len(s) // 2
         return [(s[i], partner(i))]
+    if which == "last":
+        return [(s[-1], t[-1])]
     return [(s[i], partner(i)) for i in range(len(s))]
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..data import Batch
 from ..schema import opt
@@ -27,10 +26,12 @@ class Supervised(Method):
     Options = SupervisedOptions
     needs_teacher = False
     frozen_prefixes = ()
+    tasks = ("classification", "segmentation")
 
     def step(self, batch: Batch | None) -> dict[str, torch.Tensor]:
         assert batch is not None and batch.y is not None
-        return {"ce": F.cross_entropy(self.student(batch.x), batch.y, label_smoothing=self.opts.label_smoothing)}
+        out = self.task.align(self.student(batch.x), batch.x)
+        return {"ce": self.task.loss(out, batch.y, self.opts.label_smoothing)}
 
     def stages(self) -> list[Stage]:
         return [Stage("train", [Update("model", list(self.student.parameters()), self.step)],

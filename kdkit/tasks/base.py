@@ -1,0 +1,54 @@
+"""The task interface (see :mod:`kdkit.tasks`)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+
+class Meter:
+    """Accumulates a task's statistics over batches in one float64 tensor (summed across processes under
+    torchrun), then turns them into metrics."""
+
+    def __init__(self, size: int, device: torch.device | str):
+        self.stats = torch.zeros(size, dtype=torch.float64, device=device)
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def result(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class Task:
+    """What one kind of model output means. Subclasses set ``name``, ``primary`` and the methods below."""
+
+    name: ClassVar[str] = ""
+    #: the metric validation selects on (higher is better) and the summary reports as ``test_<primary>``
+    primary: ClassVar[str] = ""
+    #: what one sample's target is, for messages
+    target_kind: ClassVar[str] = ""
+
+    def check_output(self, out: Any, x: torch.Tensor, num_classes: int, who: str, data_name: str) -> None:
+        """Raise a ModelError (one line: expected and received shapes) if `out`, the output of a model on the
+        batch `x`, breaks this task's contract."""
+        raise NotImplementedError
+
+    def align(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The output as the targets of the batch `x` are laid out (default: as it is)."""
+        return out
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """The supervised loss of the (aligned) output against the targets."""
+        raise NotImplementedError
+
+    def predict(self, out: torch.Tensor) -> torch.Tensor:
+        """Hard predictions from the (aligned) output: class per sample, or per pixel."""
+        return out.argmax(1)
+
+    def meter(self, num_classes: int, device: torch.device | str) -> Meter:
+        raise NotImplementedError
+
+    def check_targets(self, target: torch.Tensor, num_classes: int, where: str) -> None:
+        """Raise a DataError if targets are out of range (done once on the data, before training)."""

@@ -1,0 +1,119 @@
+"""Semantic segmentation: one class index per pixel, ``ignore_index`` (255) for pixels that count nowhere.
+
+A model outputs logits ``[B, K, h, w]`` at the image's size, or smaller by one integer factor (a
+DeepLab head at output stride 8, for instance): they are then upsampled bilinearly to the labels' size
+before the loss and the metrics.
+
+Metrics come from the confusion matrix over every labelled pixel of the split:
+
+    IoU_k = TP_k / (TP_k + FP_k + FN_k),    mIoU = mean of IoU_k over the classes present
+                                             (in the labels or the predictions; the VOC convention)
+    pixel accuracy = sum_k TP_k / labelled pixels
+
+(the definitions of torchmetrics' ``MulticlassJaccardIndex`` and the VOC/Cityscapes benchmarks; the tests
+check the figures against torchmetrics).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError, ModelError
+from .base import Meter, Task
+
+IGNORE_INDEX = 255
+
+
+def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+              ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The ``[K, K]`` confusion matrix (rows: true class, columns: predicted) over the labelled pixels."""
+    keep = target != ignore_index
+    t, p = target[keep].long(), pred[keep].long()
+    return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def iou_from_confusion(cm: torch.Tensor) -> dict[str, Any]:
+    """Per-class IoU (None for a class absent from labels and predictions), mIoU and pixel accuracy."""
+    cm = cm.double()
+    tp = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - tp
+    present = union > 0
+    iou = torch.where(present, tp / union.clamp_min(1), torch.zeros_like(tp))
+    miou = float(iou[present].mean()) if bool(present.any()) else 0.0
+    total = float(cm.sum())
+    return {"miou": miou, "pixel_accuracy": float(tp.sum()) / total if total else 0.0,
+            "per_class_iou": [float(v) if ok else None for v, ok in zip(iou.tolist(), present.tolist())]}
+
+
+class IoUMeter(Meter):
+    """The confusion matrix (K*K entries), summed cross-entropy and labelled-pixel count."""
+
+    def __init__(self, num_classes: int, device: torch.device | str):
+        super().__init__(num_classes * num_classes + 2, device)
+        self.k = num_classes
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        k = self.k
+        output = output.float()
+        self.stats[:k * k] += confusion(output.argmax(1), target, k).flatten().to(self.stats)
+        self.stats[-2] += F.cross_entropy(output, target.long(), ignore_index=IGNORE_INDEX, reduction="sum")
+        self.stats[-1] += (target != IGNORE_INDEX).sum()
+
+    def result(self) -> dict[str, Any]:
+        k = self.k
+        out = iou_from_confusion(self.stats[:k * k].view(k, k))
+        n = max(1.0, self.stats[-1].item())
+        return {**out, "loss": self.stats[-2].item() / n, "count": int(self.stats[-1].item())}
+
+
+def upsample_factor(out_hw: tuple[int, ...], in_hw: tuple[int, ...]) -> int | None:
+    """The integer factor f with in = f * out in both dimensions, or None."""
+    h, w = out_hw
+    big_h, big_w = in_hw
+    if h <= 0 or w <= 0 or big_h % h or big_w % w or big_h // h != big_w // w:
+        return None
+    return big_h // h
+
+
+class Segmentation(Task):
+    name = "segmentation"
+    primary = "miou"
+    target_kind = "a label map [H, W]"
+
+    def check_output(self, out: Any, x: torch.Tensor, num_classes: int, who: str, data_name: str) -> None:
+        size = tuple(x.shape[-2:])
+        ok = (isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[0] == len(x)
+              and out.shape[1] == num_classes and upsample_factor(tuple(out.shape[-2:]), size) is not None)
+        if not ok:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ModelError(
+                f"{who} outputs {shape} for a batch of {len(x)} images of {size[0]}x{size[1]}, expected "
+                f"({len(x)}, {num_classes}, {size[0]}, {size[1]}) logits for {data_name}'s {num_classes} classes "
+                "(or smaller by one integer factor, upsampled); use a segmentation model (kdkit models: deeplab_*, "
+                "unet_*) or set num_classes")
+
+    def align(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        size = tuple(x.shape[-2:])
+        if tuple(out.shape[-2:]) == size:
+            return out
+        return F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        return F.cross_entropy(out, target.long(), ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+
+    def meter(self, num_classes: int, device: torch.device | str) -> Meter:
+        return IoUMeter(num_classes, device)
+
+    def check_targets(self, target: torch.Tensor, num_classes: int, where: str) -> None:
+        if target.dim() != 3:
+            raise DataError(f"{where}: segmentation labels are label maps [N, H, W], got {tuple(target.shape)}; "
+                            "for one class per image set task: classification")
+        bad = (target != IGNORE_INDEX) & (target >= num_classes)
+        if bool(bad.any()):
+            i = int(bad.flatten(1).any(1).nonzero()[0])
+            v = int(target[i][bad[i]].max())
+            raise DataError(f"{where}: label map {i} holds the value {v}, but there are {num_classes} classes "
+                            f"(0..{num_classes - 1}, {IGNORE_INDEX} ignored); fix the masks or the class list")
