@@ -175,7 +175,10 @@ def export(source: Any, fmt: str = "pt2", out: str | Path | None = None, *, prep
             got = _state_dict(model, x, path)
     result: dict[str, Any] = {
         "format": fmt, "path": str(path), "bytes": path.stat().st_size, "model": mf.label,
-        "input_shape": list(mf.info.input_shape), "classes": mf.info.classes,
+        "input_shape": list(mf.info.input_shape), "classes": mf.info.classes, "task": mf.info.task,
+        "output": ("logits [batch, classes]" if mf.info.task == "classification" else
+                   "logits [batch, classes, H, W] (per-pixel class: argmax over dimension 1; 255 marks ignored "
+                   "pixels in labels, never in outputs)"),
         "preprocessing": {"in_graph": preprocessing, "input": "pixels in 0..255" if preprocessing else
                           "normalised: (pixels / 255 - mean) / std", "mean": mf.info.mean, "std": mf.info.std,
                           "pixels_scale": 255},

@@ -8,8 +8,9 @@ feature vectors, a_ij = f_i^T f_j / (||f_i|| ||f_j||). The student matches the t
     L_pa = 1 / (N * A^2) * sum_n sum_i sum_j (a^s_ij - a^t_ij)^2
 
 As in the authors' code, the norms ||f|| are treated as constants in the backward pass (detached, plus 1e-8),
-and the pooling kernel is taken from the teacher's map; the student's map must pool to the same grid (the
-channel counts may differ: similarities are A x A whatever the width). Their segmentation setting weights it
+and the pooling kernel is taken from the teacher's map. The channel counts may differ (similarities are A x A
+whatever the width); a student map of another spatial size is max-pooled to the teacher's grid of nodes
+(adaptive pooling), which the authors' code, with maps of one size, does not need. Their segmentation setting weights it
 0.5 (lambda_pa) beside pixel-wise distillation at 10.
 """
 
@@ -40,10 +41,11 @@ def pairwise_loss(student: torch.Tensor, teacher: torch.Tensor, scale: float = 0
         raise ValueError(f"pair-wise similarity compares feature maps [N, C, H, W]; got student "
                          f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}")
     size = (teacher.shape[2], teacher.shape[3])
-    ps, pt = pool_nodes(student, size, scale), pool_nodes(teacher.detach(), size, scale)
-    if ps.shape[2:] != pt.shape[2:]:
-        raise ValueError(f"pair-wise similarity: the student's map pools to {tuple(ps.shape[2:])} nodes and the "
-                         f"teacher's to {tuple(pt.shape[2:])}; pick layers of the same spatial size")
+    pt = pool_nodes(teacher.detach(), size, scale)
+    if student.shape[2:] == teacher.shape[2:]:
+        ps = pool_nodes(student, size, scale)
+    else:  # another resolution: max-pooled to the teacher's grid of nodes
+        ps = F.adaptive_max_pool2d(student, tuple(pt.shape[2:]))
     sim_s, sim_t = similarity(ps), similarity(pt)
     a = pt.shape[2] * pt.shape[3]
     return ((sim_t - sim_s) ** 2).sum() / (a * a) / teacher.shape[0]

@@ -237,9 +237,6 @@ class Adaptive(Distiller):
                              f"teacher {t!r} is {tuple(t_shape)}; pick convolutional layers")
         if kind in ("hint", "attention", "nst_mmd"):
             needs_resize(s_shape, t_shape, (s, t), self.opts.resize)
-        if kind == "pairwise" and s_shape[2:] != t_shape[2:]:
-            raise ModelError(f"path 'pairwise' compares maps of one spatial size: student {s!r} is {tuple(s_shape)}, "
-                             f"teacher {t!r} is {tuple(t_shape)}; give its pairs")
         if kind in ADAPTED and (s, t) not in self.pair_index:
             i = self.pair_index[(s, t)] = len(self.pair_index)
             spatial = "resize" if self.opts.resize else "any"

@@ -42,9 +42,9 @@ class Pairwise(PairDistiller):
     term = "pa"
 
     def make_loss(self, s_shape: torch.Size, t_shape: torch.Size, names: tuple[str, str]) -> nn.Module:
-        if len(s_shape) != 4 or len(t_shape) != 4 or s_shape[2:] != t_shape[2:]:
-            raise ModelError(f"pair-wise similarity compares feature maps [B, C, H, W] of one spatial size: "
-                             f"{names[0]!r} is {tuple(s_shape)}, {names[1]!r} is {tuple(t_shape)}; pick other layers")
+        if len(s_shape) != 4 or len(t_shape) != 4:
+            raise ModelError(f"pair-wise similarity compares feature maps [B, C, H, W]: {names[0]!r} is "
+                             f"{tuple(s_shape)}, {names[1]!r} is {tuple(t_shape)}; pick convolutional layers")
         return PairwiseLoss(self.opts.scale)
 
     def weight(self) -> float:
