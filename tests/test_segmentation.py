@@ -88,7 +88,8 @@ def test_iou_by_hand_and_absent_classes_left_out():
 def test_pixel_kd_is_the_mean_of_per_pixel_kd():
     g = torch.Generator().manual_seed(1)
     s, t = torch.randn(2, 4, 3, 5, generator=g), torch.randn(2, 4, 3, 5, generator=g)
-    rows = [kd_loss(s[b, :, i, j][None], t[b, :, i, j][None], 2.0) for b in range(2) for i in range(3) for j in range(5)]
+    rows = [kd_loss(s[b, :, i, j][None], t[b, :, i, j][None], 2.0)
+            for b in range(2) for i in range(3) for j in range(5)]
     assert kd_loss(s, t, 2.0).item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
 
 
@@ -206,7 +207,8 @@ def test_segmentation_batches_augment_label_maps_with_their_images():
     images = (maps * 60).unsqueeze(1)  # each pixel says its label
     cfg = DataConfig(name="memory", val_split=0, normalize=False)
     cfg.augment.crop_padding, cfg.augment.hflip = 3, True
-    bundle = make_bundle(cfg, ImageSet(images, maps, ["a", "b", "c", "d"]), ImageSet(images, maps, ["a", "b", "c", "d"]))
+    data = ImageSet(images, maps, ["a", "b", "c", "d"])
+    bundle = make_bundle(cfg, data, data)
     loader = make_loader(bundle.train, 8, cfg, train=True, info=bundle.info)
     moved = 0
     for batch in loader:
