@@ -19,6 +19,9 @@ from typing import Any
 
 from .errors import KdkitError
 
+#: the picture of test images, ground truth and predictions a dense-task run writes (kdkit.tasks)
+EXAMPLES = "examples.png"
+
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
@@ -80,7 +83,8 @@ def plot_curves(rows: list[dict[str, Any]], out: Path, title: str) -> Path | Non
     for k in keys:
         name = k[len("train/"):]
         groups.setdefault(name.split("/", 1)[0] if "/" in name and not name.startswith("path/") else "", []).append(k)
-    val = [r.get("val/accuracy") for r in epochs]
+    val_key = next((k for k in VAL_KEYS if any(k in r for r in epochs)), "val/accuracy")
+    val = [r.get(val_key) for r in epochs]
     has_val = any(v is not None for v in val)
     panels = len(groups) + (1 if has_val else 0)
     fig, axes = plt.subplots(1, max(1, panels), figsize=(5.5 * max(1, panels), 4), squeeze=False)
@@ -98,7 +102,7 @@ def plot_curves(rows: list[dict[str, Any]], out: Path, title: str) -> Path | Non
         ax2 = axes[0][-1]
         ax2.plot(x, [100 * v if v is not None else float("nan") for v in val], marker=".")
         ax2.set_xlabel("epoch")
-        ax2.set_ylabel("validation accuracy (%)")
+        ax2.set_ylabel(f"validation {METRIC_NAMES.get(val_key[4:], val_key[4:])} (%)")
     for ax in axes[0]:
         for pos, _ in kept:
             ax.axvline(pos, color="gray", linestyle="--", linewidth=0.8)
@@ -187,23 +191,39 @@ def _pct(v: Any) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
+#: validation keys of the tasks' primary metrics in metrics.jsonl, and their names in plots and tables
+VAL_KEYS = ("val/accuracy", "val/miou")
+METRIC_NAMES = {"accuracy": "accuracy", "miou": "mIoU"}
+
+
+def _metric(d: dict[str, Any]) -> str:
+    """The primary metric a summary or a card reports (accuracy, miou)."""
+    if "primary_metric" in d:
+        return d["primary_metric"]
+    return next((m for m in METRIC_NAMES if f"test_{m}" in d), "accuracy")
+
+
 def card_lines(card: dict[str, Any]) -> list[str]:
     """The report card as a markdown table (teacher and student, or the one trained model)."""
     roles = [r for r in ("teacher", "student", "model") if r in card]
     if not roles:
         return []
-    rows = [("test accuracy", lambda c: _pct(c.get("test_accuracy"))), ("parameters", lambda c: f"{c['params']:,}"),
+    m = _metric(card[roles[0]])
+    rows = [(f"test {METRIC_NAMES.get(m, m)}", lambda c: _pct(c.get(f"test_{m}"))),
+            ("parameters", lambda c: f"{c['params']:,}"),
             ("MACs per image", lambda c: f"{c['macs']:,}"),
             ("size on disk", lambda c: f"{c['size_bytes'] / 1e6:.3f} MB"),
             ("CPU latency, batch 1", lambda c: f"{c['cpu_latency_ms_batch1']:.3f} ms"),
             ("CPU latency per image, batch 64", lambda c: f"{c['cpu_latency_ms_per_image_batch64']:.4f} ms")]
     out = ["| | " + " | ".join(roles) + " |", "|---|" + "---|" * len(roles)]
     out += [f"| {name} | " + " | ".join(fn(card[r]) for r in roles) + " |" for name, fn in rows]
-    if "top1_agreement" in card:
+    agree = card.get("top1_agreement", card.get("pixel_agreement"))
+    if agree is not None:
         c = card["compression"]
         speed = (f"{c['speedup_batch1']:.2f}x faster at batch 1" if c.get("speedup_batch1") is not None
                  else "of unmeasured speed (see below)")
-        out += ["", f"Student and teacher agree on {_pct(card['top1_agreement'])} of the test images (top-1). "
+        what = "test images (top-1)" if "top1_agreement" in card else "labelled test pixels (per-pixel class)"
+        out += ["", f"Student and teacher agree on {_pct(agree)} of the {what}. "
                 f"The student is {c['params']:.1f}x smaller in parameters, {c['macs']:.1f}x in MACs and {speed}."]
     if card.get("latency_note"):
         out += ["", f"Latency: {card['latency_note']}; time the models on a quiet machine."]
@@ -228,11 +248,16 @@ def report_run(d: Path) -> list[Path]:
     files = [f for f in plots if f is not None]
     lines = [f"# {title}", "", f"Run directory: `{d}`", ""]
     if summary:
-        for key in ("method", "model", "teacher", "test_accuracy", "val_accuracy", "teacher_test_accuracy",
+        m = _metric(summary)
+        for key in ("task", "method", "model", "teacher", f"test_{m}", f"val_{m}", f"teacher_test_{m}",
                     "wall_time_s", "seed"):
             if summary.get(key) is not None:
                 v = summary[key]
-                lines.append(f"- {key}: {_pct(v)}" if "accuracy" in key else f"- {key}: {v}")
+                lines.append(f"- {key}: {_pct(v)}" if key.endswith(m) else f"- {key}: {v}")
+        per_class = summary.get("test_metrics", {}).get("per_class_iou")
+        if per_class:
+            names = summary.get("classes") or [str(i) for i in range(len(per_class))]
+            lines.append("- test IoU per class: " + ", ".join(f"{n} {_pct(v)}" for n, v in zip(names, per_class)))
         for f in summary.get("faults", []):
             lines.append(f"- fault: {f.get('kind')} at step {f.get('global_step')}: {f.get('action')}")
         card = card_lines(summary.get("report_card", {}))
@@ -244,6 +269,8 @@ def report_run(d: Path) -> list[Path]:
     else:
         lines.append(f"In progress: {len(_epochs(rows))} epoch(s) logged.")
     lines += ["", "## Plots", ""] + [f"![{f.stem}]({f.name})" for f in files]
+    if (d / EXAMPLES).is_file():
+        lines += ["", "Test images, their ground truth and the models' predictions:", "", f"![examples]({EXAMPLES})"]
     grids = sorted((d / "samples").glob("*.png"), key=lambda p: p.stat().st_mtime) if (d / "samples").is_dir() else []
     if grids:
         lines += ["", f"Latest generated samples ({grids[-1].name}, {len(grids)} grids in samples/):", "",
@@ -254,8 +281,8 @@ def report_run(d: Path) -> list[Path]:
 
 def comparison(run_dirs: list[Path], out: Path) -> Path:
     """One markdown table comparing runs (finished or not) side by side."""
-    head = ("run", "method", "model", "test acc.", "teacher acc.", "agreement", "params", "MACs", "latency b1 (ms)",
-            "wall time (s)", "status")
+    head = ("run", "method", "model", "test score", "teacher score", "agreement", "params", "MACs",
+            "latency b1 (ms)", "wall time (s)", "status")
     lines = ["# Comparison", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d in run_dirs:
         s = _summary(d)
@@ -263,8 +290,10 @@ def comparison(run_dirs: list[Path], out: Path) -> Path:
         mine = card.get("student") or card.get("model") or {}
         status = "finished" if s else f"in progress ({len(_epochs(read_metrics(d)))} epochs)"
         link = f"[{d.parent.name}/{d.name}]({os.path.relpath(d / 'report.md', out)})"
-        cells = [link, s.get("method", "-"), s.get("model", "-"),
-                 _pct(s.get("test_accuracy")), _pct(s.get("teacher_test_accuracy")), _pct(card.get("top1_agreement")),
+        m = _metric(s)
+        tag = "" if m == "accuracy" else f" {METRIC_NAMES.get(m, m)}"
+        cells = [link, s.get("method", "-"), s.get("model", "-"), _pct(s.get(f"test_{m}")) + tag,
+                 _pct(s.get(f"teacher_test_{m}")), _pct(card.get("top1_agreement", card.get("pixel_agreement"))),
                  f"{mine['params']:,}" if mine else "-", f"{mine['macs']:,}" if mine else "-",
                  f"{mine['cpu_latency_ms_batch1']:.3f}" if mine else "-", str(s.get("wall_time_s", "-")), status]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")

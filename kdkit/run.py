@@ -385,8 +385,14 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
                     "data_order": next((h["data_order"] for h in history if h.get("data_order")), None)},
     }
     if task.name != "classification":
-        summary.update(task=task.name, primary_metric=primary,
+        summary.update(task=task.name, primary_metric=primary, classes=info.classes,
                        test_metrics={k: v for k, v in test.items() if k != "count"})
+        if dist.is_main:
+            from .report import EXAMPLES
+
+            shown = {"teacher": teacher, "student": exported} if teacher is not None else {"model": exported}
+            task.write_examples(run_dir / EXAMPLES, shown, _eval_loader(data, "test", cfg, device, dist),
+                                info.classes)
     if cfg.recipe_name:
         summary["recipe_name"] = cfg.recipe_name
     if teacher is not None:

@@ -50,5 +50,11 @@ class Task:
     def meter(self, num_classes: int, device: torch.device | str) -> Meter:
         raise NotImplementedError
 
+    def write_examples(self, path: Any, models: dict[str, Any], loader: Any, classes: list[str],
+                       count: int = 6) -> Any:
+        """Draw a few test samples with their targets and each model's predictions into `path` (a PNG), for the
+        report; None when the task has no such picture."""
+        return None
+
     def check_targets(self, target: torch.Tensor, num_classes: int, where: str) -> None:
         """Raise a DataError if targets are out of range (done once on the data, before training)."""

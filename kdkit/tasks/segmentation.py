@@ -107,6 +107,57 @@ class Segmentation(Task):
     def meter(self, num_classes: int, device: torch.device | str) -> Meter:
         return IoUMeter(num_classes, device)
 
+    @torch.no_grad()
+    def write_examples(self, path: Any, models: dict[str, Any], loader: Any, classes: list[str],
+                       count: int = 6) -> Any:
+        """Rows of test images: the image, its ground truth, then each model's predicted label map, one colour
+        per class (background black, ignored pixels white)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+        from matplotlib.patches import Patch
+
+        batch = next(iter(loader))
+        x, y = batch.x[:count], batch.y[:count]
+        preds = {}
+        for name, m in models.items():
+            was = m.training
+            m.eval()
+            preds[name] = self.predict(self.align(m(x), x)).cpu()
+            m.train(was)
+        k = len(classes)
+        colours = [(0, 0, 0)] + [plt.get_cmap("tab10" if k <= 11 else "tab20")(i % 20)[:3] for i in range(k - 1)]
+        cmap = ListedColormap([*colours, (1, 1, 1)])
+
+        def shown(m: torch.Tensor) -> Any:
+            return torch.where(m == IGNORE_INDEX, torch.full_like(m, k), m).numpy()
+
+        cols = 2 + len(preds)
+        fig, axes = plt.subplots(len(x), cols, figsize=(1.9 * cols, 1.9 * len(x) + 0.6), squeeze=False)
+        img = x.cpu().float()
+        img = (img - img.amin(dim=(1, 2, 3), keepdim=True)) / (img.amax(dim=(1, 2, 3), keepdim=True)
+                                                              - img.amin(dim=(1, 2, 3), keepdim=True)).clamp_min(1e-6)
+        for i in range(len(x)):
+            panels = [("image", None), ("ground truth", y[i].cpu())] + [(n, p[i]) for n, p in preds.items()]
+            for j, (title, m) in enumerate(panels):
+                ax = axes[i][j]
+                if m is None:
+                    ax.imshow(img[i].permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray")
+                else:
+                    ax.imshow(shown(m), cmap=cmap, vmin=0, vmax=k, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(title, fontsize=9)
+        handles = [Patch(color=colours[c], label=classes[c]) for c in range(k)]
+        fig.legend(handles=handles, loc="lower center", ncol=min(k, 11), fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return path
+
     def check_targets(self, target: torch.Tensor, num_classes: int, where: str) -> None:
         if target.dim() != 3:
             raise DataError(f"{where}: segmentation labels are label maps [N, H, W], got {tuple(target.shape)}; "
