@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .config import AugmentConfig, DataConfig, LoggingConfig, TrainConfig
+from .config import AugmentConfig, DataConfig, LoggingConfig, ScenesConfig, TrainConfig
 from .methods import METHODS
 from .schema import describe
 
@@ -28,7 +28,7 @@ def _yaml(value: Any) -> str:
 def _table(cls: type, prefix: str) -> list[str]:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for name, tp, default, text in describe(cls):
-        if name == "augment":
+        if name in ("augment", "scenes"):
             continue
         text = text.replace("|", "\\|")
         rows.append(f"| `{prefix}{name}` | {tp.replace('|', '/')} | `{_yaml(default)}` | {text} |")
@@ -68,6 +68,8 @@ def config_reference() -> str:
         "| `name` | run name, used for the default output folder `runs/<name>-<time>` |",
         "| `seed` | seed of model initialisation, data order, augmentation and dropout |",
         "| `output_dir` | the run directory (default `runs/<name>-<time>`); an existing run is never overwritten |",
+        "| `task` | `auto` (default: the dataset's own), `classification` or `segmentation`; a task the data or the "
+        "method does not have is an error before any work ([docs/tasks.md](tasks.md)) |",
         "",
         "## `model`, `teacher`, `student`",
         "",
@@ -86,6 +88,7 @@ def config_reference() -> str:
         "",
         *_table(DataConfig, "data."),
         *_table(AugmentConfig, "data.augment.")[2:],
+        *_table(ScenesConfig, "data.scenes.")[2:],
         "",
         "## `train`",
         "",

@@ -16,12 +16,18 @@ REFERENCE_PARAMS_100 = {"resnet8x4": 1.23e6, "resnet32x4": 7.43e6, "wrn_40_2": 2
 @pytest.mark.parametrize("name", zoo_names())
 def test_every_zoo_model_builds_runs_and_declares_its_parts(name):
     size = entry(name).default_input_size
+    dense = entry(name).task == "segmentation"
     for c, k in ((1, 10), (3, 7)):
         m = create(name, num_classes=k, in_channels=c)
         y = m(torch.randn(2, c, size, size))
-        assert y.shape == (2, k)
+        assert y.shape == ((2, k, size, size) if dense else (2, k))
     parts = model_parts(m)
     assert parts.stages, name
+    if dense:  # stages are feature maps; the classifier is a 1x1 conv
+        with Taps(m, list(parts.stages)) as t:
+            m(torch.randn(2, 3, size, size))
+            assert all(t[s].dim() == 4 for s in parts.stages)
+        return
     with Taps(m, [*parts.stages, parts.embedding]) as t:
         m(torch.randn(2, 3, size, size))
         emb = t[parts.embedding]

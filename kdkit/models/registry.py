@@ -27,25 +27,29 @@ class ZooEntry:
     kwargs: dict[str, Any]
     summary: str
     default_input_size: int = 32
+    #: what the model's output is for (kdkit.tasks): classification logits [B, K], or segmentation [B, K, H, W]
+    task: str = "classification"
 
 
 _ZOO: dict[str, ZooEntry] = {}
 
 
-def register(name: str, summary: str, default_input_size: int = 32, **kwargs: Any) -> Callable[[Factory], Factory]:
+def register(name: str, summary: str, default_input_size: int = 32, task: str = "classification",
+             **kwargs: Any) -> Callable[[Factory], Factory]:
     """Register `factory` under `name`, with fixed keyword arguments (e.g. depth=20)."""
 
     def deco(factory: Factory) -> Factory:
         if name in _ZOO:
             raise RuntimeError(f"model {name!r} registered twice")
-        _ZOO[name] = ZooEntry(name, factory, kwargs, summary, default_input_size)
+        _ZOO[name] = ZooEntry(name, factory, kwargs, summary, default_input_size, task)
         return factory
 
     return deco
 
 
-def add(name: str, factory: Factory, summary: str, default_input_size: int = 32, **kwargs: Any) -> None:
-    register(name, summary, default_input_size, **kwargs)(factory)
+def add(name: str, factory: Factory, summary: str, default_input_size: int = 32, task: str = "classification",
+        **kwargs: Any) -> None:
+    register(name, summary, default_input_size, task, **kwargs)(factory)
 
 
 def zoo_names() -> list[str]:

@@ -132,5 +132,5 @@ def unet(backbone: str, num_classes: int = 11, in_channels: int = 1, input_size:
 
 
 for _b in BACKBONES:
-    add(f"deeplab_{_b}", deeplab, f"DeepLabv3-style segmentation (ASPP) on {_b}", 64, backbone=_b)
-    add(f"unet_{_b}", unet, f"U-Net-style segmentation decoder on {_b}", 64, backbone=_b)
+    add(f"deeplab_{_b}", deeplab, f"DeepLabv3-style segmentation (ASPP) on {_b}", 64, "segmentation", backbone=_b)
+    add(f"unet_{_b}", unet, f"U-Net-style segmentation decoder on {_b}", 64, "segmentation", backbone=_b)
