@@ -184,9 +184,10 @@ def _class_count(cfg: Config, given: dict[str, nn.Module], models: dict[str, Mod
 
         def outputs(x: torch.Tensor) -> int:
             out = forward_two(module, x, who)
-            if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            if not isinstance(out, torch.Tensor) or out.dim() not in (2, 4):
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ModelError(f"{who} outputs {shape} for a batch of 2; it must return [batch, classes] logits")
+                raise ModelError(f"{who} outputs {shape} for a batch of 2; it must return [batch, classes] logits "
+                                 "(or [batch, classes, H, W] for segmentation)")
             return int(out.shape[1])
         return outputs
     spec: ModelConfig | None = getattr(cfg, role)

@@ -348,3 +348,24 @@ def test_segmentation_bad_input_is_one_line_before_any_work(tmp_path, seg_teache
         _run("distill", tmp_path / "d", **{"teacher.checkpoint": str(seg_teacher), "student.arch": "unet_resnet8",
                                             "method.name": "th_kd"})
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_python_api_takes_label_maps_like_labels(tmp_path):
+    import kdkit
+    from kdkit.models import create
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randint(0, 3, (24, 16, 16), generator=g)
+    maps[:, 0, 0] = 255
+    images = (maps.clamp(max=2) * 80).unsqueeze(1).float() / 255
+    model = create("unet_resnet8", num_classes=3, in_channels=1, input_size=16, width=0.5)
+    res = kdkit.train(model, (images[:16], maps[:16]), test_data=(images[16:], maps[16:]), epochs=1,
+                      batch_size=8, output_dir=str(tmp_path / "run"), progress="none")
+    assert res.summary["task"] == "segmentation" and res.test_score == res.summary["test_miou"]
+    with pytest.raises(AttributeError, match="use .test_score"):
+        _ = res.test_accuracy
+    bad = maps.clone()
+    bad[3, 5, 5] = 7
+    with pytest.raises(DataError, match="label 7 but the model outputs 3 classes.*255: ignored"):
+        kdkit.train(model, (images[:16], bad[:16]), test_data=(images[16:], maps[16:]), epochs=1,
+                    output_dir=str(tmp_path / "bad"))

@@ -38,10 +38,17 @@ def _tensor(x: Any, what: str) -> torch.Tensor:
 
 
 def _is_pair(data: Any) -> bool:
-    """(images [N, ...], labels [N]): two arrays, the second one-dimensional and as long as the first."""
+    """(images [N, ...], labels [N] or label maps [N, H, W]): two arrays as long as each other."""
     return (isinstance(data, (tuple, list)) and len(data) == 2
             and all(isinstance(d, (torch.Tensor, np.ndarray)) for d in data)
-            and data[0].ndim >= 2 and data[1].ndim == 1 and len(data[0]) == len(data[1]))
+            and data[0].ndim >= 2 and data[1].ndim in (1, 3) and len(data[0]) == len(data[1]))
+
+
+def _max_label(labels: torch.Tensor) -> int:
+    """The largest class index (255 in label maps marks ignored pixels, not a class)."""
+    if labels.dim() > 1:
+        labels = labels[labels != 255]
+    return int(labels.max()) if labels.numel() else -1
 
 
 def _batches_of(data: Any) -> bool:
@@ -96,7 +103,10 @@ def _pieces(data: Any, what: str) -> tuple[list[torch.Tensor], list[torch.Tensor
         xs.append(x.unsqueeze(0) if single else x)
         if y is not None:
             y = torch.as_tensor(y).detach().cpu()
-            ys.append(y.reshape(1) if single else y.reshape(-1))
+            if single:
+                ys.append(y.reshape(1) if y.dim() == 0 else y.unsqueeze(0))  # a class index, or one label map
+            else:
+                ys.append(y if y.dim() == 3 else y.reshape(-1))  # label maps [B, H, W], or class indices
     if not xs:
         raise DataError(f"{what} is empty")
     return xs, (ys if labeled else None)
@@ -179,14 +189,15 @@ def memory_bundle(cfg: DataConfig, train: Any, val: Any, test: Any,
     if callable(num_classes):
         num_classes = num_classes(given[0].images[:2].float() / given[0].scale)
     elif num_classes is None:
-        num_classes = 1 + max(int(s.labels.max()) for s in given if s.labels is not None and s.labels.numel())
+        num_classes = 1 + max(_max_label(s.labels) for s in given if s.labels is not None and s.labels.numel())
     classes = [str(i) for i in range(num_classes)]
     for name, s in sets.items():
         if s is not None:
             s.classes = classes
-            if s.labels is not None and s.labels.numel() and int(s.labels.max()) >= num_classes:
-                raise DataError(f"{name}_data: label {int(s.labels.max())} but the model outputs {num_classes} "
-                                "classes; labels must be 0..K-1 with K the model's output size")
+            if s.labels is not None and s.labels.numel() and _max_label(s.labels) >= num_classes:
+                raise DataError(f"{name}_data: label {_max_label(s.labels)} but the model outputs {num_classes} "
+                                "classes; labels must be 0..K-1 with K the model's output size"
+                                + (" (255: ignored pixels)" if s.labels.dim() > 1 else ""))
     tr = sets["train"]
     if sets["test"] is None:
         if tr is None or tr.labels is None:
