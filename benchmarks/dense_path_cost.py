@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_time import build
+from step_time import build, median_step_ms
 
 from kdkit.config import load_config
 from kdkit.data import load_data
@@ -59,20 +57,12 @@ def main() -> None:
         variants[name] = build(["method.name=adaptive", f"method.paths={paths}", "method.weighting=equal",
                                 "method.resize=true"], data, common)
     teacher = variants["soft_target"][1].method.teacher
-    times: dict[str, list[float]] = {k: [] for k in [*variants, "teacher forward"]}
-    for i in range(a.steps + 10):
-        for key, (_, engine, stage, state, stepper, batches) in variants.items():
-            batch = batches[i % len(batches)]
-            t = time.perf_counter()
-            engine._step(stepper, stage, state, batch, (0, 0, i))
-            if i >= 10:  # warm-up excluded
-                times[key].append(time.perf_counter() - t)
-        t = time.perf_counter()
+
+    def teacher_forward(batch) -> None:
         with torch.no_grad():
-            teacher(batches[i % len(batches)].x)
-        if i >= 10:
-            times["teacher forward"].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+            teacher(batch.x)
+
+    med = median_step_ms(variants, a.steps, warmup=10, extra={"teacher forward": teacher_forward})
     base, tf = med["student alone"], med["teacher forward"]
     rows = {k: {"median_step_ms": round(v, 2), "relative_to_student_step": round(v / base, 3),
                 "path_only_relative": None if k in ("student alone", "teacher forward") else

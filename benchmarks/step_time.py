@@ -45,6 +45,27 @@ def build(overrides: list[str], data, common: list[str]):
     return cfg, engine, stage, state, stepper, batches
 
 
+def median_step_ms(runs: dict, steps: int, warmup: int = 20, extra: dict | None = None) -> dict[str, float]:
+    """Median milliseconds per training step of each built variant (see :func:`build`), the variants alternating
+    step by step on their batches; `extra` adds named callables of the batch, timed in the same rotation."""
+    times: dict[str, list[float]] = {k: [] for k in [*runs, *(extra or {})]}
+    for i in range(steps + warmup):
+        for key, (_, engine, stage, state, stepper, batches) in runs.items():
+            batch = batches[i % len(batches)]
+            t = time.perf_counter()
+            engine._step(stepper, stage, state, batch, (0, 0, i))
+            if i >= warmup:  # warm-up excluded
+                times[key].append(time.perf_counter() - t)
+        for key, fn in (extra or {}).items():
+            first = next(iter(runs.values()))[5]
+            batch = first[i % len(first)]
+            t = time.perf_counter()
+            fn(batch)
+            if i >= warmup:
+                times[key].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True)
@@ -66,15 +87,7 @@ def main() -> None:
     cfg0 = load_config(None, common)
     data = load_data(replace(cfg0.data))
     runs = {"a": build(a.a, data, common), "b": build(a.b, data, common)}
-    times: dict[str, list[float]] = {"a": [], "b": []}
-    for i in range(a.steps + 20):
-        for key, (_, engine, stage, state, stepper, batches) in runs.items():
-            batch = batches[i % len(batches)]
-            t = time.perf_counter()
-            engine._step(stepper, stage, state, batch, (0, 0, i))
-            if i >= 20:  # warm-up excluded
-                times[key].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    med = median_step_ms(runs, a.steps)
     print(json.dumps({"a": a.a, "b": a.b, "batch_size": a.batch_size, "steps": a.steps,
                       "threads": torch.get_num_threads(), "median_step_ms_a": round(med["a"], 3),
                       "median_step_ms_b": round(med["b"], 3), "ratio_b_over_a": round(med["b"] / med["a"], 3)}))
