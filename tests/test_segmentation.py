@@ -93,6 +93,17 @@ def test_pixel_kd_is_the_mean_of_per_pixel_kd():
     assert kd_loss(s, t, 2.0).item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
 
 
+def test_pixel_kd_against_the_authors_pixel_wise_loss():
+    """Liu et al.'s pixel-wise term (T = 1): sum over batch and pixels of -softmax(z_t) . log_softmax(z_s), divided
+    by H*W. It differs from kdkit's mean KL by the teacher's entropy (constant for the student) and the factor B."""
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(3, 4, 5, 6, generator=g), torch.randn(3, 4, 5, 6, generator=g)
+    p_t = torch.softmax(t, 1)
+    authors = (-p_t * torch.log_softmax(s, 1)).sum() / (5 * 6)
+    entropy = (-p_t * torch.log_softmax(t, 1)).sum() / (5 * 6)
+    assert (authors - entropy).item() == pytest.approx(3 * kd_loss(s, t, 1.0).item(), rel=1e-5)
+
+
 def test_cwd_by_hand():
     # one channel over two positions: phi_t = softmax([0, ln 3]) = (1/4, 3/4), phi_s = (1/2, 1/2), T = 1
     s = torch.tensor([[[[0.0, 0.0]]]])
@@ -218,6 +229,20 @@ def test_segmentation_batches_augment_label_maps_with_their_images():
         assert bool((batch.x[:, 0][pad] == 0).all())
         moved += int(pad.any())
     assert moved > 0
+
+
+def test_streamed_scenes_give_the_batches_held_in_memory(tmp_path):
+    from kdkit.data import load_data, make_loader
+
+    _write_digits(tmp_path / "idx", train_label=4, test_label=5)
+    batches = []
+    for held in ("true", "false"):
+        cfg = _scenes_cfg(tmp_path / "idx", tmp_path / "scenes", **{"data.in_memory": held, "data.workers": 0})
+        b = load_data(cfg.data)
+        assert b.path == ("memory" if held == "true" else "stream") and b.info.task == "segmentation"
+        batches.append(next(iter(make_loader(b.test, 8, cfg.data, train=False, info=b.info))))
+    assert torch.equal(batches[0].x, batches[1].x) and torch.equal(batches[0].y, batches[1].y)
+    assert batches[1].y.dtype == torch.long and batches[1].y.shape == (8, 32, 32)
 
 
 # ---------------------------------------------------------------------------------------- segfolder
