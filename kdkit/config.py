@@ -93,6 +93,8 @@ class ScenesConfig:
     max_scale: float = opt(1.5, "mnist-scenes: largest digit scale", gt=0)
     seed: int = opt(0, "mnist-scenes: seed of the scenes (fixed across training seeds)")
     folder: str | None = opt(None, "mnist-scenes: where the scenes are written once (default: data.root/scenes)")
+    labels: Literal["masks", "boxes"] = opt("masks", "mnist-scenes: label maps (segmentation) or the digits' boxes "
+                                                     "(detection)")
 
 
 @dataclass

@@ -386,7 +386,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     }
     if task.name != "classification":
         summary.update(task=task.name, primary_metric=primary, classes=info.classes,
-                       test_metrics={k: v for k, v in test.items() if k != "count"})
+                       test_metrics={k: v for k, v in test.items() if k not in ("count", "objects")})
         if dist.is_main:
             from .report import EXAMPLES
 
@@ -514,7 +514,8 @@ def _report_card(student: nn.Module, teacher: nn.Module | None, student_acc: flo
     from .measure import busy_note
 
     card: dict[str, Any] = {}
-    agree = agreement(teacher, student, test, dist, info.task) if teacher is not None else None
+    key = get_task(info.task).agreement_key
+    agree = agreement(teacher, student, test, dist, info.task) if teacher is not None and key else None
     if not dist.is_main:
         return card
     metric = get_task(info.task).primary
@@ -527,7 +528,8 @@ def _report_card(student: nn.Module, teacher: nn.Module | None, student_acc: flo
     card["latency_note"] = note
     if teacher is not None:
         t, s = card["teacher"], card["student"]
-        card["top1_agreement" if info.task == "classification" else "pixel_agreement"] = agree
+        if key:
+            card[key] = agree
         card["compression"] = {"params": t["params"] / max(1, s["params"]), "macs": t["macs"] / max(1, s["macs"]),
                                "size": t["size_bytes"] / max(1, s["size_bytes"]),
                                "speedup_batch1": None if note else

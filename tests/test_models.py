@@ -16,14 +16,18 @@ REFERENCE_PARAMS_100 = {"resnet8x4": 1.23e6, "resnet32x4": 7.43e6, "wrn_40_2": 2
 @pytest.mark.parametrize("name", zoo_names())
 def test_every_zoo_model_builds_runs_and_declares_its_parts(name):
     size = entry(name).default_input_size
-    dense = entry(name).task == "segmentation"
+    task = entry(name).task
+    dense = task != "classification"
     for c, k in ((1, 10), (3, 7)):
         m = create(name, num_classes=k, in_channels=c)
         y = m(torch.randn(2, c, size, size))
-        assert y.shape == ((2, k, size, size) if dense else (2, k))
+        if task == "detection":  # heatmaps, sizes and offsets on a grid at an integer stride
+            assert y.shape[:2] == (2, k + 4) and size % y.shape[-1] == 0
+        else:
+            assert y.shape == ((2, k, size, size) if dense else (2, k))
     parts = model_parts(m)
     assert parts.stages, name
-    if dense:  # stages are feature maps; the classifier is a 1x1 conv
+    if dense:  # stages are feature maps; the classifier is a conv
         with Taps(m, list(parts.stages)) as t:
             m(torch.randn(2, 3, size, size))
             assert all(t[s].dim() == 4 for s in parts.stages)

@@ -230,14 +230,24 @@ def make_bundle(cfg: DataConfig, train: Split | None, test: Split, train_images:
 def labels_task(data: Split) -> str:
     """The task a split's labels are for: "segmentation" for label maps, else "classification"."""
     if isinstance(data, ImageSet):
-        return "segmentation" if data.labels is not None and data.labels.dim() == 3 else "classification"
+        return target_task(data.labels)
     return getattr(data, "task", "classification")
+
+
+def target_task(labels: torch.Tensor | None) -> str:
+    """The task of labels: boxes ``[N, M, 5]`` (float: x1, y1, x2, y2 as fractions of the image's width and
+    height, class; rows of -1 pad) are detection, integer label
+    maps ``[N, H, W]`` segmentation, class indices ``[N]`` classification."""
+    if labels is not None and labels.dim() == 3:
+        return "detection" if labels.is_floating_point() else "segmentation"
+    return "classification"
 
 
 def _resized(data: Split, size: int) -> Split:
     if isinstance(data, ImageSet):
         labels = data.labels
-        if labels is not None and labels.dim() == 3 and labels.shape[-2:] != (size, size):  # label maps: nearest
+        # label maps are resized by nearest neighbour; boxes are fractions of the image and need nothing
+        if target_task(labels) == "segmentation" and labels.shape[-2:] != (size, size):
             labels = torch.nn.functional.interpolate(labels[:, None].float(), size=(size, size),
                                                      mode="nearest")[:, 0].to(labels.dtype)
         return ImageSet(resize(data.images, size), labels, data.classes)

@@ -44,6 +44,26 @@ class Augment:
         """The same crops and flips on label maps ``y [B, H, W]``; pixels padded in are `fill` (ignored)."""
         return self.apply(y.unsqueeze(1), params, fill).squeeze(1)
 
+    def apply_boxes(self, boxes: torch.Tensor, params: dict[str, torch.Tensor], height: int,
+                    width: int) -> torch.Tensor:
+        """The same crops and flips on boxes ``[B, M, 5]`` (x1, y1, x2, y2 as fractions of the image's width and
+        height, class; rows of -1 are padding): a crop shifts them and clips them to the image (a box left with
+        no area becomes padding), a flip mirrors x."""
+        b = boxes.clone()
+        real = b[..., 4] >= 0
+        if "crop" in params:
+            off = params["crop"].to(b.device).float()  # (dy, dx) in pixels
+            shift = (self.crop_padding - off)[:, None, :]  # [B, 1, 2]
+            b[..., 0:4:2] = (b[..., 0:4:2] + shift[..., 1:2] / width).clamp(0, 1)
+            b[..., 1:4:2] = (b[..., 1:4:2] + shift[..., 0:1] / height).clamp(0, 1)
+        if "flip" in params:
+            flip = params["flip"].to(b.device).view(-1, 1)
+            x1, x2 = b[..., 0].clone(), b[..., 2].clone()
+            b[..., 0] = torch.where(flip, 1 - x2, x1)
+            b[..., 2] = torch.where(flip, 1 - x1, x2)
+        keep = real & (b[..., 2] > b[..., 0]) & (b[..., 3] > b[..., 1])
+        return torch.where(keep[..., None], b, torch.full_like(b, -1.0))
+
 
 def random_crop(x: torch.Tensor, padding: int, offsets: torch.Tensor, fill: float = 0) -> torch.Tensor:
     """Pad by `padding` with `fill` and crop back to the input size at per-image ``offsets [B, 2]`` (dy, dx)."""

@@ -98,7 +98,10 @@ class BatchLoader:
             if self.memory_format is not torch.contiguous_format:
                 x = x.contiguous(memory_format=self.memory_format)
             y = None if self.labels is None else self.labels[local.to(self.labels.device)]
-            if y is not None and y.dim() == 3:  # label maps: cropped and flipped with their images
+            if y is not None and y.dim() == 3 and y.is_floating_point():  # boxes: moved with their images
+                if self.augment is not None:
+                    y = self.augment.apply_boxes(y, params, x.shape[-2], x.shape[-1])
+            elif y is not None and y.dim() == 3:  # label maps: cropped and flipped with their images
                 if self.augment is not None:
                     y = self.augment.apply_maps(y, params)
                 y = y.long()

@@ -5,7 +5,10 @@ dataset (``data.source``: mnist, fashion-mnist, kmnist, read from ``data.root``)
 scale in [``min_scale``, ``max_scale``] and placed at a random position; overlapping digits keep the brighter
 pixel. The label map gives each pixel where a digit's stroke is on (its pixel value at least half of 255
 after resizing) the digit's class + 1, and 0 (background) elsewhere; a later digit's stroke wins over an
-earlier one's. Classes: ``background`` then the source's ten.
+earlier one's. Classes: ``background`` then the source's ten. With ``data.scenes.labels: boxes`` (detection)
+the labels are instead each digit's box, tight around its own stroke pixels (whatever covers them later),
+with the digit's class (the source's ten classes): ``[max_digits, 5]`` rows (x1, y1, x2, y2, class), stored
+in pixels (x2 and y2 exclusive) and handed to the run as fractions of the canvas, padded with rows of -1.
 
 Training scenes are made from training digits only, test scenes from test digits only. Everything follows
 from the idx files and ``data.scenes.seed``: the scenes are built once, written under
@@ -33,20 +36,22 @@ from .files import find, require_root
 from .images import ImageSet
 
 STROKE = 128  # a resized digit's pixel at least this bright is its stroke (labelled with its class)
-FORMAT = 1  # bumped when the way scenes are drawn changes: old folders are then rebuilt, not reused
+FORMAT = 2  # bumped when what is stored changes (2: boxes added): old folders are then rebuilt, not reused
 
 
 def make_scenes(digits: torch.Tensor, labels: torch.Tensor, count: int, size: int, max_digits: int,
-                min_scale: float, max_scale: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` scenes ``[count, 1, size, size]`` uint8 and label maps ``[count, size, size]`` uint8 from
-    ``digits [N, 1, 28, 28]`` with class ``labels [N]`` (see the module docstring)."""
+                min_scale: float, max_scale: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`count` scenes ``[count, 1, size, size]`` uint8, label maps ``[count, size, size]`` uint8 and boxes
+    ``[count, max_digits, 5]`` float32 (x1, y1, x2, y2, class; rows of -1 pad) from ``digits [N, 1, 28, 28]``
+    with class ``labels [N]`` (see the module docstring)."""
     g = torch.Generator().manual_seed(seed)
     side0 = digits.shape[-1]
     images = torch.zeros(count, 1, size, size, dtype=torch.uint8)
     maps = torch.zeros(count, size, size, dtype=torch.uint8)
+    boxes = torch.full((count, max_digits, 5), -1.0)
     n_digits = torch.randint(1, max_digits + 1, (count,), generator=g)
     for i in range(count):
-        for _ in range(int(n_digits[i])):
+        for k in range(int(n_digits[i])):
             j = int(torch.randint(len(digits), (1,), generator=g))
             scale = min_scale + (max_scale - min_scale) * float(torch.rand(1, generator=g))
             side = max(4, min(size, round(side0 * scale)))
@@ -55,8 +60,13 @@ def make_scenes(digits: torch.Tensor, labels: torch.Tensor, count: int, size: in
             y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=g))
             patch = images[i, 0, y:y + side, x:x + side]
             torch.maximum(patch, d, out=patch)
-            maps[i, y:y + side, x:x + side][d >= STROKE] = int(labels[j]) + 1
-    return images, maps
+            stroke = d >= STROKE
+            maps[i, y:y + side, x:x + side][stroke] = int(labels[j]) + 1
+            rows, cols = stroke.any(1).nonzero().flatten(), stroke.any(0).nonzero().flatten()
+            if len(rows):  # the box of the digit's own stroke, whatever covers it later
+                boxes[i, k] = torch.tensor([x + float(cols[0]), y + float(rows[0]), x + float(cols[-1]) + 1,
+                                            y + float(rows[-1]) + 1, float(labels[j])])
+    return images, maps, boxes
 
 
 def _sha256(path: Path) -> str:
@@ -80,6 +90,7 @@ def _source_files(root: Path, source: str) -> dict[str, str]:
 def _settings(cfg: DataConfig) -> dict[str, Any]:
     s = asdict(cfg.scenes)
     s.pop("folder")
+    s.pop("labels")  # the same scenes serve both tasks
     return {"format": FORMAT, "source": cfg.source, **s}
 
 
@@ -92,7 +103,8 @@ def scenes_folder(cfg: DataConfig, root: Path) -> Path:
     return base / name
 
 
-ARRAYS = ("train-images.npy", "train-masks.npy", "test-images.npy", "test-masks.npy")
+ARRAYS = ("train-images.npy", "train-masks.npy", "train-boxes.npy", "test-images.npy", "test-masks.npy",
+          "test-boxes.npy")
 
 
 def _read(folder: Path, settings: dict[str, Any]) -> list[np.ndarray] | None:
@@ -153,6 +165,12 @@ def load(cfg: DataConfig, need_train: bool = True) -> tuple[ImageSet | None, Ima
         te = make_scenes(test_digits.images, test_digits.labels, s.test, *args, seed=s.seed + 1)
         arrays = [a.numpy() for a in (*tr, *te)]
         _write(folder, settings, arrays, _source_files(root, cfg.source), classes)
-    tr_x, tr_y, te_x, te_y = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+    tr_x, tr_m, tr_b, te_x, te_m, te_b = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+    if s.labels == "boxes":  # detection: the digits' classes only, no background class; boxes as fractions
+        classes = classes[1:]
+        frac = torch.tensor([1 / s.size] * 4 + [1.0])
+        tr_y, te_y = (torch.where(b[..., 4:] >= 0, b * frac, b) for b in (tr_b, te_b))
+    else:
+        tr_y, te_y = tr_m, te_m
     train = ImageSet(tr_x, tr_y, classes) if need_train else None
     return train, ImageSet(te_x, te_y, classes)

@@ -35,8 +35,8 @@ def evaluate(model: nn.Module, loader: BatchLoader, dist: DistInfo | None = None
     model.train(was)
     if meter is None:  # an empty split: nothing scored
         return {t.primary: 0.0, "loss": float("nan"), "count": 0}
-    if dist is not None:
-        all_reduce_sum(meter.stats, dist)
+    if dist is not None and dist.enabled:
+        meter.reduce(dist)
     return meter.result()
 
 

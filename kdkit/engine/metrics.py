@@ -88,7 +88,7 @@ def fmt(values: dict[str, Any]) -> str:
     for k, v in values.items():
         if not isinstance(v, int | float):  # lists (histograms) go to metrics.jsonl only
             continue
-        if "accuracy" in k or "miou" in k:
+        if "accuracy" in k or k.endswith(("miou", "map", "map50")):
             parts.append(f"{k} {100 * v:.2f}%")
         elif k == "lr":
             parts.append(f"lr {v:.3g}")

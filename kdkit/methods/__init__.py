@@ -32,6 +32,7 @@ from . import (  # noqa: E402,F401
     dafl,
     deepinversion,
     dfad,
+    feature_imitation,
     fitnets,
     kd,
     netgraft,

@@ -16,6 +16,9 @@ Knowledge flows along several paths at once, each one loss ``L_i`` between the s
                        classifier h_t                                                     (SRRL SR)
 ``cwd``                channel-wise distillation of the logit maps (dense tasks)       (Shu et al.)
 ``pairwise``           pair-wise similarity of pooled feature maps, on layer pairs     (Liu et al.)
+``boxes``              detection: L1 between the box outputs, where the teacher sees objects
+``imitation``          detection: feature imitation near the ground-truth objects, on adapted layer pairs
+                       (Wang et al., CVPR 2019; kdkit.losses.imitation)
 ``ce``                 CE(z_s, y), when labels are to be weighted like a path
 =====================  =============================================================================
 
@@ -54,6 +57,7 @@ from ..data import Batch
 from ..errors import ConfigError, ModelError
 from ..losses import Adapter, AttentionLoss, GramLoss, NSTLoss, PairwiseLoss, SoftmaxRegressionLoss, cwd_loss
 from ..losses.adapters import AdapterKind, needs_resize
+from ..losses.imitation import box_imitation, imitation_mask, masked_imitation
 from ..losses.regression import feature_map_loss, logit_regression
 from ..models import model_parts
 from ..schema import opt
@@ -65,11 +69,12 @@ from .distiller import Distiller, SoftTargets
 from .pairs import matched_stages
 
 PathKind = Literal["soft_target", "logits", "hint", "attention", "gram", "nst_mmd", "feature_map",
-                   "softmax_regression", "ce", "cwd", "pairwise", "nst"]
-FEATURE_PATHS = ("hint", "attention", "gram", "nst_mmd", "feature_map", "pairwise")
-ADAPTED = ("hint", "gram", "feature_map")  # paths that compare adapted student features
-MAP_PATHS = ("attention", "gram", "nst_mmd", "pairwise")  # paths that need [B, C, H, W] maps
+                   "softmax_regression", "ce", "cwd", "pairwise", "boxes", "imitation", "nst"]
+FEATURE_PATHS = ("hint", "attention", "gram", "nst_mmd", "feature_map", "pairwise", "imitation")
+ADAPTED = ("hint", "gram", "feature_map", "imitation")  # paths that compare adapted student features
+MAP_PATHS = ("attention", "gram", "nst_mmd", "pairwise", "imitation")  # paths that need [B, C, H, W] maps
 DENSE_PATHS = ("cwd",)  # paths that need dense outputs [B, K, H, W]
+DETECTION_PATHS = ("boxes", "imitation")  # paths that read a detector's boxes
 #: the s_i's optimizer in the authors' code (their CIFAR schedule: SGD 0.1, momentum 0.9, weight decay 1e-4)
 AUTHORS_WEIGHTS_OPTIMIZER = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4}
 
@@ -149,7 +154,7 @@ def _pair_key(i: int) -> str:
 class Adaptive(Distiller):
     name = "adaptive"
     Options = AdaptiveOptions
-    tasks = ("classification", "segmentation")
+    tasks = ("classification", "segmentation", "detection")
 
     def __init__(self, opts: AdaptiveOptions, **kw: Any):
         super().__init__(opts, **kw)
@@ -219,6 +224,11 @@ class Adaptive(Distiller):
         if any(p.kind in DENSE_PATHS for p in self.paths) and self.task.name == "classification":
             raise ModelError("the 'cwd' path compares dense outputs [B, K, H, W] (segmentation); this run classifies: "
                              "remove it")
+        wrong = sorted({p.kind for p in self.paths if p.kind in DETECTION_PATHS} if self.task.name != "detection"
+                       else set())
+        if wrong:
+            raise ModelError(f"the {', '.join(wrong)} path(s) read a detector's boxes; this run is "
+                             f"{self.task.name}: remove them")
         if any(p.kind == "attention" for p in self.paths):
             self.path_losses["attention"] = AttentionLoss(resize=self.opts.resize)
         self.path_losses["pairwise"] = PairwiseLoss(self.opts.pairwise_scale)
@@ -260,13 +270,16 @@ class Adaptive(Distiller):
         cache = {} if cache is None else cache
         k = path.kind
         if k == "soft_target":
-            return self.opts.soft(s_logits, t_logits)
+            return self.task.soft_target(s_logits, t_logits, self.opts)
         if k == "logits":
-            return logit_regression(s_logits, t_logits)
+            return logit_regression(self.task.class_logits(s_logits), self.task.class_logits(t_logits))
         if k == "ce":
             return self.supervised(s_logits, batch, "the 'ce' path")
+        if k == "boxes":
+            return box_imitation(self.task.box_outputs(s_logits), self.task.box_outputs(t_logits),
+                                 self.task.class_logits(t_logits))
         if k == "cwd":
-            return cwd_loss(s_logits, t_logits, self.opts.temperature)
+            return cwd_loss(self.task.class_logits(s_logits), self.task.class_logits(t_logits), self.opts.temperature)
         if k == "softmax_regression":
             return self.path_losses["softmax_regression"](self.student_taps[f"{self.s_head}:input"], t_logits)
         total = s_logits.new_zeros(())
@@ -276,7 +289,12 @@ class Adaptive(Distiller):
                 total = total + self.path_losses[k](self.student_taps[s], ft)
                 continue
             fs = self.adapted(s, t, cache)
-            if k == "hint":
+            if k == "imitation":
+                if batch.y is None:
+                    raise ModelError("the 'imitation' path reads the ground-truth boxes; this data has no labels")
+                mask = imitation_mask(batch.y.float(), ft.shape[-2], ft.shape[-1])
+                total = total + masked_imitation(fs, ft, mask)
+            elif k == "hint":
                 total = total + F.mse_loss(fs.float(), ft.float())
             elif k == "gram":
                 total = total + self.path_losses["gram"](fs, ft)
@@ -293,7 +311,7 @@ class Adaptive(Distiller):
         out = {f"path/{k}": v.detach() for k, v in raw.items()}
         if self.opts.ce_weight > 0:
             ce = self.supervised(s_logits, batch)
-            out["ce"] = ce.detach()
+            out[self.task.loss_name] = ce.detach()
             total = total + self.opts.ce_weight * ce
         assert self.student_taps is not None and self.teacher_taps is not None
         self.student_taps.clear()

@@ -32,7 +32,7 @@ class AttentionOptions(PairOptions):
 class AttentionTransfer(PairDistiller):
     name = "attention"
     Options = AttentionOptions
-    tasks = ("classification", "segmentation")
+    tasks = ("classification", "segmentation", "detection")
     default_pairs = "all"
     term = "at"
 

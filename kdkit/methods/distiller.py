@@ -156,9 +156,9 @@ class Distiller(Method):
         losses: dict[str, torch.Tensor] = {}
         o = self.opts
         if o.ce_weight > 0:
-            losses["ce"] = o.ce_weight * self.supervised(s_logits, batch)
+            losses[self.task.loss_name] = o.ce_weight * self.supervised(s_logits, batch)
         if o.kd_weight > 0:
-            kd = o.soft(s_logits, t_logits)
+            kd = self.task.soft_target(s_logits, t_logits, o)
             losses["kd"] = o.kd_weight * (self.kd_normalizer({"kd": kd}) if self.kd_normalizer is not None else kd)
         losses.update(self.extra_losses(batch, s_logits, t_logits))
         for taps in (self.student_taps, self.teacher_taps):

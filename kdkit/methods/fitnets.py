@@ -31,7 +31,7 @@ class FitNetsOptions(PairOptions):
 class FitNets(PairDistiller):
     name = "fitnets"
     Options = FitNetsOptions
-    tasks = ("classification", "segmentation")
+    tasks = ("classification", "segmentation", "detection")
     default_pairs = "middle"
     term = "hint"
 

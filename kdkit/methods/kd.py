@@ -15,4 +15,4 @@ from .distiller import Distiller, DistillOptions
 class KD(Distiller):
     name = "kd"
     Options = DistillOptions
-    tasks = ("classification", "segmentation")
+    tasks = ("classification", "segmentation", "detection")

@@ -26,12 +26,12 @@ class Supervised(Method):
     Options = SupervisedOptions
     needs_teacher = False
     frozen_prefixes = ()
-    tasks = ("classification", "segmentation")
+    tasks = ("classification", "segmentation", "detection")
 
     def step(self, batch: Batch | None) -> dict[str, torch.Tensor]:
         assert batch is not None and batch.y is not None
         out = self.task.align(self.student(batch.x), batch.x)
-        return {"ce": self.task.loss(out, batch.y, self.opts.label_smoothing)}
+        return {self.task.loss_name: self.task.loss(out, batch.y, self.opts.label_smoothing)}
 
     def stages(self) -> list[Stage]:
         return [Stage("train", [Update("model", list(self.student.parameters()), self.step)],

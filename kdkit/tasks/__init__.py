@@ -9,6 +9,7 @@ task                    targets                                     primary metr
 ======================  ==========================================  ================================
 ``classification``      one class index per sample, ``[N]``          ``accuracy`` (top-1)
 ``segmentation``        one class index per pixel, ``[N, H, W]``     ``miou`` (mean IoU)
+``detection``           boxes ``[N, M, 5]`` (fractions, class)       ``map`` (COCO mAP@[.5:.95])
 ======================  ==========================================  ================================
 """
 
@@ -17,11 +18,12 @@ from __future__ import annotations
 from ..errors import ConfigError, did_you_mean
 from .base import Meter, Task
 from .classification import Classification
+from .detection import Detection
 from .segmentation import Segmentation
 
-TASKS: dict[str, Task] = {t.name: t for t in (Classification(), Segmentation())}
+TASKS: dict[str, Task] = {t.name: t for t in (Classification(), Segmentation(), Detection())}
 #: tasks named in the configuration that are planned but not built yet
-PLANNED = ("detection", "embedding")
+PLANNED = ("embedding",)
 
 
 def get_task(name: str) -> Task:
@@ -33,4 +35,4 @@ def get_task(name: str) -> Task:
     raise ConfigError(f"unknown task {name!r}{did_you_mean(name, TASKS)}; tasks: {', '.join(TASKS)}")
 
 
-__all__ = ["TASKS", "Classification", "Meter", "Segmentation", "Task", "get_task"]
+__all__ = ["TASKS", "Classification", "Detection", "Meter", "Segmentation", "Task", "get_task"]

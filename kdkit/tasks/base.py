@@ -17,6 +17,12 @@ class Meter:
     def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def reduce(self, dist: Any) -> None:
+        """Combine the statistics of every process under torchrun (default: sum ``stats``)."""
+        from ..engine.distributed import all_reduce_sum
+
+        all_reduce_sum(self.stats, dist)
+
     def result(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -29,6 +35,10 @@ class Task:
     primary: ClassVar[str] = ""
     #: what one sample's target is, for messages
     target_kind: ClassVar[str] = ""
+    #: the name of the supervised loss in logs (train/<name>)
+    loss_name: ClassVar[str] = "ce"
+    #: the report card's key for how often student and teacher predict the same (None: not measured)
+    agreement_key: ClassVar[str | None] = None
 
     def check_output(self, out: Any, x: torch.Tensor, num_classes: int, who: str, data_name: str) -> None:
         """Raise a ModelError (one line: expected and received shapes) if `out`, the output of a model on the
@@ -47,8 +57,18 @@ class Task:
         """Hard predictions from the (aligned) output: class per sample, or per pixel."""
         return out.argmax(1)
 
-    def meter(self, num_classes: int, device: torch.device | str) -> Meter:
+    def meter(self, channels: int, device: torch.device | str) -> Meter:
+        """A fresh meter for a model whose output has `channels` channels (dimension 1)."""
         raise NotImplementedError
+
+    def class_logits(self, out: torch.Tensor) -> torch.Tensor:
+        """The class logits of an output (dimension 1: the classes), for soft-target and logit terms."""
+        return out
+
+    def soft_target(self, student: torch.Tensor, teacher: torch.Tensor, opts: Any) -> torch.Tensor:
+        """The soft-target (KD) term between two outputs with `opts` (kdkit.methods.distiller.SoftTargets):
+        softmax soft targets per sample (or per pixel, for dense outputs)."""
+        return opts.soft(self.class_logits(student), self.class_logits(teacher))
 
     def write_examples(self, path: Any, models: dict[str, Any], loader: Any, classes: list[str],
                        count: int = 6) -> Any:

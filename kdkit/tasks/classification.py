@@ -32,6 +32,7 @@ class AccuracyMeter(Meter):
 class Classification(Task):
     name = "classification"
     primary = "accuracy"
+    agreement_key = "top1_agreement"
     target_kind = "a class index"
 
     def check_output(self, out: Any, x: torch.Tensor, num_classes: int, who: str, data_name: str) -> None:
@@ -44,7 +45,7 @@ class Classification(Task):
     def loss(self, out: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         return F.cross_entropy(out, target, label_smoothing=label_smoothing)
 
-    def meter(self, num_classes: int, device: torch.device | str) -> Meter:
+    def meter(self, channels: int, device: torch.device | str) -> Meter:
         return AccuracyMeter(device)
 
     def check_targets(self, target: torch.Tensor, num_classes: int, where: str) -> None:

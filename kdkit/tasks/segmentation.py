@@ -81,6 +81,7 @@ def upsample_factor(out_hw: tuple[int, ...], in_hw: tuple[int, ...]) -> int | No
 class Segmentation(Task):
     name = "segmentation"
     primary = "miou"
+    agreement_key = "pixel_agreement"
     target_kind = "a label map [H, W]"
 
     def check_output(self, out: Any, x: torch.Tensor, num_classes: int, who: str, data_name: str) -> None:
@@ -104,8 +105,8 @@ class Segmentation(Task):
     def loss(self, out: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         return F.cross_entropy(out, target.long(), ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
 
-    def meter(self, num_classes: int, device: torch.device | str) -> Meter:
-        return IoUMeter(num_classes, device)
+    def meter(self, channels: int, device: torch.device | str) -> Meter:
+        return IoUMeter(channels, device)
 
     @torch.no_grad()
     def write_examples(self, path: Any, models: dict[str, Any], loader: Any, classes: list[str],
