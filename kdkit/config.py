@@ -100,7 +100,8 @@ class ScenesConfig:
 @dataclass
 class DataConfig:
     name: str = opt("digits", "dataset: digits, mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, imagefolder, "
-                              "filelist; segmentation: mnist-scenes, segfolder")
+                              "filelist; segmentation: mnist-scenes, segfolder; detection: mnist-scenes "
+                              "(data.scenes.labels=boxes), coco")
     root: str | None = opt(None, "folder holding the dataset's files (not needed for digits)")
     image_size: int | None = opt(None, "resize images to this square size once, at load time", gt=0)
     channels: int | None = opt(None, "imagefolder: 1 (grayscale) or 3 (RGB); default from the images", ge=1)
@@ -114,6 +115,9 @@ class DataConfig:
                                "fashion-mnist, kmnist)")
     scenes: ScenesConfig = field(default_factory=ScenesConfig)
     ignore_index: int = opt(255, "segmentation: the label-map value of pixels that count nowhere", ge=0)
+    on_bad_box: Literal["stop", "skip"] = opt(
+        "stop", "detection (coco): a box outside its image or without area stops before any work naming the file "
+                "and the annotation (stop), or is left out and counted in the run log (skip)")
     normalize: bool = opt(True, "normalise with the training set's per-channel mean and std")
     in_memory: bool | Literal["auto"] = opt(
         "auto", "hold the decoded data in memory (true), stream it from disk in worker processes (false), or "

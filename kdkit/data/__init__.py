@@ -17,7 +17,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import DataError
-from . import cifar, digits, filelist, idx, imagefolder, scenes, segfolder, svhn
+from . import cifar, coco, digits, filelist, idx, imagefolder, scenes, segfolder, svhn
 from .augment import Augment
 from .images import ImageSet, channel_stats, resize
 from .loader import Batch, BatchLoader
@@ -46,6 +46,7 @@ DATASETS: dict[str, Callable[[DataConfig, bool], tuple[ImageSet | None, ImageSet
     "svhn": svhn.load,
     "mnist-scenes": scenes.load,
     "segfolder": segfolder.load,
+    "coco": coco.load,
     "memory": _memory,
 }
 

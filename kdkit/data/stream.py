@@ -62,9 +62,12 @@ class SampleSet:
 
     @property
     def task(self) -> str:
-        """"segmentation" when the labels are label maps decoded with the samples (``labels`` is then a
-        per-sample placeholder ``[N, 1, 1]``), else "classification"."""
-        return "segmentation" if self.labels is not None and self.labels.dim() > 1 else "classification"
+        """"detection" when the labels are boxes ``[N, M, 5]`` (float), "segmentation" when they are label maps
+        decoded with the samples (``labels`` is then a per-sample integer placeholder ``[N, 1, 1]``), else
+        "classification"."""
+        from . import target_task
+
+        return target_task(self.labels)
 
     def subset(self, index: torch.Tensor) -> SampleSet:
         return _View(self, index, labeled=self.labels is not None)
@@ -121,12 +124,13 @@ class TensorSampleSet(SampleSet):
         from .natural import augment_sample
 
         x = self.data.images[i]
-        if self.labels is not None and self.labels.dim() > 1:  # a label map: augmented with its image
+        if self.labels is not None and self.labels.dim() > 1:  # a label map or boxes: augmented with the image
             y = self.labels[i]
             if augment is not None and g is not None:
+                from .coco import augment_boxes
                 from .segfolder import augment_pair
 
-                x, y = augment_pair(x, y, augment, g)
+                x, y = augment_boxes(x, y, augment, g) if y.is_floating_point() else augment_pair(x, y, augment, g)
             return x, y
         if augment is not None and g is not None and x.dim() == 3:
             x = augment_sample(x, augment, g)
@@ -338,7 +342,9 @@ class StreamLoader:
             x = normalize(x, self.mean, self.std)
         if self.memory_format is not torch.contiguous_format and x.dim() == 4:
             x = x.contiguous(memory_format=self.memory_format)
-        labels = None if self.data.labels is None else y.to(self.device).long()
+        labels = None if self.data.labels is None else y.to(self.device)
+        if labels is not None and not labels.is_floating_point():  # class indices, label maps; boxes stay float
+            labels = labels.long()
         return Batch(x, labels, index)
 
 
