@@ -180,6 +180,12 @@ def _eval(args: argparse.Namespace) -> int:
     size = mf.info.input_shape[1]
     root = args.root or (mf.meta.get("data_root") if name == mf.info.name else None)
     cfg = DataConfig(name=name, root=root, val_split=0.0)
+    if name == mf.info.name and mf.meta.get("scenes"):  # the scenes the model was trained on (size, labels...)
+        from .config import ScenesConfig
+        from .schema import parse
+
+        cfg.scenes = parse(ScenesConfig, dict(mf.meta["scenes"]), "scenes")
+        cfg.source = mf.meta.get("data_source", cfg.source)
     cfg.validate("--data")
     bundle = load_data(cfg)
     if bundle.info.input_shape[1:] != tuple(mf.info.input_shape[1:]):

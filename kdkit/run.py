@@ -35,6 +35,7 @@ from .errors import CheckpointError, ConfigError, KdkitError, ModelError, warn
 from .measure import count_params, model_card
 from .methods import Method, method_class
 from .modelfile import BuiltModel, build_from_config, save_model
+from .schema import to_dict
 from .tasks import get_task
 
 
@@ -408,6 +409,8 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         save_model(run_dir / "model.pt", exported, student_spec, student_args, info,
                    meta={"method": cfg.method.name, f"test_{primary}": test[primary], "seed": cfg.seed,
                          "run_dir": str(run_dir), "data_root": cfg.data.root, "python_object": role in models,
+                         "scenes": to_dict(cfg.data.scenes) if cfg.data.name == "mnist-scenes" else None,
+                         "data_source": cfg.data.source,
                          "kdkit": __version__},
                    patches=method.export_patches())
         if role in models:  # another process cannot rebuild the user's class: keep the exported program

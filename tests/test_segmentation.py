@@ -394,3 +394,12 @@ def test_python_api_takes_label_maps_like_labels(tmp_path):
     with pytest.raises(DataError, match="label 7 but the model outputs 3 classes.*255: ignored"):
         kdkit.train(model, (images[:16], bad[:16]), test_data=(images[16:], maps[16:]), epochs=1,
                     output_dir=str(tmp_path / "bad"))
+
+
+def test_eval_scores_a_segmentation_model_on_the_scenes_it_was_trained_on(seg_teacher, capsys):
+    from kdkit.cli import main
+
+    summary = json.loads((seg_teacher.parent / "summary.json").read_text())
+    assert main(["eval", "--checkpoint", str(seg_teacher.parent)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["miou"] == pytest.approx(summary["test_miou"], abs=1e-6) and len(out["per_class_iou"]) == 11
