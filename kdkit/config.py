@@ -115,6 +115,9 @@ class DataConfig:
                                "fashion-mnist, kmnist)")
     scenes: ScenesConfig = field(default_factory=ScenesConfig)
     ignore_index: int = opt(255, "segmentation: the label-map value of pixels that count nowhere", ge=0)
+    unseen_classes: list[int] = opt([], "task: embedding: classes (identities) kept out of training; their training "
+                                        "images give the validation split (data.val_split of them) and their test "
+                                        "images the test split: verification on identities never seen")
     on_bad_box: Literal["stop", "skip"] = opt(
         "stop", "detection (coco): a box outside its image or without area stops before any work naming the file "
                 "and the annotation (stop), or is left out and counted in the run log (skip)")
@@ -218,6 +221,22 @@ class MethodConfig:
 
 
 @dataclass
+class EmbeddingConfig:
+    dim: int = opt(128, "task: embedding: the width of the models' embedding (their output)", gt=0)
+    head: Literal["softmax", "cosface", "arcface"] = opt(
+        "arcface", "the classifier over training identities: softmax, cosface (Wang et al. 2018), arcface (Deng et "
+                   "al. 2019); kdkit.margin_heads")
+    scale: float = opt(64.0, "cosface/arcface: the scale s of the cosine logits", gt=0)
+    margin: float = opt(0.5, "cosface/arcface: the margin m (arcface: radians; the papers use 0.5, cosface 0.35)",
+                        ge=0)
+    easy_margin: bool = opt(False, "arcface: apply the margin only where cos(theta) > 0")
+    metric: Literal["tar_far1e-2", "tar_far1e-3", "tar_far1e-4", "recall_at_1"] = opt(
+        "tar_far1e-3", "the verification metric validation selects on (higher is better)")
+    max_eval_images: int = opt(4000, "verification uses every pair of at most this many images of a split (a seeded "
+                                     "choice beyond it)", gt=1)
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = opt(False, "also write the logged figures as TensorBoard scalars to RUN_DIR/tensorboard "
                             "(needs the tensorboard package)")
@@ -237,6 +256,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     #: the recipe's own name when the run was renamed for the data it reads (kdkit.run.named_for_data);
     #: recorded in summary.json, not in config.yaml
     recipe_name: str | None = field(default=None, repr=False, compare=False)
@@ -259,10 +279,13 @@ class Config:
         out["method"] = {"name": self.method.name, **to_dict(self.method.options or {})}
         out["train"] = to_dict(self.train)
         out["logging"] = to_dict(self.logging)
+        if self.task == "embedding":
+            out["embedding"] = to_dict(self.embedding)
         return out
 
 
-TOP_KEYS = ("name", "seed", "output_dir", "task", "model", "teacher", "student", "data", "method", "train", "logging")
+TOP_KEYS = ("name", "seed", "output_dir", "task", "model", "teacher", "student", "data", "method", "train", "logging",
+            "embedding")
 
 
 def parse_value(text: str) -> Any:
@@ -351,6 +374,9 @@ def build_config(raw: dict[str, Any], default_method: str = "kd") -> Config:
     cfg.data = parse(DataConfig, raw.get("data") or {}, "data")
     cfg.train = parse(TrainConfig, raw.get("train") or {}, "train")
     cfg.logging = parse(LoggingConfig, raw.get("logging") or {}, "logging")
+    cfg.embedding = parse(EmbeddingConfig, raw.get("embedding") or {}, "embedding")
+    if raw.get("embedding") and cfg.task != "embedding":
+        raise ConfigError("the embedding section configures task: embedding; set task: embedding or remove it")
     cfg.method = parse_method(raw.get("method"), default_method)
     return cfg
 

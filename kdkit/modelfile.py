@@ -81,7 +81,7 @@ def parse_model_file(obj: Any, path: Any) -> tuple[ModelFile, dict[str, Any]]:
         )
     d = obj["data"]
     info = DataInfo(d["name"], list(d["classes"]), tuple(d["input_shape"]), list(d["mean"]), list(d["std"]),
-                    task=d.get("task", "classification"))
+                    task=d.get("task", "classification"), embedding=d.get("embedding"))
     mf = ModelFile(obj["arch"], obj["module"], dict(obj["args"]), info, dict(obj.get("meta", {})),
                    list(obj.get("patches", [])))
     return mf, obj["state_dict"]
@@ -135,7 +135,7 @@ def load(path: str | os.PathLike) -> nn.Module:
 def model_args(spec: ModelConfig, info: DataInfo, role: str) -> dict[str, Any]:
     """The factory arguments of `spec`, with the data's class count, channels and input size filled in."""
     args = dict(spec.args)
-    for key, value in (("num_classes", info.num_classes), ("in_channels", info.in_channels),
+    for key, value in (("num_classes", info.output_size), ("in_channels", info.in_channels),
                        ("input_size", info.input_size), ("input_shape", list(info.input_shape))):
         if key in args and args[key] != value:
             from .errors import ConfigError

@@ -36,7 +36,7 @@ from .measure import count_params, model_card
 from .methods import Method, method_class
 from .modelfile import BuiltModel, build_from_config, save_model
 from .schema import to_dict
-from .tasks import get_task
+from .tasks import get_task, task_for
 
 
 @dataclass
@@ -179,15 +179,23 @@ def check_forward(model: nn.Module, x: torch.Tensor, info: DataInfo, role: str, 
     output contract ([batch, classes] logits; [batch, classes, H, W] for segmentation)."""
     out = forward_two(model, x, f"{role} {label}", f" from {info.name}",
                       "; set data.image_size (or the model's input_size/in_channels) to match")
-    get_task(info.task).check_output(out, x[:2], info.num_classes, f"{role} {label}", info.name)
+    task_for(info).check_output(out, x[:2], info.num_classes, f"{role} {label}", info.name)
 
 
 def resolve_task(cfg: Config, info: DataInfo, cls: type[Method]) -> None:
     """Set the run's task from the data (``task: auto``) or check the configured one against it, and check that
     the method works on it: one-line errors before any work."""
+    if cfg.task == "embedding" and info.task == "classification":  # identities: labels like classes
+        from .schema import to_dict as _as_dict
+
+        info.task, info.embedding = "embedding", _as_dict(cfg.embedding)
+    elif cfg.data.unseen_classes:
+        raise ConfigError("data.unseen_classes holds identities out of training for verification: set task: "
+                          "embedding, or remove it")
     data_task = info.task
     if cfg.task not in ("auto", data_task):
-        what = {"classification": "one class per image", "segmentation": "a label map per image"}
+        what = {"classification": "one class per image", "segmentation": "a label map per image",
+                "detection": "boxes per image"}
         raise ConfigError(f"task: {cfg.task}, but {info.name} is a {data_task} dataset ({what.get(data_task, '')}); "
                           f"pick a {cfg.task} dataset (data.name) or set task: auto")
     if data_task not in cls.tasks:
@@ -278,7 +286,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         data = load_data(cfg.data, train_images=False, stats=stats)
     info = data.info
     resolve_task(cfg, info, cls)
-    task = get_task(info.task)
+    task = task_for(info)
     primary = task.primary
 
     role = "model" if command == "train" else "student"
@@ -353,6 +361,9 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     engine = Engine(method, data, cfg, run_dir=run_dir, dist=dist, device=device)
     history = engine.fit(resume=state)
     method.finish()
+    if method.head is not None and dist.is_main:  # the head over the training identities, for head sharing
+        torch.save({"kdkit_head": 1, "state_dict": method.head.state_dict(), "embedding": info.embedding,
+                    "classes": info.classes}, run_dir / "head.pt")
 
     final = method.eval_model()
     val = evaluate(final, _eval_loader(data, "val", cfg, device, dist), dist, task) if data.val is not None else None
@@ -517,11 +528,11 @@ def _report_card(student: nn.Module, teacher: nn.Module | None, student_acc: flo
     from .measure import busy_note
 
     card: dict[str, Any] = {}
-    key = get_task(info.task).agreement_key
+    key = task_for(info).agreement_key
     agree = agreement(teacher, student, test, dist, info.task) if teacher is not None and key else None
     if not dist.is_main:
         return card
-    metric = get_task(info.task).primary
+    metric = task_for(info).primary
     cards = {"student" if teacher is not None else "model": model_card(student, info.input_shape, student_acc,
                                                                        metric)}
     if teacher is not None:

@@ -61,10 +61,17 @@ class DataInfo:
     shots: int | None = None  # images per class of the few-shot view (data.shots_per_class), if any
     #: what the labels are (kdkit.tasks): "classification" (a class per sample), "segmentation" (a label map)
     task: str = "classification"
+    #: task: embedding: the embedding section (dim, head, metric...), set by the runner
+    embedding: dict | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def output_size(self) -> int:
+        """The width of a model's output: the class count, or the embedding's width (task: embedding)."""
+        return int(self.embedding["dim"]) if self.task == "embedding" and self.embedding else self.num_classes
 
     @property
     def in_channels(self) -> int:
@@ -84,6 +91,8 @@ class DataInfo:
                "mean": self.mean, "std": self.std}
         if self.task != "classification":
             out["task"] = self.task
+        if self.embedding:
+            out["embedding"] = self.embedding
         return out
 
 
@@ -206,7 +215,9 @@ def make_bundle(cfg: DataConfig, train: Split | None, test: Split, train_images:
                     "val_data, or data.in_memory=true to collect it and carve one")
             return DataBundle(info, train if train_images else None, None, test, notes=[note], path="stream")
         return DataBundle(info, train if train_images else None, val, test, path="stream")
-    if val is None and cfg.val_split > 0:
+    if cfg.unseen_classes and train is not None:
+        train, val, test, info.classes = open_set(cfg, train, test, val)
+    elif val is None and cfg.val_split > 0:
         assert train is not None and train.labels is not None
         keep, held = stratified_split(train.labels, cfg.val_split, cfg.split_seed)
         train, val = train.subset(keep), train.subset(held)
@@ -226,6 +237,40 @@ def make_bundle(cfg: DataConfig, train: Split | None, test: Split, train_images:
         full = train
         train = train.subset(per_class(train.labels, cfg.train_subset, cfg.split_seed, "data.train_subset"))
     return DataBundle(info, train, val, test, fewshot, full)
+
+
+def open_set(cfg: DataConfig, train: Split, test: Split, val: Split | None
+             ) -> tuple[ImageSet, ImageSet | None, ImageSet, list[str]]:
+    """The open-set split of ``data.unseen_classes``: training on the other classes (relabelled 0..K-1 in their
+    order), validation on ``data.val_split`` of the unseen classes' training images, test on their test images
+    (their labels kept: verification only asks which images share an identity)."""
+    if not all(isinstance(x, ImageSet) for x in (train, test)) or train.labels is None or test.labels is None:
+        raise DataError("data.unseen_classes splits labeled data held in memory: set data.in_memory=true")
+    if val is not None:
+        raise DataError("data.unseen_classes carves the validation split from the unseen classes; do not give one")
+    known = set(range(len(train.classes))) if train.classes else set(train.labels.unique().tolist())
+    unseen = sorted(set(cfg.unseen_classes))
+    missing = [c for c in unseen if c not in known]
+    if missing or len(unseen) >= len(known):
+        raise DataError(f"data.unseen_classes={unseen}: classes are 0..{len(known) - 1}"
+                        + (f"; {missing} are not among them" if missing else "; keep at least one class for training"))
+    seen = [c for c in sorted(known) if c not in unseen]
+    remap = torch.full((max(known) + 1,), -1, dtype=torch.long)
+    remap[torch.tensor(seen)] = torch.arange(len(seen))
+    is_seen = remap[train.labels] >= 0
+    tr = ImageSet(train.images[is_seen], remap[train.labels[is_seen]], [train.classes[c] for c in seen]
+                  if train.classes else [str(c) for c in seen])
+    held = torch.nonzero(~is_seen).flatten()
+    val_set = None
+    if cfg.val_split > 0 and len(held):
+        n = round(len(held) * cfg.val_split) if cfg.val_split < 1 else min(len(held), int(cfg.val_split))
+        pick = held[torch.randperm(len(held), generator=torch.Generator().manual_seed(cfg.split_seed))[:n]]
+        val_set = train.subset(pick.sort().values)
+    te = test.subset(torch.nonzero(torch.isin(test.labels, torch.tensor(unseen))).flatten())
+    if len(te) < 2:
+        raise DataError(f"data.unseen_classes={unseen}: the test split holds {len(te)} image(s) of those classes; "
+                        "verification needs pairs")
+    return tr, val_set, te, tr.classes
 
 
 def labels_task(data: Split) -> str:

@@ -88,7 +88,8 @@ def fmt(values: dict[str, Any]) -> str:
     for k, v in values.items():
         if not isinstance(v, int | float):  # lists (histograms) go to metrics.jsonl only
             continue
-        if "accuracy" in k or k.endswith(("miou", "map", "map50")):
+        if "accuracy" in k or k.endswith(("miou", "map", "map50", "recall_at_1", "eer")) or "/tar_far" in k \
+                or k.startswith("tar_far"):
             parts.append(f"{k} {100 * v:.2f}%")
         elif k == "lr":
             parts.append(f"lr {v:.3g}")

@@ -110,14 +110,17 @@ class Method(nn.Module):
     def __init__(self, opts: Any, *, student: nn.Module, teacher: nn.Module | None, info: DataInfo,
                  train: TrainConfig):
         super().__init__()
-        from ..tasks import get_task
+        from ..tasks import task_for
 
         self.opts = opts
         self.student = student
         self.info = info
         self.train_cfg = train
         #: the run's task: the supervised loss, the output's alignment to the labels (kdkit.tasks)
-        self.task = get_task(info.task)
+        self.task = task_for(info)
+        #: the student's classifier head when its outputs are not logits (embeddings: a margin head over the
+        #: training identities), trained with it and saved beside the model as head.pt
+        self.head = self.task.make_head(info.output_size, info.num_classes)
 
     # ---- hooks the engine calls -------------------------------------------------------------
     def setup(self, sample: Batch) -> None:

@@ -148,7 +148,7 @@ class Distiller(Method):
         """The task's loss on labels (cross-entropy per sample or per pixel); a clear error without labels."""
         if batch.y is None:
             raise ModelError(f"method {self.name!r}: {what} needs labels, but the data has none; set ce_weight=0")
-        return self.task.loss(s_logits, batch.y)
+        return self.task.loss(s_logits, batch.y, head=self.head)
 
     def student_step(self, batch: Batch | None) -> dict[str, torch.Tensor]:
         assert batch is not None
@@ -175,6 +175,6 @@ class Distiller(Method):
 
     def stages(self) -> list[Stage]:
         normalizer = [self.kd_normalizer] if self.kd_normalizer is not None else []
-        trained = [self.student, *self.extra_modules(), *normalizer]
+        trained = [self.student, *self.extra_modules(), *normalizer, *([self.head] if self.head is not None else [])]
         return [Stage("distill", [Update("student", params_of(*trained), self.student_step)],
                       self.train_cfg.epochs, train_modules=trained)]

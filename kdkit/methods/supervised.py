@@ -12,7 +12,7 @@ import torch
 from ..data import Batch
 from ..schema import opt
 from . import register
-from .base import Method, Stage, Update
+from .base import Method, Stage, Update, params_of
 
 
 @dataclass
@@ -26,13 +26,14 @@ class Supervised(Method):
     Options = SupervisedOptions
     needs_teacher = False
     frozen_prefixes = ()
-    tasks = ("classification", "segmentation", "detection")
+    tasks = ("classification", "segmentation", "detection", "embedding")
 
     def step(self, batch: Batch | None) -> dict[str, torch.Tensor]:
         assert batch is not None and batch.y is not None
         out = self.task.align(self.student(batch.x), batch.x)
-        return {self.task.loss_name: self.task.loss(out, batch.y, self.opts.label_smoothing)}
+        return {self.task.loss_name: self.task.loss(out, batch.y, self.opts.label_smoothing, head=self.head)}
 
     def stages(self) -> list[Stage]:
-        return [Stage("train", [Update("model", list(self.student.parameters()), self.step)],
-                      self.train_cfg.epochs, train_modules=[self.student])]
+        trained = [m for m in (self.student, self.head) if m is not None]
+        return [Stage("train", [Update("model", params_of(*trained), self.step)], self.train_cfg.epochs,
+                      train_modules=trained)]

@@ -10,20 +10,24 @@ task                    targets                                     primary metr
 ``classification``      one class index per sample, ``[N]``          ``accuracy`` (top-1)
 ``segmentation``        one class index per pixel, ``[N, H, W]``     ``miou`` (mean IoU)
 ``detection``           boxes ``[N, M, 5]`` (fractions, class)       ``map`` (COCO mAP@[.5:.95])
+``embedding``           one identity per sample, ``[N]``             ``tar_far1e-3`` (or embedding.metric)
 ======================  ==========================================  ================================
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import ConfigError, did_you_mean
 from .base import Meter, Task
 from .classification import Classification
 from .detection import Detection
+from .embedding import Embedding
 from .segmentation import Segmentation
 
-TASKS: dict[str, Task] = {t.name: t for t in (Classification(), Segmentation(), Detection())}
+TASKS: dict[str, Task] = {t.name: t for t in (Classification(), Segmentation(), Detection(), Embedding())}
 #: tasks named in the configuration that are planned but not built yet
-PLANNED = ("embedding",)
+PLANNED: tuple[str, ...] = ()
 
 
 def get_task(name: str) -> Task:
@@ -35,4 +39,10 @@ def get_task(name: str) -> Task:
     raise ConfigError(f"unknown task {name!r}{did_you_mean(name, TASKS)}; tasks: {', '.join(TASKS)}")
 
 
-__all__ = ["TASKS", "Classification", "Detection", "Meter", "Segmentation", "Task", "get_task"]
+def task_for(info: Any) -> Task:
+    """The task of a run's data (kdkit.data.DataInfo), with its options (the embedding section)."""
+    t = get_task(info.task)
+    return t.configured(info.embedding) if getattr(info, "embedding", None) else t
+
+
+__all__ = ["TASKS", "Classification", "Detection", "Embedding", "Meter", "Segmentation", "Task", "get_task", "task_for"]

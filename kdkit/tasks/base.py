@@ -49,13 +49,23 @@ class Task:
         """The output as the targets of the batch `x` are laid out (default: as it is)."""
         return out
 
-    def loss(self, out: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        """The supervised loss of the (aligned) output against the targets."""
+    def loss(self, out: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
+             head: torch.nn.Module | None = None) -> torch.Tensor:
+        """The supervised loss of the (aligned) output against the targets (`head`: the method's classifier head,
+        for tasks whose outputs are not logits)."""
         raise NotImplementedError
 
     def predict(self, out: torch.Tensor) -> torch.Tensor:
         """Hard predictions from the (aligned) output: class per sample, or per pixel."""
         return out.argmax(1)
+
+    def make_head(self, dim: int, num_classes: int) -> torch.nn.Module | None:
+        """The trainable classifier head a method needs on top of outputs of width `dim` (None: outputs are logits)."""
+        return None
+
+    def configured(self, options: dict[str, Any]) -> Task:
+        """This task with run options (the embedding section); most tasks have none."""
+        return self
 
     def meter(self, channels: int, device: torch.device | str) -> Meter:
         """A fresh meter for a model whose output has `channels` channels (dimension 1)."""

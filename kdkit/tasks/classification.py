@@ -42,7 +42,8 @@ class Classification(Task):
                 f"{who} outputs {shape} for a batch of {len(x)}, expected ({len(x)}, {num_classes}) logits for "
                 f"{data_name}'s {num_classes} classes; set num_classes or adapt the model's forward")
 
-    def loss(self, out: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    def loss(self, out: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
+             head: torch.nn.Module | None = None) -> torch.Tensor:
         return F.cross_entropy(out, target, label_smoothing=label_smoothing)
 
     def meter(self, channels: int, device: torch.device | str) -> Meter:

@@ -227,7 +227,8 @@ class Detection(Task):
                 "centre offset x and y, on a grid of the image's size over an integer stride s; use a detection "
                 "model (kdkit models: centernet_*)")
 
-    def loss(self, out: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    def loss(self, out: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
+             head: torch.nn.Module | None = None) -> torch.Tensor:
         return detection_loss(out, target, out.shape[1] - 4)
 
     def class_logits(self, out: torch.Tensor) -> torch.Tensor:

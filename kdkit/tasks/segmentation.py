@@ -102,7 +102,8 @@ class Segmentation(Task):
             return out
         return F.interpolate(out, size=size, mode="bilinear", align_corners=False)
 
-    def loss(self, out: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    def loss(self, out: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
+             head: torch.nn.Module | None = None) -> torch.Tensor:
         return F.cross_entropy(out, target.long(), ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
 
     def meter(self, channels: int, device: torch.device | str) -> Meter:
