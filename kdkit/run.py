@@ -322,14 +322,14 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     method: Method = cls(cfg.method.options, student=student, teacher=teacher, info=info, train=tc)
     method.to(device)
     method.data = data
-    method.setup(replace(sample, x=sample.x.to(device)))
-    apply_speed_options(tc, [method], [method.student, getattr(method, "teacher", None)])
-
-    run_dir = make_run_dir(cfg, resume, dist, overwrite)
     roles = {"student": (student_spec, student_args)}
     if t_built is not None:
         roles["teacher"] = (t_built.spec, t_built.args)
     method.specs = roles
+    method.setup(replace(sample, x=sample.x.to(device)))
+    apply_speed_options(tc, [method], [method.student, getattr(method, "teacher", None)])
+
+    run_dir = make_run_dir(cfg, resume, dist, overwrite)
     if dist.is_main:
         method.run_dir = run_dir
 

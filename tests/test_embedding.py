@@ -4,6 +4,7 @@ tiny end-to-end runs on identities never seen in training."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -126,7 +127,7 @@ def emb_teacher(tmp_path_factory):
     return out / "model.pt"
 
 
-@pytest.mark.parametrize("method", ["rkd", "embedding_kd"])
+@pytest.mark.parametrize("method", ["rkd", "embedding_kd", "th_kd"])
 def test_embedding_distillation_end_to_end(tmp_path, emb_teacher, method):
     over = {"teacher.checkpoint": str(emb_teacher), "student.arch": "mlp", "student.hidden": "[24]",
             "method.name": method, **EMB}
@@ -134,6 +135,11 @@ def test_embedding_distillation_end_to_end(tmp_path, emb_teacher, method):
     s = r.summary
     assert 0 <= s["test_tar_far1e-2"] <= 1 and s["stages"][-1]["val_tar_far1e-2"] is not None
     assert r.model(torch.zeros(2, 1, 16, 16)).shape == (2, 16)  # the exported student gives embeddings
+    if method == "th_kd":  # the teacher's margin head, read from its run folder, stays as it was
+        saved = torch.load(emb_teacher.with_name("head.pt"), weights_only=True)["state_dict"]["weight"]
+        assert torch.equal(r.method.teacher_margin_head.weight.cpu(), saved)
+        epochs = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert any("train/th" in x for x in epochs if x["event"] == "epoch") and s["head_cosine"] is not None
 
 
 def test_embedding_bad_input_is_one_line(tmp_path, emb_teacher):

@@ -158,13 +158,18 @@ class Distiller(Method):
         if o.ce_weight > 0:
             losses[self.task.loss_name] = o.ce_weight * self.supervised(s_logits, batch)
         if o.kd_weight > 0:
-            kd = self.task.soft_target(s_logits, t_logits, o)
+            kd = self.soft_term(s_logits, t_logits)
             losses["kd"] = o.kd_weight * (self.kd_normalizer({"kd": kd}) if self.kd_normalizer is not None else kd)
         losses.update(self.extra_losses(batch, s_logits, t_logits))
         for taps in (self.student_taps, self.teacher_taps):
             if taps is not None:
                 taps.clear()
         return losses
+
+    def soft_term(self, s_out: torch.Tensor, t_out: torch.Tensor) -> torch.Tensor:
+        """The KD term between the two models' outputs (the task's soft targets; head-sharing methods on embeddings
+        compare their heads' logits instead)."""
+        return self.task.soft_target(s_out, t_out, self.opts)
 
     def extra_losses(self, batch: Batch, s_logits: torch.Tensor, t_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
