@@ -192,8 +192,32 @@ def _pct(v: Any) -> str:
 
 
 #: validation keys of the tasks' primary metrics in metrics.jsonl, and their names in plots and tables
-VAL_KEYS = ("val/accuracy", "val/miou")
-METRIC_NAMES = {"accuracy": "accuracy", "miou": "mIoU"}
+VAL_KEYS = ("val/accuracy", "val/miou", "val/map",
+            *(f"val/{k}" for k in ("tar_far1e-2", "tar_far1e-3", "tar_far1e-4", "recall_at_1")))
+METRIC_NAMES = {"accuracy": "accuracy", "miou": "mIoU", "map": "mAP@[.5:.95]", "map50": "mAP@.5",
+                "pixel_accuracy": "pixel accuracy", "eer": "EER", "recall_at_1": "recall@1",
+                "tar_far1e-2": "TAR@FAR=1e-2", "tar_far1e-3": "TAR@FAR=1e-3", "tar_far1e-4": "TAR@FAR=1e-4"}
+
+
+def plot_roc(summary: dict[str, Any], out: Path, title: str) -> Path | None:
+    """Teacher and student ROC curves (verification: TAR against FAR, log FAR axis), from summary.json."""
+    curves = {name: summary.get(key, {}).get("roc") for name, key in
+              (("student" if summary.get("teacher") else "model", "test_metrics"), ("teacher", "teacher_test_metrics"))}
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, roc in curves.items():
+        pts = [(f, t) for f, t in zip(roc["far"], roc["tar"]) if f > 0]
+        ax.plot([f for f, _ in pts], [t for _, t in pts], label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("false accept rate (impostor pairs accepted)")
+    ax.set_ylabel("true accept rate (genuine pairs accepted)")
+    ax.set_title(f"{title}: verification on the test identities")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return _save(plt, fig, out)
 
 
 def _metric(d: dict[str, Any]) -> str:
@@ -209,7 +233,9 @@ def card_lines(card: dict[str, Any]) -> list[str]:
     if not roles:
         return []
     m = _metric(card[roles[0]])
+    further = [k for k in card[roles[0]] if k.startswith("test_") and k != f"test_{m}"]
     rows = [(f"test {METRIC_NAMES.get(m, m)}", lambda c: _pct(c.get(f"test_{m}"))),
+            *[(f"test {METRIC_NAMES.get(k[5:], k[5:])}", lambda c, k=k: _pct(c.get(k))) for k in further],
             ("parameters", lambda c: f"{c['params']:,}"),
             ("MACs per image", lambda c: f"{c['macs']:,}"),
             ("size on disk", lambda c: f"{c['size_bytes'] / 1e6:.3f} MB"),
@@ -244,7 +270,8 @@ def report_run(d: Path) -> list[Path]:
     summary = _summary(d)
     title = d.name if summary.get("name") in (None, "run") else summary["name"]
     plots = [plot_curves(rows, d / "curves.png", title), plot_weights(rows, d / "weights.png", title),
-             plot_generated(rows, d / "generated.png", title), plot_stages(rows, d / "stages.png", title)]
+             plot_generated(rows, d / "generated.png", title), plot_stages(rows, d / "stages.png", title),
+             plot_roc(summary, d / "roc.png", title)]
     files = [f for f in plots if f is not None]
     lines = [f"# {title}", "", f"Run directory: `{d}`", ""]
     if summary:

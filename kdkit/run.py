@@ -353,10 +353,10 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
             raise ConfigError(f"cannot write in the run folder {run_dir} ({e.strerror or e}); choose an output_dir "
                               "that can be written") from None
 
-    teacher_test = None
+    teacher_test, teacher_metrics = None, None
     if teacher is not None:
-        teacher_test = evaluate(teacher.to(device), _eval_loader(data, "test", cfg, device, dist), dist,
-                                task)[primary]
+        teacher_metrics = evaluate(teacher.to(device), _eval_loader(data, "test", cfg, device, dist), dist, task)
+        teacher_test = teacher_metrics[primary]
 
     engine = Engine(method, data, cfg, run_dir=run_dir, dist=dist, device=device)
     history = engine.fit(resume=state)
@@ -397,8 +397,12 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
                     "data_order": next((h["data_order"] for h in history if h.get("data_order")), None)},
     }
     if task.name != "classification":
-        summary.update(task=task.name, primary_metric=primary, classes=info.classes,
-                       test_metrics={k: v for k, v in test.items() if k not in ("count", "objects")})
+        def figures(scores: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in scores.items() if k not in ("count", "objects")}
+
+        summary.update(task=task.name, primary_metric=primary, classes=info.classes, test_metrics=figures(test))
+        if teacher_metrics is not None:
+            summary["teacher_test_metrics"] = figures(teacher_metrics)
         if dist.is_main:
             from .report import EXAMPLES
 
@@ -414,6 +418,9 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     summary.update(method.summary())
     summary["report_card"] = _report_card(exported, teacher, test[primary], teacher_test, info,
                                           _eval_loader(data, "test", cfg, device, dist), dist)
+    for role, scores in (("student" if teacher is not None else "model", test), ("teacher", teacher_metrics)):
+        if scores is not None and role in summary["report_card"]:  # the task's further figures (EER, mAP@.5...)
+            summary["report_card"][role].update({f"test_{k}": scores.get(k) for k in task.card_keys})
     if dist.is_main:
         summary["report_card"].update(method.card_fields())
     if dist.is_main:

@@ -158,3 +158,18 @@ def test_embedding_bad_input_is_one_line(tmp_path, emb_teacher):
     with pytest.raises(ConfigError, match="method 'kd' does not work on embedding"):
         execute(load_config(None, digits_overrides(tmp_path / "d", **{
             "teacher.checkpoint": str(emb_teacher), "student.arch": "mlp", "method.name": "kd", **EMB})), "distill")
+
+
+def test_report_draws_both_roc_curves_and_the_card_gives_tar_and_eer(tmp_path, emb_teacher):
+    from kdkit.report import report
+
+    over = {"teacher.checkpoint": str(emb_teacher), "student.arch": "mlp", "student.hidden": "[24]",
+            "method.name": "rkd", "train.epochs": 1, **{k: v for k, v in EMB.items() if k != "train.epochs"}}
+    r = execute(load_config(None, digits_overrides(tmp_path / "run", **over)), "distill")
+    card = r.summary["report_card"]
+    for role in ("teacher", "student"):
+        assert {"test_tar_far1e-2", "test_eer", "test_recall_at_1"} <= set(card[role])
+    report([r.run_dir])
+    text = (r.run_dir / "report.md").read_text()
+    assert (r.run_dir / "roc.png").is_file() and "![roc](roc.png)" in text
+    assert "| test EER |" in text and "| test TAR@FAR=1e-2 |" in text

@@ -35,6 +35,8 @@ class Task:
     primary: ClassVar[str] = ""
     #: what one sample's target is, for messages
     target_kind: ClassVar[str] = ""
+    #: further test metrics shown on the report card beside the primary one
+    card_keys: ClassVar[tuple[str, ...]] = ()
     #: the name of the supervised loss in logs (train/<name>)
     loss_name: ClassVar[str] = "ce"
     #: the report card's key for how often student and teacher predict the same (None: not measured)

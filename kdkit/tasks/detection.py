@@ -212,6 +212,7 @@ class Detection(Task):
     name = "detection"
     primary = "map"
     target_kind = "boxes [M, 5]"
+    card_keys = ("map50",)
     agreement_key = None  # no per-sample class to agree on
     loss_name = "det"  # focal heatmap loss + size and offset L1
 

@@ -114,6 +114,7 @@ class Embedding(Task):
     name = "embedding"
     primary = "tar_far1e-3"
     target_kind = "an identity"
+    card_keys = ("tar_far1e-2", "tar_far1e-3", "tar_far1e-4", "eer", "recall_at_1")
     agreement_key = None
 
     def __init__(self, options: dict[str, Any] | None = None):

@@ -81,6 +81,7 @@ def upsample_factor(out_hw: tuple[int, ...], in_hw: tuple[int, ...]) -> int | No
 class Segmentation(Task):
     name = "segmentation"
     primary = "miou"
+    card_keys = ("pixel_accuracy",)
     agreement_key = "pixel_agreement"
     target_kind = "a label map [H, W]"
 
