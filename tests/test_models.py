@@ -17,7 +17,7 @@ REFERENCE_PARAMS_100 = {"resnet8x4": 1.23e6, "resnet32x4": 7.43e6, "wrn_40_2": 2
 def test_every_zoo_model_builds_runs_and_declares_its_parts(name):
     size = entry(name).default_input_size
     task = entry(name).task
-    dense = task != "classification"
+    dense = task in ("segmentation", "detection")
     for c, k in ((1, 10), (3, 7)):
         m = create(name, num_classes=k, in_channels=c)
         y = m(torch.randn(2, c, size, size))
@@ -25,6 +25,12 @@ def test_every_zoo_model_builds_runs_and_declares_its_parts(name):
             assert y.shape[:2] == (2, k + 4) and size % y.shape[-1] == 0
         else:
             assert y.shape == ((2, k, size, size) if dense else (2, k))
+    if task == "embedding":  # the output is the embedding; no classifier inside
+        parts = model_parts(m, classifier="stem")
+        with Taps(m, list(parts.stages)) as t:
+            m.eval()(torch.randn(2, 3, size, size))
+            assert all(t[s].dim() == 4 for s in parts.stages)
+        return
     parts = model_parts(m)
     assert parts.stages, name
     if dense:  # stages are feature maps; the classifier is a conv

@@ -4,7 +4,7 @@
 ``model_parts(model)`` tells a model's stages, classifier and embedding.
 """
 
-from . import detection, lenet, mlp, mobilenetv2, resnet, segmentation, vgg, wrn  # noqa: F401  (registers the zoo)
+from . import detection, face, lenet, mlp, mobilenetv2, resnet, segmentation, vgg, wrn  # noqa: F401  (registers the zoo)
 from .parts import ModelParts, model_parts, require_stages, unwrap
 from .registry import build, check_factory_args, create, entry, import_factory, zoo_names
 
