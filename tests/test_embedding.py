@@ -62,6 +62,15 @@ def test_verification_metrics_by_hand():
     assert 0 < out["eer"] < 0.5
 
 
+def test_identities_with_a_single_image_cannot_be_verified():
+    from kdkit.tasks.embedding import EmbeddingMeter
+
+    meter = EmbeddingMeter(100, "cpu", "recall_at_1")
+    meter.update(torch.randn(5, 4), torch.arange(5))
+    with pytest.raises(DataError, match="verification needs two images of an identity"):
+        meter.result()
+
+
 def test_tar_at_far_is_read_from_scikit_learns_roc():
     from sklearn.metrics import roc_curve
 

@@ -101,9 +101,12 @@ class EmbeddingMeter(Meter):
 
     def result(self) -> dict[str, Any]:
         out = verification(torch.cat(self.emb), torch.cat(self.labels), self.max_images)
-        if out.get(self.primary) is None:
-            from ..errors import DataError
+        from ..errors import DataError
 
+        if out["genuine_pairs"] == 0:
+            raise DataError(f"verification needs two images of an identity, but each of the split's {out['images']} "
+                            "images shows a different one: give several images per identity")
+        if out.get(self.primary) is None:
             raise DataError(f"embedding.metric={self.primary} cannot be measured on a split of {out['images']} images "
                             f"({out['genuine_pairs']} genuine, {out['impostor_pairs']} impostor pairs; a TAR at FAR f "
                             "needs 10 / f impostor pairs): choose a higher FAR or recall_at_1, or enlarge the split")
