@@ -182,3 +182,19 @@ def test_report_draws_both_roc_curves_and_the_card_gives_tar_and_eer(tmp_path, e
     text = (r.run_dir / "report.md").read_text()
     assert (r.run_dir / "roc.png").is_file() and "![roc](roc.png)" in text
     assert "| test EER |" in text and "| test TAR@FAR=1e-2 |" in text
+
+
+@pytest.mark.parametrize("final", ["kd", "th_kd"])
+def test_sh_kd_on_embeddings_trains_the_teacher_through_the_first_students_head(tmp_path, emb_teacher, final):
+    over = {"teacher.checkpoint": str(emb_teacher), "student.arch": "mlp", "student.hidden": "[24]",
+            "method.name": "sh_kd", "method.final": final, "method.teacher_epochs": 1, "method.student_epochs": 1,
+            **EMB, "train.epochs": 1, "embedding.dim": 16}
+    if final == "th_kd":
+        over["method.th_weight"] = 0.02
+    r = execute(load_config(None, digits_overrides(tmp_path / final, **over)), "distill")
+    m, s = r.method, r.summary
+    # the stage-2 teacher's head is the stage-1 student's, frozen: it never moved while the teacher trained
+    assert torch.equal(m.sh_head.weight, m.head1.weight) and not m.sh_head.weight.requires_grad
+    assert [h["stage"] for h in s["stages"]] == ["student", "teacher", "distill"]
+    assert {"test_tar_far1e-2_stage1_student", "test_tar_far1e-2_sh_teacher"} <= set(s)
+    assert (r.run_dir / "stage1_student.pt").is_file() and (r.run_dir / "stage2_teacher.pt").is_file()
