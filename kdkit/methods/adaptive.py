@@ -158,11 +158,11 @@ class Adaptive(Distiller):
 
     def __init__(self, opts: AdaptiveOptions, **kw: Any):
         super().__init__(opts, **kw)
-        self.specs = opts.specs
-        kinds = {s.name for s in self.specs}
+        self.path_specs = opts.specs
+        kinds = {s.name for s in self.path_specs}
         # candidate pairs for feature paths without explicit ones: all matched stages; maps only, chosen in setup
         self.default_pairs: list[tuple[str, str]] = []
-        if any(s.name in FEATURE_PATHS and not s.pairs for s in self.specs):
+        if any(s.name in FEATURE_PATHS and not s.pairs for s in self.path_specs):
             self.default_pairs = matched_stages(
                 self.student, self.teacher, "all", "give each feature path its pairs: method.paths=[{name: hint, "
                 "pairs: [[student_layer, teacher_layer]]}, ...]")
@@ -170,7 +170,7 @@ class Adaptive(Distiller):
         if "softmax_regression" in kinds:
             self.s_head = model_parts(self.student, classifier=opts.student_classifier).classifier
             self.t_head = model_parts(self.teacher, classifier=opts.teacher_classifier).classifier
-        explicit = [tuple(p) for s in self.specs for p in s.pairs]
+        explicit = [tuple(p) for s in self.path_specs for p in s.pairs]
         s_paths = [s for s, _ in explicit + self.default_pairs] + ([f"{self.s_head}:input"] if self.s_head else [])
         t_paths = [t for _, t in explicit + self.default_pairs]
         self.tap(s_paths, t_paths)  # every path checked now, with the closest valid paths on error
@@ -194,7 +194,7 @@ class Adaptive(Distiller):
         shapes = {("s", p): v.shape for p, v in s_seen.items()}
         shapes.update({("t", p): v.shape for p, v in t_seen.items()})
         maps = [(s, t) for s, t in self.default_pairs if len(shapes[("s", s)]) == 4 and len(shapes[("t", t)]) == 4]
-        for spec in self.specs:
+        for spec in self.path_specs:
             label = spec.label or spec.name
             if spec.name not in FEATURE_PATHS:
                 self.paths.append(_Path(label, spec.name, [], spec.weight))
