@@ -115,6 +115,8 @@ class DataConfig:
                                "fashion-mnist, kmnist)")
     scenes: ScenesConfig = field(default_factory=ScenesConfig)
     ignore_index: int = opt(255, "segmentation: the label-map value of pixels that count nowhere", ge=0)
+    pairs: str | None = opt(None, "task: embedding: an LFW-style pairs file (relative to data.root) giving the test "
+                                  "split: its identities are kept out of training, the listed pairs are scored")
     unseen_classes: list[int] = opt([], "task: embedding: classes (identities) kept out of training; their training "
                                         "images give the validation split (data.val_split of them) and their test "
                                         "images the test split: verification on identities never seen")

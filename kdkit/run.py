@@ -189,9 +189,10 @@ def resolve_task(cfg: Config, info: DataInfo, cls: type[Method]) -> None:
         from .schema import to_dict as _as_dict
 
         info.task, info.embedding = "embedding", _as_dict(cfg.embedding)
-    elif cfg.data.unseen_classes:
-        raise ConfigError("data.unseen_classes holds identities out of training for verification: set task: "
-                          "embedding, or remove it")
+    elif cfg.data.unseen_classes or cfg.data.pairs:
+        key = "data.unseen_classes" if cfg.data.unseen_classes else "data.pairs"
+        raise ConfigError(f"{key} holds identities out of training for verification: set task: embedding, or "
+                          "remove it")
     data_task = info.task
     if cfg.task not in ("auto", data_task):
         what = {"classification": "one class per image", "segmentation": "a label map per image",

@@ -198,3 +198,52 @@ def test_sh_kd_on_embeddings_trains_the_teacher_through_the_first_students_head(
     assert [h["stage"] for h in s["stages"]] == ["student", "teacher", "distill"]
     assert {"test_tar_far1e-2_stage1_student", "test_tar_far1e-2_sh_teacher"} <= set(s)
     assert (r.run_dir / "stage1_student.pt").is_file() and (r.run_dir / "stage2_teacher.pt").is_file()
+
+
+def write_identities(root, n_ids: int = 10, per_id: int = 4) -> None:
+    """Identity folders in LFW's naming, <root>/<name>/<name>_<nnnn>.png: each identity a brightness pattern."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k in range(n_ids):
+        d = root / f"id{k}"
+        d.mkdir(parents=True, exist_ok=True)
+        for j in range(1, per_id + 1):
+            a = np.full((12, 12), 20 * k, np.uint8) + rng.integers(0, 10, (12, 12), dtype=np.uint8)
+            Image.fromarray(a).save(d / f"id{k}_{j:04d}.png")
+
+
+PAIRS = "1 4\nid8 1 2\nid9 2 3  # a comment\nid8 1 id9 1\nid9 4 id8 3\n"
+
+
+def test_a_pairs_file_gives_the_test_pairs_and_keeps_its_identities_out_of_training(tmp_path):
+    from kdkit.data import load_data
+
+    write_identities(tmp_path)
+    (tmp_path / "pairs.txt").write_text(PAIRS)
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.name=imagefolder", "data.pairs=pairs.txt",
+                             "data.val_split=0.25", "data.in_memory=true"]).data
+    b = load_data(cfg)
+    assert b.test.pairs.tolist() == [[0, 1, 1], [2, 3, 1], [0, 4, 0], [5, 6, 0]]
+    assert len(b.test) == 7 and "id8" not in b.info.classes and "id9" not in b.info.classes
+    # flat identity folders: imagefolder carves its own test split (data.test_split, one image in four here),
+    # which the pairs replace; training keeps the other identities' remaining images
+    assert len(b.info.classes) == 8 and len(b.train) == 8 * 3 and set(b.val.labels.tolist()) <= {8, 9}
+    for bad, message in (("id8 1\n", r"pairs.txt, line 1: 2 fields"), ("id8 1 2\nid8 1 9\n",
+                                                                      r"pairs.txt, line 2: no image .*id8_0009")):
+        (tmp_path / "pairs.txt").write_text(bad)
+        with pytest.raises(DataError, match=message):
+            load_data(cfg)
+
+
+def test_the_test_metrics_come_from_the_listed_pairs(tmp_path):
+    write_identities(tmp_path)
+    (tmp_path / "pairs.txt").write_text(PAIRS)
+    over = {"output_dir": str(tmp_path / "run"), "model.arch": "mlp", "data.name": "imagefolder",
+            "data.root": str(tmp_path), "data.pairs": "pairs.txt", "data.val_split": 0.5, "data.in_memory": "true",
+            "task": "embedding", "embedding.dim": 8, "embedding.metric": "recall_at_1", "train.epochs": 1,
+            "train.batch_size": 8, "train.progress": "none"}
+    r = execute(load_config(None, [f"{k}={v}" for k, v in over.items()], default_method="supervised"), "train")
+    m = r.summary["test_metrics"]
+    assert (m["genuine_pairs"], m["impostor_pairs"], m["images"]) == (2, 2, 7)

@@ -138,7 +138,16 @@ def load_data(cfg: DataConfig, train_images: bool = True,
     """
     train, test = DATASETS[cfg.name](cfg, train_images or cfg.val_split > 0)
     train, test, notes, path = hold(cfg, train, test)
-    bundle = make_bundle(cfg, train, test, train_images, stats)
+    unseen = None
+    if cfg.pairs:  # the listed pairs are the test split; their identities stay out of training
+        from .files import require_root
+        from .pairs import pairs_set
+
+        if not isinstance(train, ImageSet):
+            raise DataError("data.pairs: the training identities must be held in memory: set data.in_memory=true")
+        test, names = pairs_set(cfg, require_root(cfg.root, cfg.name, "identity folders"), train.classes)
+        unseen = sorted(set(cfg.unseen_classes) | {train.classes.index(n) for n in names if n in train.classes})
+    bundle = make_bundle(cfg, train, test, train_images, stats, unseen=unseen)
     bundle.notes, bundle.path = notes + bundle.notes, path
     return bundle
 
@@ -177,8 +186,11 @@ def workers(cfg: DataConfig) -> int:
 
 
 def make_bundle(cfg: DataConfig, train: Split | None, test: Split, train_images: bool = True,
-                stats: tuple[list[float], list[float]] | None = None, val: Split | None = None) -> DataBundle:
-    """The bundle of already-read sets (see :func:`load_data`); a given `val` replaces the carved one."""
+                stats: tuple[list[float], list[float]] | None = None, val: Split | None = None,
+                unseen: list[int] | None = None) -> DataBundle:
+    """The bundle of already-read sets (see :func:`load_data`); a given `val` replaces the carved one; `unseen`
+    (default ``data.unseen_classes``) the classes kept out of training."""
+    unseen = cfg.unseen_classes if unseen is None else unseen
     from .stream import SampleSet, sample_stats
     from .user_loader import UserLoader
 
@@ -215,8 +227,8 @@ def make_bundle(cfg: DataConfig, train: Split | None, test: Split, train_images:
                     "val_data, or data.in_memory=true to collect it and carve one")
             return DataBundle(info, train if train_images else None, None, test, notes=[note], path="stream")
         return DataBundle(info, train if train_images else None, val, test, path="stream")
-    if cfg.unseen_classes and train is not None:
-        train, val, test, info.classes = open_set(cfg, train, test, val)
+    if unseen and train is not None:
+        train, val, test, info.classes = open_set(cfg, train, test, val, unseen)
     elif val is None and cfg.val_split > 0:
         assert train is not None and train.labels is not None
         keep, held = stratified_split(train.labels, cfg.val_split, cfg.split_seed)
@@ -239,7 +251,7 @@ def make_bundle(cfg: DataConfig, train: Split | None, test: Split, train_images:
     return DataBundle(info, train, val, test, fewshot, full)
 
 
-def open_set(cfg: DataConfig, train: Split, test: Split, val: Split | None
+def open_set(cfg: DataConfig, train: Split, test: Split, val: Split | None, unseen_classes: list[int]
              ) -> tuple[ImageSet, ImageSet | None, ImageSet, list[str]]:
     """The open-set split of ``data.unseen_classes``: training on the other classes (relabelled 0..K-1 in their
     order), validation on ``data.val_split`` of the unseen classes' training images, test on their test images
@@ -249,7 +261,7 @@ def open_set(cfg: DataConfig, train: Split, test: Split, val: Split | None
     if val is not None:
         raise DataError("data.unseen_classes carves the validation split from the unseen classes; do not give one")
     known = set(range(len(train.classes))) if train.classes else set(train.labels.unique().tolist())
-    unseen = sorted(set(cfg.unseen_classes))
+    unseen = sorted(set(unseen_classes))
     missing = [c for c in unseen if c not in known]
     if missing or len(unseen) >= len(known):
         raise DataError(f"data.unseen_classes={unseen}: classes are 0..{len(known) - 1}"
@@ -266,7 +278,8 @@ def open_set(cfg: DataConfig, train: Split, test: Split, val: Split | None
         n = round(len(held) * cfg.val_split) if cfg.val_split < 1 else min(len(held), int(cfg.val_split))
         pick = held[torch.randperm(len(held), generator=torch.Generator().manual_seed(cfg.split_seed))[:n]]
         val_set = train.subset(pick.sort().values)
-    te = test.subset(torch.nonzero(torch.isin(test.labels, torch.tensor(unseen))).flatten())
+    te = test if test.pairs is not None else test.subset(torch.nonzero(torch.isin(test.labels,
+                                                                               torch.tensor(unseen))).flatten())
     if len(te) < 2:
         raise DataError(f"data.unseen_classes={unseen}: the test split holds {len(te)} image(s) of those classes; "
                         "verification needs pairs")

@@ -22,6 +22,8 @@ class ImageSet:
     images: torch.Tensor
     labels: torch.Tensor | None
     classes: list[str] = field(default_factory=list)
+    #: verification pairs ``[P, 3]`` (i, j, same identity) to score instead of every pair (data.pairs)
+    pairs: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype not in (torch.uint8, torch.float32) or self.images.dim() < 2:

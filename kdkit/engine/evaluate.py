@@ -31,7 +31,8 @@ def evaluate(model: nn.Module, loader: BatchLoader, dist: DistInfo | None = None
         out = t.align(model(batch.x), batch.x)
         if meter is None:
             meter = t.meter(out.shape[1], loader.device)
-        meter.update(out, batch.y)
+            meter.bind(getattr(loader, "data", None))
+        meter.update(out, batch.y, batch.index)
     model.train(was)
     if meter is None:  # an empty split: nothing scored
         return {t.primary: 0.0, "loss": float("nan"), "count": 0}

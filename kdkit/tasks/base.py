@@ -14,8 +14,12 @@ class Meter:
     def __init__(self, size: int, device: torch.device | str):
         self.stats = torch.zeros(size, dtype=torch.float64, device=device)
 
-    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+    def update(self, output: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Add a batch (`index`: the samples' positions in the split)."""
         raise NotImplementedError
+
+    def bind(self, split: Any) -> None:
+        """Called with the split being scored before the first batch (default: nothing to read from it)."""
 
     def reduce(self, dist: Any) -> None:
         """Combine the statistics of every process under torchrun (default: sum ``stats``)."""

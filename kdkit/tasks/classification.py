@@ -17,7 +17,7 @@ class AccuracyMeter(Meter):
     def __init__(self, device: torch.device | str):
         super().__init__(3, device)
 
-    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+    def update(self, output: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None) -> None:
         output = output.float()
         self.stats[0] += (output.argmax(1) == target).sum()
         self.stats[1] += F.cross_entropy(output, target, reduction="sum")

@@ -169,7 +169,7 @@ class DetectionMeter(Meter):
         self.gt: list[torch.Tensor] = []
         self.dets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+    def update(self, output: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None) -> None:
         self.stats[0] += detection_loss(output, target, self.k).detach().double() * len(target)
         self.stats[1] += len(target)
         boxes, scores, cls = decode(output, self.k)

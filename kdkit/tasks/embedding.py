@@ -35,18 +35,23 @@ def far_key(far: float) -> str:
     return f"tar_far{far:.0e}".replace("e-0", "e-")
 
 
-def verification(emb: torch.Tensor, labels: torch.Tensor, max_images: int = 4000, seed: int = 0) -> dict[str, Any]:
-    """The verification metrics (module docstring) of embeddings ``[N, D]`` with identities ``[N]``."""
+def verification(emb: torch.Tensor, labels: torch.Tensor, max_images: int = 4000, seed: int = 0,
+                 pairs: torch.Tensor | None = None) -> dict[str, Any]:
+    """The verification metrics (module docstring) of embeddings ``[N, D]`` with identities ``[N]``: on every
+    pair, or on the listed ``pairs [P, 3]`` (i, j, same identity) of a pairs file."""
     from sklearn.metrics import roc_curve
 
-    if len(emb) > max_images:
+    if pairs is None and len(emb) > max_images:
         keep = torch.randperm(len(emb), generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
         emb, labels = emb[keep], labels[keep]
     e = F.normalize(emb.float(), dim=1)
     sim = e @ e.T
     same = labels[:, None] == labels[None, :]
-    iu = torch.triu_indices(len(e), len(e), offset=1)
-    scores, genuine = sim[iu[0], iu[1]].numpy(), same[iu[0], iu[1]].numpy()
+    if pairs is not None:
+        scores, genuine = sim[pairs[:, 0], pairs[:, 1]].numpy(), pairs[:, 2].bool().numpy()
+    else:
+        iu = torch.triu_indices(len(e), len(e), offset=1)
+        scores, genuine = sim[iu[0], iu[1]].numpy(), same[iu[0], iu[1]].numpy()
     n_gen, n_imp = int(genuine.sum()), int((~genuine).sum())
     out: dict[str, Any] = {"images": len(e), "genuine_pairs": n_gen, "impostor_pairs": n_imp}
     if n_gen == 0 or n_imp == 0:
@@ -85,22 +90,32 @@ class EmbeddingMeter(Meter):
         self.max_images, self.primary = max_images, primary
         self.emb: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
+        self.index: list[torch.Tensor] = []
+        self.pairs: torch.Tensor | None = None
 
-    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+    def bind(self, split: Any) -> None:
+        self.pairs = getattr(split, "pairs", None)
+
+    def update(self, output: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None) -> None:
         self.emb.append(output.detach().float().cpu())
         self.labels.append(target.detach().cpu())
+        start = int(self.stats[0].item())
+        self.index.append(index.cpu() if index is not None else torch.arange(start, start + len(target)))
         self.stats[0] += len(target)
 
     def reduce(self, dist: Any) -> None:
         import torch.distributed
 
         gathered: list[Any] = [None] * dist.world
-        torch.distributed.all_gather_object(gathered, (self.emb, self.labels))
+        torch.distributed.all_gather_object(gathered, (self.emb, self.labels, self.index))
         self.emb = [e for part in gathered for e in part[0]]
         self.labels = [y for part in gathered for y in part[1]]
+        self.index = [i for part in gathered for i in part[2]]
 
     def result(self) -> dict[str, Any]:
-        out = verification(torch.cat(self.emb), torch.cat(self.labels), self.max_images)
+        order = torch.cat(self.index).argsort()  # the split's order (pairs index into it), whatever the ranks
+        out = verification(torch.cat(self.emb)[order], torch.cat(self.labels)[order], self.max_images,
+                           pairs=self.pairs)
         from ..errors import DataError
 
         if out["genuine_pairs"] == 0:

@@ -55,7 +55,7 @@ class IoUMeter(Meter):
         super().__init__(num_classes * num_classes + 2, device)
         self.k = num_classes
 
-    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+    def update(self, output: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None) -> None:
         k = self.k
         output = output.float()
         self.stats[:k * k] += confusion(output.argmax(1), target, k).flatten().to(self.stats)
