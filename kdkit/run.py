@@ -419,9 +419,9 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     summary.update(method.summary())
     summary["report_card"] = _report_card(exported, teacher, test[primary], teacher_test, info,
                                           _eval_loader(data, "test", cfg, device, dist), dist)
-    for role, scores in (("student" if teacher is not None else "model", test), ("teacher", teacher_metrics)):
-        if scores is not None and role in summary["report_card"]:  # the task's further figures (EER, mAP@.5...)
-            summary["report_card"][role].update({f"test_{k}": scores.get(k) for k in task.card_keys})
+    for who, scores in (("student" if teacher is not None else "model", test), ("teacher", teacher_metrics)):
+        if scores is not None and who in summary["report_card"]:  # the task's further figures (EER, mAP@.5...)
+            summary["report_card"][who].update({f"test_{k}": scores.get(k) for k in task.card_keys})
     if dist.is_main:
         summary["report_card"].update(method.card_fields())
     if dist.is_main:

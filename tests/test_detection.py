@@ -17,8 +17,7 @@ from kdkit.losses.imitation import box_imitation, imitation_mask, masked_imitati
 from kdkit.run import execute
 from kdkit.tasks.detection import coco_map, decode, encode, focal_loss, gaussian_radius, heatmap_kd
 
-from .conftest import MNIST
-from .test_segmentation import _write_digits
+from .test_segmentation import _write_digits, write_digit_idx
 
 
 def perfect_output(boxes: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
@@ -224,23 +223,29 @@ def test_coco_bad_input_names_the_file_and_the_entry(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- end to end
-SCENES = {"data.name": "mnist-scenes", "data.root": str(MNIST), "data.scenes.labels": "boxes",
+SCENES = {"data.name": "mnist-scenes", "data.scenes.labels": "boxes",
           "data.scenes.train": 48, "data.scenes.test": 16, "data.scenes.size": 64, "data.val_split": 16,
           "train.epochs": 1, "train.batch_size": 16, "train.progress": "none", "train.optimizer": "adam",
           "train.lr": 0.003, "train.weight_decay": 0}
 
 
-def _run(command: str, out: Path, **extra):
-    over = {**SCENES, "data.scenes.folder": str(out.parent / "scenes"), "output_dir": str(out), **extra}
+def _run(command: str, out: Path, root: Path, **extra):
+    over = {**SCENES, "data.root": str(root), "data.scenes.folder": str(out.parent / "scenes"), "output_dir": str(out),
+            **extra}
     cfg = load_config(None, [f"{k}={v}" for k, v in over.items()],
                       default_method="supervised" if command == "train" else "kd")
     return execute(cfg, command)
 
 
 @pytest.fixture(scope="module")
-def det_teacher(tmp_path_factory) -> Path:
+def digit_idx(tmp_path_factory) -> Path:
+    return write_digit_idx(tmp_path_factory.mktemp("idx"))
+
+
+@pytest.fixture(scope="module")
+def det_teacher(tmp_path_factory, digit_idx) -> Path:
     out = tmp_path_factory.mktemp("det") / "teacher"
-    r = _run("train", out, **{"model.arch": "centernet_resnet8"})
+    r = _run("train", out, digit_idx, **{"model.arch": "centernet_resnet8"})
     assert r.summary["task"] == "detection" and 0 <= r.summary["test_map"] <= 1
     return out / "model.pt"
 
@@ -250,8 +255,8 @@ def det_teacher(tmp_path_factory) -> Path:
     ("feature_imitation", {"method.warmup_steps": 1}),
     ("adaptive", {"method.paths": "[soft_target,boxes,imitation,attention]", "method.weighting": "dwa"}),
 ])
-def test_detection_distillation_end_to_end(tmp_path, det_teacher, method, extra):
-    r = _run("distill", tmp_path / method, **{"teacher.checkpoint": str(det_teacher),
+def test_detection_distillation_end_to_end(tmp_path, det_teacher, digit_idx, method, extra):
+    r = _run("distill", tmp_path / method, digit_idx, **{"teacher.checkpoint": str(det_teacher),
                                               "student.arch": "centernet_resnet8", "student.width": 0.5,
                                               "method.name": method, **extra})
     s = r.summary
@@ -269,14 +274,14 @@ def test_detectors_export_with_the_output_check(tmp_path, det_teacher):
     assert res["check"]["passed"] and res["task"] == "detection"
 
 
-def test_detection_bad_input_is_one_line_before_any_work(tmp_path, det_teacher):
+def test_detection_bad_input_is_one_line_before_any_work(tmp_path, det_teacher, digit_idx):
     from .conftest import digits_overrides
 
     with pytest.raises(ConfigError, match="task: detection, but digits is a classification dataset"):
         execute(load_config(None, digits_overrides(tmp_path / "a", **{"task": "detection", "model.arch": "mlp"}),
                             default_method="supervised"), "train")
     with pytest.raises(ModelError, match=r"model deeplab_resnet8 outputs \(2, 10, 64, 64\) .* expected \(2, 10 \+ 4"):
-        _run("train", tmp_path / "b", **{"model.arch": "deeplab_resnet8"})
+        _run("train", tmp_path / "b", digit_idx, **{"model.arch": "deeplab_resnet8"})
     with pytest.raises(ConfigError, match="method 'feature_imitation' does not work on classification"):
         execute(load_config(None, digits_overrides(tmp_path / "c", **{
             "method.name": "feature_imitation", "student.arch": "mlp", "teacher.checkpoint": str(det_teacher)})),

@@ -108,8 +108,8 @@ def test_ties_on_validation_go_to_the_lower_validation_loss(tmp_path, monkeypatc
     real = trainer.evaluate
     losses = iter([0.9, 0.5, 0.7])
 
-    def perfect(model, loader, dist=None):
-        out = real(model, loader, dist)
+    def perfect(model, loader, dist=None, task=None):
+        out = real(model, loader, dist, task)
         return {**out, "accuracy": 1.0, "loss": next(losses)} if len(loader.data) == 144 else out
 
     monkeypatch.setattr(trainer, "evaluate", perfect)

@@ -20,7 +20,6 @@ from kdkit.run import execute
 from kdkit.tasks import get_task
 from kdkit.tasks.segmentation import IGNORE_INDEX, confusion, iou_from_confusion
 
-from .conftest import MNIST
 from .test_data import idx_bytes
 
 SEG = get_task("segmentation")
@@ -307,22 +306,44 @@ def test_segfolder_bad_input_names_the_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- end to end
-SCENES = {"data.name": "mnist-scenes", "data.root": str(MNIST), "data.scenes.train": 64, "data.scenes.test": 16,
+def write_digit_idx(root: Path) -> Path:
+    """Idx files of real handwritten digits (scikit-learn's bundled 8x8 digits, upscaled to 28x28): 1,500 for
+    training, the other 297 for testing. The tests do not depend on the shared MNIST files."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).float().unsqueeze(1) * (255 / 16)
+    x = F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
+    x = F.pad(x, (4, 4, 4, 4)).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+    root.mkdir(parents=True, exist_ok=True)
+    for split, sl in (("train", slice(0, 1500)), ("t10k", slice(1500, None))):
+        (root / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(x[sl])))
+        (root / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(d.target[sl])))
+    return root
+
+
+@pytest.fixture(scope="module")
+def digit_idx(tmp_path_factory) -> Path:
+    return write_digit_idx(tmp_path_factory.mktemp("idx"))
+
+
+SCENES = {"data.name": "mnist-scenes", "data.scenes.train": 64, "data.scenes.test": 16,
           "data.scenes.size": 32, "data.val_split": 16, "train.epochs": 1, "train.batch_size": 16,
           "train.progress": "none", "train.lr": 0.05}
 
 
-def _run(command: str, out: Path, **extra):
-    over = {**SCENES, "data.scenes.folder": str(out.parent / "scenes"), "output_dir": str(out), **extra}
+def _run(command: str, out: Path, root: Path, **extra):
+    over = {**SCENES, "data.root": str(root), "data.scenes.folder": str(out.parent / "scenes"), "output_dir": str(out),
+            **extra}
     cfg = load_config(None, [f"{k}={v}" for k, v in over.items()],
                       default_method="supervised" if command == "train" else "kd")
     return execute(cfg, command)
 
 
 @pytest.fixture(scope="module")
-def seg_teacher(tmp_path_factory) -> Path:
+def seg_teacher(tmp_path_factory, digit_idx) -> Path:
     out = tmp_path_factory.mktemp("seg") / "teacher"
-    r = _run("train", out, **{"model.arch": "deeplab_resnet8"})
+    r = _run("train", out, digit_idx, **{"model.arch": "deeplab_resnet8"})
     assert r.summary["task"] == "segmentation" and 0 <= r.summary["test_miou"] <= 1
     return out / "model.pt"
 
@@ -334,9 +355,10 @@ def seg_teacher(tmp_path_factory) -> Path:
     ("fitnets", {}),
     ("adaptive", {"method.paths": "[soft_target,cwd,pairwise,attention,logits]", "method.resize": "true"}),
 ])
-def test_dense_distillation_end_to_end(tmp_path, seg_teacher, method, extra):
-    r = _run("distill", tmp_path / method, **{"teacher.checkpoint": str(seg_teacher), "student.arch": "unet_resnet8",
-                                              "student.width": 0.5, "method.name": method, **extra})
+def test_dense_distillation_end_to_end(tmp_path, seg_teacher, digit_idx, method, extra):
+    r = _run("distill", tmp_path / method, digit_idx, **{"teacher.checkpoint": str(seg_teacher),
+                                                         "student.arch": "unet_resnet8", "student.width": 0.5,
+                                                         "method.name": method, **extra})
     s = r.summary
     assert s["primary_metric"] == "miou" and "test_accuracy" not in s
     assert set(s["test_metrics"]) >= {"miou", "pixel_accuracy", "per_class_iou", "loss"}
@@ -355,7 +377,7 @@ def test_segmentation_models_export_with_the_output_check(tmp_path, seg_teacher)
     assert res["check"]["passed"] and res["task"] == "segmentation"
 
 
-def test_segmentation_bad_input_is_one_line_before_any_work(tmp_path, seg_teacher):
+def test_segmentation_bad_input_is_one_line_before_any_work(tmp_path, seg_teacher, digit_idx):
     from .conftest import digits_overrides
 
     with pytest.raises(ConfigError, match="task: segmentation, but digits is a classification dataset"):
@@ -368,9 +390,10 @@ def test_segmentation_bad_input_is_one_line_before_any_work(tmp_path, seg_teache
                 "distill")
     with pytest.raises(ModelError, match=r"model resnet8 outputs \(2, 11\) for a batch of 2 images of 32x32, "
                                          r"expected \(2, 11, 32, 32\)"):
-        _run("train", tmp_path / "c", **{"model.arch": "resnet8"})
+        _run("train", tmp_path / "c", digit_idx, **{"model.arch": "resnet8"})
     with pytest.raises(ConfigError, match="method 'th_kd' does not work on segmentation"):
-        _run("distill", tmp_path / "d", **{"teacher.checkpoint": str(seg_teacher), "student.arch": "unet_resnet8",
+        _run("distill", tmp_path / "d", digit_idx, **{"teacher.checkpoint": str(seg_teacher),
+                                                       "student.arch": "unet_resnet8",
                                             "method.name": "th_kd"})
     assert not any((tmp_path / n).exists() for n in "abcd")
 

@@ -78,8 +78,8 @@ def test_best_against_last_is_the_last_states_own_accuracy(tmp_path, teacher_fil
     real = trainer.evaluate
     calls = []
 
-    def val_gets_worse(model, loader, dist=None):  # validation says epoch 1 was best; test is untouched
-        out = real(model, loader, dist)
+    def val_gets_worse(model, loader, dist=None, task=None):  # validation says epoch 1 was best; test untouched
+        out = real(model, loader, dist, task)
         if len(loader.data) == 144:  # the digits validation split
             calls.append(1)
             out = {**out, "accuracy": 1.0 - 0.1 * len(calls)}
