@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -74,3 +76,33 @@ def cnn_teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cnn_teacher")
     train_run(out / "run", **{"train.epochs": 4, "model.arch": "vgg8_bn", "model.width": 0.125})
     return out / "run" / "model.pt"
+
+
+def idx_bytes(a: Any) -> bytes:
+    """An array in the idx format (uint8 data)."""
+    header = struct.pack(">HBB", 0, 0x08, a.ndim) + struct.pack(">" + "I" * a.ndim, *a.shape)
+    return header + a.astype("uint8").tobytes()
+
+
+def write_digit_idx(root: Path) -> Path:
+    """Idx files of real handwritten digits (scikit-learn's bundled 8x8 digits, upscaled to 28x28): 1,500 for
+    training, the other 297 for testing. The tests do not depend on the shared MNIST files."""
+    import gzip
+
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).float().unsqueeze(1) * (255 / 16)
+    x = F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
+    x = F.pad(x, (4, 4, 4, 4)).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+    root.mkdir(parents=True, exist_ok=True)
+    for split, sl in (("train", slice(0, 1500)), ("t10k", slice(1500, None))):
+        (root / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(x[sl])))
+        (root / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(d.target[sl])))
+    return root
+
+
+@pytest.fixture(scope="session")
+def digit_idx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_digit_idx(tmp_path_factory.mktemp("idx"))

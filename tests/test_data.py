@@ -6,7 +6,6 @@ import gzip
 import io
 import os
 import pickle
-import struct
 import tarfile
 from pathlib import Path
 
@@ -20,14 +19,11 @@ from kdkit.data.augment import random_crop
 from kdkit.data.idx import parse_idx
 from kdkit.errors import DataError
 
-from .conftest import MNIST
+from .conftest import MNIST, idx_bytes
 
 # ---------------------------------------------------------------------------------------- writers
 
 
-def idx_bytes(a: np.ndarray) -> bytes:
-    header = struct.pack(">HBB", 0, 0x08, a.ndim) + struct.pack(">" + "I" * a.ndim, *a.shape)
-    return header + a.astype(np.uint8).tobytes()
 
 
 def write_mnist(root: Path, n_train: int = 60, n_test: int = 20, gz: bool = True, sub: str = "") -> dict:

@@ -17,7 +17,7 @@ from kdkit.losses.imitation import box_imitation, imitation_mask, masked_imitati
 from kdkit.run import execute
 from kdkit.tasks.detection import coco_map, decode, encode, focal_loss, gaussian_radius, heatmap_kd
 
-from .test_segmentation import _write_digits, write_digit_idx
+from .test_segmentation import _write_digits, scene_run
 
 
 def perfect_output(boxes: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
@@ -230,16 +230,7 @@ SCENES = {"data.name": "mnist-scenes", "data.scenes.labels": "boxes",
 
 
 def _run(command: str, out: Path, root: Path, **extra):
-    over = {**SCENES, "data.root": str(root), "data.scenes.folder": str(out.parent / "scenes"), "output_dir": str(out),
-            **extra}
-    cfg = load_config(None, [f"{k}={v}" for k, v in over.items()],
-                      default_method="supervised" if command == "train" else "kd")
-    return execute(cfg, command)
-
-
-@pytest.fixture(scope="module")
-def digit_idx(tmp_path_factory) -> Path:
-    return write_digit_idx(tmp_path_factory.mktemp("idx"))
+    return scene_run(command, out, root, SCENES, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from kdkit.run import execute
 from kdkit.tasks import get_task
 from kdkit.tasks.segmentation import IGNORE_INDEX, confusion, iou_from_confusion
 
-from .test_data import idx_bytes
+from .conftest import idx_bytes
 
 SEG = get_task("segmentation")
 
@@ -306,38 +306,22 @@ def test_segfolder_bad_input_names_the_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- end to end
-def write_digit_idx(root: Path) -> Path:
-    """Idx files of real handwritten digits (scikit-learn's bundled 8x8 digits, upscaled to 28x28): 1,500 for
-    training, the other 297 for testing. The tests do not depend on the shared MNIST files."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy(d.images).float().unsqueeze(1) * (255 / 16)
-    x = F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
-    x = F.pad(x, (4, 4, 4, 4)).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
-    root.mkdir(parents=True, exist_ok=True)
-    for split, sl in (("train", slice(0, 1500)), ("t10k", slice(1500, None))):
-        (root / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(x[sl])))
-        (root / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(d.target[sl])))
-    return root
-
-
-@pytest.fixture(scope="module")
-def digit_idx(tmp_path_factory) -> Path:
-    return write_digit_idx(tmp_path_factory.mktemp("idx"))
-
-
 SCENES = {"data.name": "mnist-scenes", "data.scenes.train": 64, "data.scenes.test": 16,
           "data.scenes.size": 32, "data.val_split": 16, "train.epochs": 1, "train.batch_size": 16,
           "train.progress": "none", "train.lr": 0.05}
 
 
-def _run(command: str, out: Path, root: Path, **extra):
-    over = {**SCENES, "data.root": str(root), "data.scenes.folder": str(out.parent / "scenes"), "output_dir": str(out),
+def scene_run(command: str, out: Path, root: Path, base: dict, **extra):
+    """A kdkit train/distill run on mnist-scenes built from the idx files in `root`, settings `base` + `extra`."""
+    over = {**base, "data.root": str(root), "data.scenes.folder": str(out.parent / "scenes"), "output_dir": str(out),
             **extra}
     cfg = load_config(None, [f"{k}={v}" for k, v in over.items()],
                       default_method="supervised" if command == "train" else "kd")
     return execute(cfg, command)
+
+
+def _run(command: str, out: Path, root: Path, **extra):
+    return scene_run(command, out, root, SCENES, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from .files import require_root
 from .imagefolder import image_mode
-from .natural import SampleAugment, color_jitter, open_image, to_tensor
+from .natural import SampleAugment, color_jitter, read_image, resize_square
 from .stream import SampleSet
 
 TOLERANCE = 1.0  # pixels a box may stick out of its image (rounding in annotation tools)
@@ -87,18 +87,13 @@ class CocoSet(SampleSet):
 
     def load(self, i: int, augment: SampleAugment | None,
              g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            x = to_tensor(open_image(self.paths[i], self.mode))
-        except (OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"{self.paths[i]}: not a readable image ({str(e).splitlines()[0][:160]}); remove or "
-                            "replace it, or set data.on_bad_file=skip") from None
+        x = read_image(self.paths[i], self.mode)
         w, h = self.sizes[i]
         if (x.shape[2], x.shape[1]) != (w, h):
             raise DataError(f"{self.paths[i]} is {x.shape[2]}x{x.shape[1]} but its annotation entry says {w}x{h}; "
                             "the boxes would not fit it: fix the entry's width and height")
         if self.size is not None:
-            x = F.interpolate(x[None].float(), size=(self.size, self.size), mode="bilinear", align_corners=False,
-                              antialias=True)[0].round().clamp(0, 255).to(torch.uint8)
+            x = resize_square(x, self.size)
         y = self.labels[i]
         if augment is not None and g is not None:
             x, y = augment_boxes(x, y, augment, g)

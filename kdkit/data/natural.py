@@ -49,6 +49,26 @@ def open_image(path: Any, mode: str) -> Any:
         return im.convert(mode)
 
 
+def read_image(path: Any, mode: str) -> torch.Tensor:
+    """The image file at `path` as uint8 ``[C, H, W]`` in `mode`; a DataError naming the file if it cannot be read."""
+    from ..errors import DataError
+
+    try:
+        return to_tensor(open_image(path, mode))
+    except (OSError, ValueError, SyntaxError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise DataError(f"{path}: not a readable image ({first}); remove or replace it, or set "
+                        "data.on_bad_file=skip") from None
+
+
+def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A uint8 image ``[C, H, W]`` resized to ``size x size`` (bilinear, antialiased)."""
+    import torch.nn.functional as F
+
+    y = F.interpolate(x[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return y[0].round().clamp(0, 255).to(torch.uint8)
+
+
 def center_resize(im: Any, size: int, crop: float = 1.0) -> Any:
     """Resize the shorter side to ``size / crop`` and crop the centre ``size x size``."""
     from PIL import Image

@@ -23,7 +23,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from .imagefolder import EXTENSIONS, image_mode
 from .images import ImageSet
-from .natural import center_resize, open_image, to_tensor
+from .natural import read_image, resize_square
 
 
 def _image(root: Path, name: str, number: str, where: str) -> Path:
@@ -84,11 +84,8 @@ def pairs_set(cfg: DataConfig, root: Path, classes: list[str]) -> tuple[ImageSet
     mode = image_mode(files[0], cfg.channels)
     xs = []
     for p in files:
-        try:
-            im = open_image(p, mode)
-        except (OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"{p}: not a readable image ({str(e).splitlines()[0][:160]})") from None
-        xs.append(to_tensor(center_resize(im, cfg.image_size, cfg.eval_crop) if cfg.image_size else im))
+        x = read_image(p, mode)
+        xs.append(resize_square(x, cfg.image_size) if cfg.image_size else x)
     if len({tuple(x.shape) for x in xs}) > 1:
         raise DataError("data.pairs: the images have different sizes; set data.image_size")
     labels = torch.tensor([ids.get(p.parent.name, extra.get(p.parent.name, -1)) for p in files])

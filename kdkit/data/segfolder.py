@@ -28,7 +28,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from .files import require_root
 from .imagefolder import EXTENSIONS, image_mode
-from .natural import SampleAugment, color_jitter, open_image, to_tensor
+from .natural import SampleAugment, color_jitter, read_image, resize_square
 from .stream import SampleSet
 
 IGNORE = 255
@@ -93,11 +93,7 @@ class SegFolderSet(SampleSet):
 
     def load(self, i: int, augment: SampleAugment | None,
              g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            x = to_tensor(open_image(self.images[i], self.mode))
-        except (OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"{self.images[i]}: not a readable image ({str(e).splitlines()[0][:160]}); remove or "
-                            "replace it, or set data.on_bad_file=skip") from None
+        x = read_image(self.images[i], self.mode)
         y = read_mask(self.masks[i], self.ignore_index)
         if tuple(y.shape) != tuple(x.shape[1:]):
             raise DataError(f"{self.masks[i]} is {y.shape[1]}x{y.shape[0]} but its image {self.images[i]} is "
@@ -108,8 +104,7 @@ class SegFolderSet(SampleSet):
             raise DataError(f"{self.masks[i]}: label {int(y[bad].max())}, but there are {k} classes (0..{k - 1}, "
                             f"{IGNORE} ignored); fix the mask or list every class in classes.txt")
         if self.size is not None:
-            x = F.interpolate(x[None].float(), size=(self.size, self.size), mode="bilinear", align_corners=False,
-                              antialias=True)[0].round().clamp(0, 255).to(torch.uint8)
+            x = resize_square(x, self.size)
             y = F.interpolate(y[None, None].float(), size=(self.size, self.size), mode="nearest")[0, 0].to(torch.uint8)
         if augment is not None and g is not None:
             x, y = augment_pair(x, y, augment, g)

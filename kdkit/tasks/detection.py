@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError, ModelError
 from .base import Meter, Task
-from .segmentation import upsample_factor
+from .segmentation import dense_output_ok
 
 ALPHA, BETA = 2.0, 4.0
 SIZE_WEIGHT, OFFSET_WEIGHT = 0.1, 1.0
@@ -218,9 +218,7 @@ class Detection(Task):
 
     def check_output(self, out: Any, x: torch.Tensor, num_classes: int, who: str, data_name: str) -> None:
         size = tuple(x.shape[-2:])
-        ok = (isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[0] == len(x)
-              and out.shape[1] == num_classes + 4 and upsample_factor(tuple(out.shape[-2:]), size) is not None)
-        if not ok:
+        if not dense_output_ok(out, x, num_classes + 4):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ModelError(
                 f"{who} outputs {shape} for a batch of {len(x)} images of {size[0]}x{size[1]}, expected "

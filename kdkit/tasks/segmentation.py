@@ -69,6 +69,12 @@ class IoUMeter(Meter):
         return {**out, "loss": self.stats[-2].item() / n, "count": int(self.stats[-1].item())}
 
 
+def dense_output_ok(out: Any, x: torch.Tensor, channels: int) -> bool:
+    """Whether `out` is ``[B, channels, h, w]`` for the batch `x`, on a grid of its size over an integer stride."""
+    return (isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[0] == len(x) and out.shape[1] == channels
+            and upsample_factor(tuple(out.shape[-2:]), tuple(x.shape[-2:])) is not None)
+
+
 def upsample_factor(out_hw: tuple[int, ...], in_hw: tuple[int, ...]) -> int | None:
     """The integer factor f with in = f * out in both dimensions, or None."""
     h, w = out_hw
@@ -87,9 +93,7 @@ class Segmentation(Task):
 
     def check_output(self, out: Any, x: torch.Tensor, num_classes: int, who: str, data_name: str) -> None:
         size = tuple(x.shape[-2:])
-        ok = (isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[0] == len(x)
-              and out.shape[1] == num_classes and upsample_factor(tuple(out.shape[-2:]), size) is not None)
-        if not ok:
+        if not dense_output_ok(out, x, num_classes):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ModelError(
                 f"{who} outputs {shape} for a batch of {len(x)} images of {size[0]}x{size[1]}, expected "
