@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -137,13 +138,16 @@ def test_scene_boxes_are_tight_around_each_digit_and_move_with_crops_and_flips(t
         tight = torch.tensor([on[:, 1].min(), on[:, 0].min(), on[:, 1].max() + 1, on[:, 0].max() + 1]) / 48
         assert torch.allclose(box[:4], tight.float(), atol=1e-6)
     cfg.data.augment.crop_padding, cfg.data.augment.hflip = 6, True
-    for batch in make_loader(b.train, 8, cfg.data, train=True, info=b.info):
-        for img, box in zip(batch.x, batch.y[:, 0]):
-            on = (img[0] >= 0.5).nonzero()
-            if box[4] < 0:  # cropped out of view entirely
-                continue
-            seen = torch.tensor([on[:, 1].min(), on[:, 0].min(), on[:, 1].max() + 1, on[:, 0].max() + 1]) / 48
-            assert torch.allclose(box[:4], seen.float(), atol=1e-5)
+    streamed = load_data(replace(cfg.data, in_memory=False, workers=0))  # augmented per sample instead of per batch
+    assert streamed.path == "stream"
+    for bundle in (b, streamed):
+        for batch in make_loader(bundle.train, 8, cfg.data, train=True, info=bundle.info):
+            for img, box in zip(batch.x, batch.y[:, 0]):
+                on = (img[0] >= 0.5).nonzero()
+                if box[4] < 0:  # cropped out of view entirely
+                    continue
+                seen = torch.tensor([on[:, 1].min(), on[:, 0].min(), on[:, 1].max() + 1, on[:, 0].max() + 1]) / 48
+                assert torch.allclose(box[:4], seen.float(), atol=1e-5)
 
 
 def _png(path: Path, size: tuple[int, int]) -> None:

@@ -31,43 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..config import DataConfig
 from ..errors import DataError
 from .files import require_root
 from .imagefolder import image_mode
-from .natural import SampleAugment, color_jitter, read_image, resize_square
+from .natural import SampleAugment, augment_with_target, read_image, resize_square
 from .stream import SampleSet
 
 TOLERANCE = 1.0  # pixels a box may stick out of its image (rounding in annotation tools)
-
-
-def augment_boxes(x: torch.Tensor, boxes: torch.Tensor, aug: SampleAugment,
-                  g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip, colour jitter and pad-crop of one image ``[C, H, W]`` with its boxes ``[M, 5]`` (fractions; rows of -1
-    pad): the boxes move with the image, are clipped to it, and one left without area becomes padding."""
-    from .augment import Augment
-
-    if aug.random_resized_crop:
-        raise DataError("data.augment.random_resized_crop is not available with boxes; use crop_padding and hflip "
-                        "for detection")
-    params: dict[str, torch.Tensor] = {}
-    if aug.hflip and float(torch.rand((), generator=g)) < 0.5:
-        params["flip"] = torch.tensor([True])
-        x = x.flip(2)
-    if aug.color_jitter > 0 and x.dtype == torch.uint8:
-        x = color_jitter(x, aug.color_jitter, g)
-    if aug.crop_padding > 0:
-        p = aug.crop_padding
-        _, h, w = x.shape
-        dy, dx = (int(v) for v in torch.randint(0, 2 * p + 1, (2,), generator=g))
-        x = F.pad(x, (p, p, p, p))[:, dy:dy + h, dx:dx + w].contiguous()
-        params["crop"] = torch.tensor([[dy, dx]])
-    if params:
-        _, h, w = x.shape
-        boxes = Augment(aug.crop_padding, aug.hflip).apply_boxes(boxes[None], params, h, w)[0]
-    return x, boxes
 
 
 class CocoSet(SampleSet):
@@ -96,7 +68,7 @@ class CocoSet(SampleSet):
             x = resize_square(x, self.size)
         y = self.labels[i]
         if augment is not None and g is not None:
-            x, y = augment_boxes(x, y, augment, g)
+            x, y = augment_with_target(x, y, augment, g)
         return x, y
 
 

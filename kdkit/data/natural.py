@@ -132,12 +132,44 @@ def color_jitter(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.
     return f.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def pad_crop(x: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tensor:
-    """Zero-pad a ``[C, H, W]`` sample by `padding` and crop back to its size at a random offset."""
+def pad_crop(x: torch.Tensor, padding: int, g: torch.Generator, offsets: bool = False) -> Any:
+    """Zero-pad a ``[C, H, W]`` sample by `padding` and crop back to its size at a random offset (with `offsets`,
+    also return the offset ``(dy, dx)`` as a tensor)."""
     _, h, w = x.shape
     xp = F.pad(x, (padding, padding, padding, padding))
-    dy, dx = (int(v) for v in torch.randint(0, 2 * padding + 1, (2,), generator=g))
-    return xp[:, dy:dy + h, dx:dx + w].contiguous()
+    off = torch.randint(0, 2 * padding + 1, (2,), generator=g)
+    dy, dx = (int(v) for v in off)
+    out = xp[:, dy:dy + h, dx:dx + w].contiguous()
+    return (out, off) if offsets else out
+
+
+def augment_with_target(x: torch.Tensor, y: torch.Tensor, aug: SampleAugment,
+                        g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip, colour jitter and pad-crop of one image ``[C, H, W]`` with its target, moved the same way: a label map
+    ``[H, W]`` (integer; pixels padded in are 255, ignored) or boxes ``[M, 5]`` (float fractions; a box cropped
+    out becomes padding). The draws are those of :func:`augment_sample`: flip, jitter, then crop offsets."""
+    from ..errors import DataError
+    from .augment import Augment
+
+    boxes = y.is_floating_point()
+    if aug.random_resized_crop:
+        raise DataError("data.augment.random_resized_crop is not available with boxes; use crop_padding and hflip for "
+                        "detection" if boxes else "data.augment.random_resized_crop is not available for label maps; "
+                        "use crop_padding and hflip for segmentation")
+    moves: list[dict[str, torch.Tensor]] = []  # applied to the target in the image's order: flip, then crop
+    if aug.hflip and float(torch.rand((), generator=g)) < 0.5:
+        x = x.flip(2)
+        moves.append({"flip": torch.tensor([True])})
+    if aug.color_jitter > 0 and x.dtype == torch.uint8:
+        x = color_jitter(x, aug.color_jitter, g)
+    if aug.crop_padding > 0:
+        x, offsets = pad_crop(x, aug.crop_padding, g, offsets=True)
+        moves.append({"crop": offsets[None]})
+    move = Augment(aug.crop_padding, aug.hflip)
+    _, h, w = x.shape
+    for params in moves:
+        y = move.apply_boxes(y[None], params, h, w)[0] if boxes else move.apply_maps(y[None], params)[0]
+    return x, y
 
 
 def augment_sample(x: torch.Tensor, aug: SampleAugment, g: torch.Generator) -> torch.Tensor:

@@ -28,7 +28,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from .files import require_root
 from .imagefolder import EXTENSIONS, image_mode
-from .natural import SampleAugment, color_jitter, read_image, resize_square
+from .natural import SampleAugment, augment_with_target, read_image, resize_square
 from .stream import SampleSet
 
 IGNORE = 255
@@ -107,28 +107,8 @@ class SegFolderSet(SampleSet):
             x = resize_square(x, self.size)
             y = F.interpolate(y[None, None].float(), size=(self.size, self.size), mode="nearest")[0, 0].to(torch.uint8)
         if augment is not None and g is not None:
-            x, y = augment_pair(x, y, augment, g)
+            x, y = augment_with_target(x, y, augment, g)
         return x, y
-
-
-def augment_pair(x: torch.Tensor, y: torch.Tensor, aug: SampleAugment, g: torch.Generator,
-                 fill: int = IGNORE) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same flip and pad-crop on an image ``[C, H, W]`` and its label map ``[H, W]`` (pixels padded into
-    the map are `fill`, ignored); colour jitter on the image only."""
-    if aug.random_resized_crop:
-        raise DataError("data.augment.random_resized_crop is not available for label maps; use crop_padding and "
-                        "hflip for segmentation")
-    if aug.hflip and float(torch.rand((), generator=g)) < 0.5:
-        x, y = x.flip(2), y.flip(1)
-    if aug.color_jitter > 0 and x.dtype == torch.uint8:
-        x = color_jitter(x, aug.color_jitter, g)
-    if aug.crop_padding > 0:
-        p = aug.crop_padding
-        _, h, w = x.shape
-        dy, dx = (int(v) for v in torch.randint(0, 2 * p + 1, (2,), generator=g))
-        x = F.pad(x, (p, p, p, p))[:, dy:dy + h, dx:dx + w].contiguous()
-        y = F.pad(y, (p, p, p, p), value=fill)[dy:dy + h, dx:dx + w].contiguous()
-    return x, y
 
 
 def _classes(root: Path, masks: list[Path], ignore_index: int) -> list[str]:

@@ -127,10 +127,9 @@ class TensorSampleSet(SampleSet):
         if self.labels is not None and self.labels.dim() > 1:  # a label map or boxes: augmented with the image
             y = self.labels[i]
             if augment is not None and g is not None:
-                from .coco import augment_boxes
-                from .segfolder import augment_pair
+                from .natural import augment_with_target
 
-                x, y = augment_boxes(x, y, augment, g) if y.is_floating_point() else augment_pair(x, y, augment, g)
+                x, y = augment_with_target(x, y, augment, g)
             return x, y
         if augment is not None and g is not None and x.dim() == 3:
             x = augment_sample(x, augment, g)
