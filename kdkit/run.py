@@ -186,9 +186,7 @@ def resolve_task(cfg: Config, info: DataInfo, cls: type[Method]) -> None:
     """Set the run's task from the data (``task: auto``) or check the configured one against it, and check that
     the method works on it: one-line errors before any work."""
     if cfg.task == "embedding" and info.task == "classification":  # identities: labels like classes
-        from .schema import to_dict as _as_dict
-
-        info.task, info.embedding = "embedding", _as_dict(cfg.embedding)
+        info.task, info.embedding = "embedding", to_dict(cfg.embedding)
     elif cfg.data.unseen_classes or cfg.data.pairs:
         key = "data.unseen_classes" if cfg.data.unseen_classes else "data.pairs"
         raise ConfigError(f"{key} holds identities out of training for verification: set task: embedding, or "
@@ -536,11 +534,12 @@ def _report_card(student: nn.Module, teacher: nn.Module | None, student_acc: flo
     from .measure import busy_note
 
     card: dict[str, Any] = {}
-    key = task_for(info).agreement_key
+    task = task_for(info)
+    key = task.agreement_key
     agree = agreement(teacher, student, test, dist, info.task) if teacher is not None and key else None
     if not dist.is_main:
         return card
-    metric = task_for(info).primary
+    metric = task.primary
     cards = {"student" if teacher is not None else "model": model_card(student, info.input_shape, student_acc,
                                                                        metric)}
     if teacher is not None:

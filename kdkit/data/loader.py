@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,7 +39,40 @@ def _mix(*values: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-class BatchLoader:
+class EpochOrder:
+    """What both loaders share: the batches per epoch and the epoch's seeded order (set ``data``, ``batch_size``,
+    ``shuffle``, ``drop_last``, ``seed`` and ``epoch``; give ``iterate``)."""
+
+    data: Any
+    batch_size: int
+    shuffle: bool
+    drop_last: bool
+    seed: int
+    epoch: int
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        if n == 0:
+            return 0
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(len(self.data))
+        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        return torch.randperm(len(self.data), generator=g)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.iterate(0)
+
+    def iterate(self, start_step: int = 0) -> Iterator[Batch]:
+        raise NotImplementedError
+
+
+class BatchLoader(EpochOrder):
     def __init__(self, data: ImageSet, batch_size: int, *, shuffle: bool, drop_last: bool,
                  mean: list[float], std: list[float], augment: Augment | None = None, seed: int = 0,
                  device: torch.device | str = "cpu", rank: int = 0, world: int = 1, normalize: bool = True,
@@ -58,24 +92,6 @@ class BatchLoader:
         self.images = data.images.to(self.device) if self.device.type != "cpu" else data.images
         self.labels = None if data.labels is None else data.labels.to(self.device)
         self.epoch = 0
-
-    def __len__(self) -> int:
-        n = len(self.data)
-        if n == 0:
-            return 0
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def order(self) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(len(self.data))
-        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
-        return torch.randperm(len(self.data), generator=g)
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self.iterate(0)
 
     def iterate(self, start_step: int = 0) -> Iterator[Batch]:
         """Batches of the current epoch from step `start_step` on."""

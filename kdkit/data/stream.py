@@ -16,7 +16,6 @@ with ``data.on_bad_file: skip``, is left out of its batch with a warning and cou
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 from ..errors import DataError, warn
 from .augment import normalize
 from .images import ImageSet, channel_stats
-from .loader import Batch, _mix
+from .loader import Batch, EpochOrder, _mix
 from .natural import SampleAugment, image_sample
 
 #: seconds a batch may take before the loader gives up on its workers (a hung worker is an error, not a hang)
@@ -263,7 +262,7 @@ def _original_message(e: BaseException) -> str:
     return last.split(": ", 1)[1].strip() if ": " in last else last
 
 
-class StreamLoader:
+class StreamLoader(EpochOrder):
     """Batches of a :class:`SampleSet` through a ``torch.utils.data.DataLoader`` (see the module docstring);
     the same interface as :class:`~kdkit.data.BatchLoader`."""
 
@@ -291,24 +290,6 @@ class StreamLoader:
             num_workers=workers, persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
             pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init if workers > 0 else None,
             timeout=WORKER_TIMEOUT_S if workers > 0 else 0)
-
-    def __len__(self) -> int:
-        n = len(self.data)
-        if n == 0:
-            return 0
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def order(self) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(len(self.data))
-        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
-        return torch.randperm(len(self.data), generator=g)
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self.iterate(0)
 
     def iterate(self, start_step: int = 0) -> Iterator[Batch]:
         self._sampler.start = start_step

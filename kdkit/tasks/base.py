@@ -7,6 +7,13 @@ from typing import Any, ClassVar
 import torch
 
 
+def for_display(x: torch.Tensor) -> torch.Tensor:
+    """Images ``[B, C, H, W]`` (normalised model inputs) scaled to [0, 1] per image, on the CPU, for plots."""
+    img = x.detach().cpu().float()
+    lo, hi = img.amin(dim=(1, 2, 3), keepdim=True), img.amax(dim=(1, 2, 3), keepdim=True)
+    return (img - lo) / (hi - lo).clamp_min(1e-6)
+
+
 class Meter:
     """Accumulates a task's statistics over batches in one float64 tensor (summed across processes under
     torchrun), then turns them into metrics."""

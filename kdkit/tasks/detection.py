@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError, ModelError
-from .base import Meter, Task
+from .base import Meter, Task, for_display
 from .segmentation import dense_output_ok
 
 ALPHA, BETA = 2.0, 4.0
@@ -272,9 +272,7 @@ class Detection(Task):
             m.train(was)
             panels[name] = [[(b, float(s), int(c)) for b, s, c in zip(bs, ss, cs) if s >= 0.3]
                             for bs, ss, cs in zip(boxes.cpu(), scores.cpu(), cls.cpu())]
-        img = x.cpu().float()
-        img = (img - img.amin(dim=(1, 2, 3), keepdim=True)) / (img.amax(dim=(1, 2, 3), keepdim=True)
-                                                              - img.amin(dim=(1, 2, 3), keepdim=True)).clamp_min(1e-6)
+        img = for_display(x)
         h, w = img.shape[-2:]
         colours = plt.get_cmap("tab10" if k <= 10 else "tab20")
         fig, axes = plt.subplots(len(x), len(panels), figsize=(2.2 * len(panels), 2.2 * len(x)), squeeze=False)

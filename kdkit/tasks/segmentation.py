@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError, ModelError
-from .base import Meter, Task
+from .base import Meter, Task, for_display
 
 IGNORE_INDEX = 255
 
@@ -143,9 +143,7 @@ class Segmentation(Task):
 
         cols = 2 + len(preds)
         fig, axes = plt.subplots(len(x), cols, figsize=(1.9 * cols, 1.9 * len(x) + 0.6), squeeze=False)
-        img = x.cpu().float()
-        img = (img - img.amin(dim=(1, 2, 3), keepdim=True)) / (img.amax(dim=(1, 2, 3), keepdim=True)
-                                                              - img.amin(dim=(1, 2, 3), keepdim=True)).clamp_min(1e-6)
+        img = for_display(x)
         for i in range(len(x)):
             panels = [("image", None), ("ground truth", y[i].cpu())] + [(n, p[i]) for n, p in preds.items()]
             for j, (title, m) in enumerate(panels):
