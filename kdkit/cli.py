@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"kdkit {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    for name, text in (("train", "train one model with cross-entropy (config section 'model')"),
+    for name, text in (("train", "train one model on its labels with its task's loss, cross-entropy for classifiers "
+                                  "(config section 'model')"),
                        ("distill", "distill a student from a teacher (sections 'student', 'teacher', 'method')")):
         from .methods import METHODS
 
@@ -52,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="replace a run already in output_dir (by default a recipe's folder that holds a run "
                             "gives way to a fresh -2 beside it)")
 
-    e = sub.add_parser("eval", help="accuracy of a model file on a dataset (prints JSON)")
+    e = sub.add_parser("eval", help="a model file's test metrics on a dataset: accuracy, mIoU, mAP or "
+                                    "verification, by its task (prints JSON)")
     e.add_argument("--checkpoint", required=True, help="a model.pt written by kdkit, or its run folder")
     e.add_argument("--data", help="dataset name (default: the one the model was trained on)")
     e.add_argument("--root", help="dataset folder (default: the one the model was trained with)")
@@ -169,6 +171,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .data import load_data, make_loader
     from .engine import evaluate
     from .modelfile import check_compatible, load
+    from .tasks import task_for
 
     checkpoint = Path(args.checkpoint)
     if checkpoint.is_dir():  # a run folder, as report, export and sample take
@@ -186,6 +189,8 @@ def _eval(args: argparse.Namespace) -> int:
 
         cfg.scenes = parse(ScenesConfig, dict(mf.meta["scenes"]), "scenes")
         cfg.source = mf.meta.get("data_source", cfg.source)
+    if name == mf.info.name and mf.meta.get("unseen_classes"):  # verification on the identities kept out of training
+        cfg.unseen_classes = list(mf.meta["unseen_classes"])
     cfg.validate("--data")
     bundle = load_data(cfg)
     if bundle.info.input_shape[1:] != tuple(mf.info.input_shape[1:]):
@@ -194,10 +199,11 @@ def _eval(args: argparse.Namespace) -> int:
     check_compatible(mf, bundle.info, "model", args.checkpoint)
     loader = make_loader(bundle.split(args.split), args.batch_size, cfg, train=False,
                          info=replace(bundle.info, mean=mf.info.mean, std=mf.info.std))
-    if bundle.info.task != mf.info.task:
+    identities = mf.info.task == "embedding" and bundle.info.task == "classification"  # class indices as identities
+    if bundle.info.task != mf.info.task and not identities:
         raise KdkitError(f"{args.checkpoint} is a {mf.info.task} model but {name} is a {bundle.info.task} dataset; "
                          "evaluate it on data of its task (--data)")
-    res = evaluate(model, loader, task=mf.info.task)
+    res = evaluate(model, loader, task=task_for(mf.info))
     print(json.dumps({"checkpoint": args.checkpoint, "model": mf.label, "data": name, "split": args.split,
                       **res}))
     return 0

@@ -247,3 +247,13 @@ def test_the_test_metrics_come_from_the_listed_pairs(tmp_path):
     r = execute(load_config(None, [f"{k}={v}" for k, v in over.items()], default_method="supervised"), "train")
     m = r.summary["test_metrics"]
     assert (m["genuine_pairs"], m["impostor_pairs"], m["images"]) == (2, 2, 7)
+
+
+def test_eval_verifies_an_embedding_model_on_the_identities_it_never_saw(emb_teacher, capsys):
+    from kdkit.cli import main
+
+    summary = json.loads((emb_teacher.parent / "summary.json").read_text())
+    assert main(["eval", "--checkpoint", str(emb_teacher.parent)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["tar_far1e-2"] == pytest.approx(summary["test_tar_far1e-2"], abs=1e-6)
+    assert out["eer"] == pytest.approx(summary["test_metrics"]["eer"], abs=1e-6)
