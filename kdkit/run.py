@@ -309,7 +309,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         raise ConfigError(f"method {cfg.method.name!r} works on images [C, H, W]; this data's samples are "
                           f"{tuple(info.input_shape)}: use kd, fitnets, adaptive or th_kd on them")
     if data.train is not None:
-        first = next(iter(make_loader(data.train, 8, cfg.data, train=False, info=info)))
+        first = next(iter(make_loader(data.train, 8, cfg.data, train=False, info=info, workers=0)))
         sample = replace(first, x=first.x[:8], y=None if first.y is None else first.y[:8], index=None)
     else:  # shapes are all the checks need: noise, not an image of any split
         g = torch.Generator().manual_seed(cfg.seed)

@@ -82,6 +82,28 @@ def test_workers_give_the_same_batches_and_every_sample_once_across_ranks(tmp_pa
     assert [len(i) for _, i in r0] == [4, 4, 4, 3] and [len(i) for _, i in r1] == [4, 4, 4, 3]
 
 
+def test_a_dropped_loader_frees_its_workers_at_once(tmp_path):
+    # no reference cycle through the batch sampler: a streamed loader dropped mid-epoch (the one-batch look
+    # before training, an evaluation loader) is freed by reference counting, not left to the garbage collector,
+    # whose teardown made each worker's shutdown wait out a 5 s timeout
+    import gc
+    import weakref
+
+    root = write_folder(tmp_path / "imgs", n_per_class=10)
+    data = load_data(DataConfig(name="imagefolder", root=str(root), val_split=0, in_memory=False))
+    ld = StreamLoader(data.train, 4, shuffle=True, drop_last=False, mean=data.info.mean, std=data.info.std,
+                      workers=1)
+    it = iter(ld)
+    next(it)
+    alive = weakref.ref(ld)
+    gc.disable()
+    try:
+        del it, ld
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
 def test_samples_are_decoded_as_they_are_read_not_before(tmp_path):
     """The property behind flat memory: constructing the loader decodes nothing, and reading k batches decodes
     k batches' worth of samples, not the set."""

@@ -172,11 +172,11 @@ def hold(cfg: DataConfig, train: Split | None, test: Split) -> tuple[Split | Non
         return held[0], held[1], [f"decoded the data into memory ({why})"], "memory"  # type: ignore[return-value]
     why = "data.in_memory=false" if cfg.in_memory is False else f"data.in_memory=auto, {size_mb:.0f} MB decoded > " \
           f"data.memory_limit_mb {limit:.0f} MB"
-    return train, test, [f"streaming the data from disk, decoded per sample in {workers(cfg)} worker process(es) "
+    return train, test, [f"streaming the data from disk, decoded per sample in {workers_for(cfg)} worker process(es) "
                          f"({why})"], "stream"
 
 
-def workers(cfg: DataConfig) -> int:
+def workers_for(cfg: DataConfig) -> int:
     """data.workers, with 'auto' as one per core but one, at most 8."""
     import os
 
@@ -315,9 +315,11 @@ def _resized(data: Split, size: int) -> Split:
 
 def make_loader(data: Split, batch_size: int, cfg: DataConfig, *, train: bool, info: DataInfo, seed: int = 0,
                 device: torch.device | str = "cpu", rank: int = 0, world: int = 1, channels_last: bool = False,
-                drop_last: bool | None = None) -> Any:
+                drop_last: bool | None = None, workers: int | None = None) -> Any:
     """The batch loader of a split, for training (shuffled, augmented, last partial batch dropped unless
-    `drop_last` says otherwise) or evaluation: in memory, streamed, or the user's own loader."""
+    `drop_last` says otherwise) or evaluation: in memory, streamed, or the user's own loader. `workers`
+    overrides ``data.workers`` for a streamed split (0 for a one-batch look: worker processes started for one
+    batch and dropped cost seconds to shut down)."""
     from .stream import SampleSet, StreamLoader
     from .user_loader import UserBatchLoader, UserLoader
 
@@ -327,7 +329,8 @@ def make_loader(data: Split, batch_size: int, cfg: DataConfig, *, train: bool, i
         return UserBatchLoader(data, **common)
     if isinstance(data, SampleSet):
         return StreamLoader(data, batch_size, shuffle=train, drop_last=drop, seed=seed, rank=rank, world=world,
-                            augment=sample_augment_from(cfg) if train else None, workers=workers(cfg),
+                            augment=sample_augment_from(cfg) if train else None,
+                            workers=workers_for(cfg) if workers is None else workers,
                             skip_bad=cfg.on_bad_file == "skip", **common)
     augment = augment_from(cfg) if train else None
     if augment is not None and augment.active and data.images.dim() != 4:

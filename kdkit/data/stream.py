@@ -16,6 +16,7 @@ with ``data.on_bad_file: skip``, is left out of its batch with a warning and cou
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -233,19 +234,29 @@ class _Batches:
     before each pass; it runs in the main process, so persistent workers see the new epoch."""
 
     def __init__(self, loader: StreamLoader):
-        self.loader = loader
+        # a weak reference: a cycle loader -> DataLoader -> sampler -> loader would leave the loader to the
+        # garbage collector, whose teardown order stalls each worker's shutdown for seconds
+        self._loader = weakref.ref(loader)
         self.start = 0
+
+    @property
+    def loader(self) -> StreamLoader:
+        ld = self._loader()
+        assert ld is not None, "the batch sampler outlived its loader"
+        return ld
 
     def __len__(self) -> int:
         return len(self.loader) - self.start
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        ld = self.loader
-        order = ld.order()
-        for step in range(self.start, len(ld)):
-            idx = order[step * ld.batch_size:(step + 1) * ld.batch_size]
-            lo, hi = (ld.rank * len(idx)) // ld.world, ((ld.rank + 1) * len(idx)) // ld.world
-            yield [(int(i), _mix(ld.seed, ld.epoch, int(i), 2)) for i in idx[lo:hi]]
+        ld = self.loader  # read what the epoch needs, then let go of the loader (see __init__)
+        order, steps, size, rank, world, seed, epoch = (ld.order(), len(ld), ld.batch_size, ld.rank, ld.world,
+                                                        ld.seed, ld.epoch)
+        del ld
+        for step in range(self.start, steps):
+            idx = order[step * size:(step + 1) * size]
+            lo, hi = (rank * len(idx)) // world, ((rank + 1) * len(idx)) // world
+            yield [(int(i), _mix(seed, epoch, int(i), 2)) for i in idx[lo:hi]]
 
 
 def _worker_init(_: int) -> None:
