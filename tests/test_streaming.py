@@ -152,6 +152,37 @@ def test_resident_memory_stays_flat_as_the_dataset_grows(tmp_path):
     assert grown_mb < 0.5 * decoded_mb, (peaks, decoded_mb)
 
 
+def test_file_paths_are_packed_and_read_back_exactly():
+    from kdkit.data.pathtable import PathTable
+
+    names = ["a/b.png", "ünïcode/ß.jpg", "", "x" * 300, "/abs/path.JPEG"]
+    t = PathTable(names)
+    assert len(t) == 5 and [str(p) for p in t] == [str(Path(n)) for n in names]
+    assert t[-1] == Path("/abs/path.JPEG") and t[1:3] == [Path("ünïcode/ß.jpg"), Path("")]
+    with pytest.raises(IndexError):
+        t[5]
+    # one array of bytes and one of offsets, not an object per path (the workers share those pages)
+    assert t.nbytes == sum(len(n.encode()) for n in names) + 8 * len(names)
+    assert len(PathTable([])) == 0
+
+
+def test_workers_hand_over_the_same_model_input_as_the_main_process(tmp_path):
+    # with workers on CPU the batch is converted and normalised in the worker; it must equal the main
+    # process's conversion exactly
+    root = write_folder(tmp_path / "imgs", n_per_class=6)
+    data = load_data(DataConfig(name="imagefolder", root=str(root), val_split=0, in_memory=False))
+
+    def batches(workers: int) -> list[torch.Tensor]:
+        ld = StreamLoader(data.train, 5, shuffle=True, drop_last=False, mean=data.info.mean, std=data.info.std,
+                          seed=1, workers=workers, channels_last=True)
+        return [b.x for b in ld]
+
+    main, workers = batches(0), batches(2)
+    assert main[0].dtype == torch.float32 and abs(float(main[0].mean())) < 3
+    assert all(torch.equal(a, b) and b.is_contiguous(memory_format=torch.channels_last)
+               for a, b in zip(main, workers, strict=True))
+
+
 def test_a_corrupt_file_mid_epoch_is_named_and_the_checkpoint_kept(tmp_path):
     root = write_folder(tmp_path / "imgs")
     bad = root / "train" / "class1" / "005.png"

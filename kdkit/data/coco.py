@@ -37,6 +37,7 @@ from ..errors import DataError
 from .files import require_root
 from .imagefolder import image_mode
 from .natural import SampleAugment, augment_with_target, read_image, resize_square
+from .pathtable import PathTable
 from .stream import SampleSet
 
 TOLERANCE = 1.0  # pixels a box may stick out of its image (rounding in annotation tools)
@@ -47,7 +48,8 @@ class CocoSet(SampleSet):
 
     def __init__(self, paths: list[Path], sizes: list[tuple[int, int]], boxes: torch.Tensor, classes: list[str],
                  mode: str, size: int | None):
-        self.paths, self.sizes, self.labels, self.classes = paths, sizes, boxes, classes
+        self.paths, self.labels, self.classes = PathTable(paths), boxes, classes
+        self.sizes = torch.tensor(sizes, dtype=torch.int64).view(-1, 2)  # one tensor: see PathTable
         self.mode, self.size = mode, size
         self.scale = 255.0
 
@@ -60,7 +62,7 @@ class CocoSet(SampleSet):
     def load(self, i: int, augment: SampleAugment | None,
              g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         x = read_image(self.paths[i], self.mode)
-        w, h = self.sizes[i]
+        w, h = self.sizes[i].tolist()
         if (x.shape[2], x.shape[1]) != (w, h):
             raise DataError(f"{self.paths[i]} is {x.shape[2]}x{x.shape[1]} but its annotation entry says {w}x{h}; "
                             "the boxes would not fit it: fix the entry's width and height")

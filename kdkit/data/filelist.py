@@ -11,6 +11,7 @@ counted, and the first few named.
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from .files import require_root
 from .imagefolder import image_mode
+from .pathtable import PathTable
 from .stream import FileSampleSet
 
 SUFFIXES = (".csv", ".tsv", ".txt")
@@ -32,10 +34,12 @@ def find_list(root: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-def read_list(path: Path) -> tuple[list[Path], list[str]]:
+def read_list(path: Path) -> tuple[PathTable, list[str]]:
     """(files, label fields) of a list, checked line by line."""
     delimiter = "\t" if path.suffix == ".tsv" else ","
-    files, labels = [], []
+    folder = str(path.parent)
+    files: list[str] = []
+    labels: list[str] = []
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -47,16 +51,16 @@ def read_list(path: Path) -> tuple[list[Path], list[str]]:
             raise DataError(f"{path}, line {n}: expected 'path{delimiter}label', got {delimiter.join(row)!r}")
         if n == 1 and row[1].strip().lower() == "label":
             continue
-        files.append(path.parent / row[0].strip())
+        files.append(os.path.join(folder, row[0].strip()))
         labels.append(row[1].strip())
     if not files:
         raise DataError(f"{path}: lists no images; expected lines 'path{delimiter}label'")
-    missing = [f for f in files if not f.is_file()]
+    missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         shown = ", ".join(str(f) for f in missing[:3])
         raise DataError(f"{path}: {len(missing)} of {len(files)} listed files do not exist (first: {shown}); paths "
                         "are relative to the list's folder")
-    return files, labels
+    return PathTable(files), labels
 
 
 def _classes(labels: list[str], path: Path) -> list[str]:
@@ -87,7 +91,7 @@ def load(cfg: DataConfig, need_train: bool = True) -> tuple[FileSampleSet | None
     test_files, test_labels = read_list(test_list)
     mode = image_mode(train_files[0], cfg.channels)
 
-    def make(files: list[Path], labels: list[str], path: Path) -> FileSampleSet:
+    def make(files: PathTable, labels: list[str], path: Path) -> FileSampleSet:
         return FileSampleSet(files, _indices(labels, classes, path), classes, mode, cfg.image_size, cfg.eval_crop)
 
     test = make(test_files, test_labels, test_list)

@@ -11,6 +11,7 @@ share one size.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from ..config import DataConfig
 from ..errors import DataError
 from .files import require_root
+from .pathtable import PathTable
 from .splits import stratified_split
 from .stream import FileSampleSet
 
@@ -44,16 +46,18 @@ def image_mode(path: Path, channels: int | None) -> str:
         raise DataError(f"{path}: not a readable image ({e}); remove or replace it") from None
 
 
-def _listing(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
-    paths, labels = [], []
+def _listing(folder: Path, classes: list[str]) -> tuple[PathTable, list[int]]:
+    paths: list[str] = []  # strings while listing: a million Path objects would weigh hundreds of MB
+    labels: list[int] = []
     for label, cls in enumerate(classes):
         d = folder / cls
-        files = sorted(p for p in d.iterdir() if p.suffix.lower() in EXTENSIONS) if d.is_dir() else []
+        files = sorted(e.path for e in os.scandir(d) if os.path.splitext(e.name)[1].lower() in EXTENSIONS
+                       and e.is_file()) if d.is_dir() else []
         paths += files
         labels += [label] * len(files)
     if not paths:
         raise DataError(f"{folder}: no images ({', '.join(sorted(EXTENSIONS))}) in its class sub-folders")
-    return paths, labels
+    return PathTable(paths), labels
 
 
 def _set(folder: Path, classes: list[str], cfg: DataConfig, mode: str | None) -> tuple[FileSampleSet, str]:

@@ -29,6 +29,7 @@ from ..errors import DataError
 from .files import require_root
 from .imagefolder import EXTENSIONS, image_mode
 from .natural import SampleAugment, augment_with_target, read_image, resize_square
+from .pathtable import PathTable
 from .stream import SampleSet
 
 IGNORE = 255
@@ -80,7 +81,7 @@ class SegFolderSet(SampleSet):
 
     def __init__(self, images: list[Path], masks: list[Path], classes: list[str], mode: str, size: int | None,
                  ignore_index: int):
-        self.images, self.masks, self.classes = images, masks, classes
+        self.images, self.masks, self.classes = PathTable(images), PathTable(masks), classes
         self.mode, self.size, self.ignore_index = mode, size, ignore_index
         self.labels = torch.zeros(len(images), 1, 1, dtype=torch.uint8)
         self.scale = 255.0

@@ -17,7 +17,7 @@ with ``data.on_bad_file: skip``, is left out of its batch with a warning and cou
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from .augment import normalize
 from .images import ImageSet, channel_stats
 from .loader import Batch, EpochOrder, _mix
 from .natural import SampleAugment, image_sample
+from .pathtable import PathTable
 
 #: seconds a batch may take before the loader gives up on its workers (a hung worker is an error, not a hang)
 WORKER_TIMEOUT_S = 600
@@ -139,14 +140,15 @@ class TensorSampleSet(SampleSet):
 class FileSampleSet(SampleSet):
     """Image files with labels known from their folder or list, decoded by Pillow when read."""
 
-    def __init__(self, paths: list[Path], labels: torch.Tensor | None, classes: list[str], mode: str,
+    def __init__(self, paths: Sequence[str | Path], labels: torch.Tensor | None, classes: list[str], mode: str,
                  size: int | None, crop: float = 1.0):
         if size is not None:
             from .images import check_fits
 
             check_fits(256 * (3 if mode == "RGB" else 1) * size * size * 4,
                        f"a batch of 256 images at data.image_size={size}", "choose a smaller data.image_size")
-        self.paths, self.labels, self.classes = paths, labels, classes
+        self.paths = paths if isinstance(paths, PathTable) else PathTable(paths)
+        self.labels, self.classes = labels, classes
         self.mode, self.size, self.crop = mode, size, crop
         self.scale = 255.0
 
@@ -215,6 +217,38 @@ class _Read(torch.utils.data.Dataset):
         return (x, y, i, None)
 
 
+class _Collate:
+    """Stacks a batch; with `prep` (CPU training with workers) also turns it into the model's normalised float32
+    input there, in the worker, leaving the main process to the models. On a GPU the batch travels as stored
+    (uint8 is a quarter of the bytes) and is converted on the device."""
+
+    def __init__(self, prep: _Prep | None):
+        self.prep = prep
+
+    def __call__(self, items: list[tuple[Any, ...]]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor,
+                                                               list[str]]:
+        x, y, index, bad = _collate(items)
+        return (x if x is None or self.prep is None else self.prep(x)), y, index, bad
+
+
+class _Prep:
+    """Stored samples -> model input: float32, divided by the set's scale, normalised, in the memory format."""
+
+    def __init__(self, scale: float, mean: torch.Tensor | None, std: torch.Tensor | None,
+                 memory_format: torch.memory_format):
+        self.scale, self.mean, self.std, self.memory_format = scale, mean, std, memory_format
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.scale != 1.0:
+            x.div_(self.scale)
+        if self.mean is not None and self.std is not None:
+            x = normalize(x, self.mean, self.std)
+        if self.memory_format is not torch.contiguous_format and x.dim() == 4:
+            x = x.contiguous(memory_format=self.memory_format)
+        return x
+
+
 def _collate(items: list[tuple[Any, ...]]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[str]]:
     bad = [it[3] for it in items if it[0] is None]
     good = [it for it in items if it[0] is not None]
@@ -254,9 +288,9 @@ class _Batches:
                                                         ld.seed, ld.epoch)
         del ld
         for step in range(self.start, steps):
-            idx = order[step * size:(step + 1) * size]
+            idx = order[step * size:(step + 1) * size].tolist()
             lo, hi = (rank * len(idx)) // world, ((rank + 1) * len(idx)) // world
-            yield [(int(i), _mix(seed, epoch, int(i), 2)) for i in idx[lo:hi]]
+            yield [(i, _mix(seed, epoch, i, 2)) for i in idx[lo:hi]]
 
 
 def _worker_init(_: int) -> None:
@@ -296,8 +330,14 @@ class StreamLoader(EpochOrder):
         self.skipped: list[str] = []  # files left out (data.on_bad_file: skip)
         self._sampler = _Batches(self)
         self.workers = workers
+        identity = bool((self.mean == 0).all() and (self.std == 1).all())  # data.normalize=false
+        keep = normalize and not identity
+        self._prep = _Prep(data.scale, self.mean if keep else None, self.std if keep else None,
+                           self.memory_format)
+        self._prep_in_workers = workers > 0 and self.device.type == "cpu"
         self._loader = torch.utils.data.DataLoader(
-            _Read(data, self.augment, skip_bad), batch_sampler=self._sampler, collate_fn=_collate,
+            _Read(data, self.augment, skip_bad), batch_sampler=self._sampler,
+            collate_fn=_Collate(self._prep if self._prep_in_workers else None),
             num_workers=workers, persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
             pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init if workers > 0 else None,
             timeout=WORKER_TIMEOUT_S if workers > 0 else 0)
@@ -326,13 +366,8 @@ class StreamLoader(EpochOrder):
             warn(f"{n}: not a readable image; left out of its batch (data.on_bad_file=skip)")
 
     def _batch(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> Batch:
-        x = x.to(self.device, non_blocking=True).float()
-        if self.data.scale != 1.0:
-            x.div_(self.data.scale)
-        if self.normalize:
-            x = normalize(x, self.mean, self.std)
-        if self.memory_format is not torch.contiguous_format and x.dim() == 4:
-            x = x.contiguous(memory_format=self.memory_format)
+        if not self._prep_in_workers:
+            x = self._prep(x.to(self.device, non_blocking=True))
         labels = None if self.data.labels is None else y.to(self.device)
         if labels is not None and not labels.is_floating_point():  # class indices, label maps; boxes stay float
             labels = labels.long()
