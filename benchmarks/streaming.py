@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,7 +65,7 @@ from kdkit.config import load_config
 from kdkit.run import execute
 cfg = load_config(None, sys.argv[1:])
 t = time.time()
-s = execute(cfg, "distill").summary
+s = execute(cfg, "distill", overwrite=True).summary
 print(json.dumps({"self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
                   "wall_s": round(time.time() - t, 1), "epoch_s": s["train_time_s"], "path": s["data"]["path"]}))
@@ -177,6 +178,7 @@ def part_mnist_epoch(baseline: Path | None, teacher: Path, out: Path) -> dict[st
             cmd = [sys.executable, "-m", "kdkit", "distill", "configs/mnist/kd.yaml",
                    f"data.root={REPO.parent / 'shared' / 'data' / 'mnist'}", f"teacher.checkpoint={teacher}",
                    "train.epochs=2", "train.progress=none", f"output_dir={run_dir}"]
+            shutil.rmtree(run_dir, ignore_errors=True)  # the baseline checkout predates --overwrite
             subprocess.run(cmd, cwd=src, check=True, capture_output=True)
             lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             times[name].append([x for x in lines if x.get("event") == "epoch"][-1]["epoch_time_s"])
@@ -222,14 +224,14 @@ def part_user_loader(teacher: Path, out: Path, seeds: list[int]) -> dict[str, An
         cfg = load_config(REPO / "configs/mnist/kd.yaml", [f"data.root={root}", f"teacher.checkpoint={teacher}",
                                                             f"seed={seed}", "train.progress=none",
                                                             f"output_dir={out}/reader_{seed}"])
-        res["kdkit_reader"][seed] = execute(cfg, "distill").summary["test_accuracy"]
+        res["kdkit_reader"][seed] = execute(cfg, "distill", overwrite=True).summary["test_accuracy"]
         g = torch.Generator().manual_seed(seed)
         loader = torch.utils.data.DataLoader(_Cropping(d.train.images, d.train.labels, mean, std), batch_size=128,
                                              shuffle=True, generator=g, num_workers=0)
         val = ((d.val.images.float() / 255.0 - mean) / std, d.val.labels)
         test = ((d.test.images.float() / 255.0 - mean) / std, d.test.labels)
         r = kdkit.distill(kdkit.load(teacher), "lenet5_half", loader, val_data=val, test_data=test, seed=seed,
-                          output_dir=str(out / f"user_{seed}"), **_kd_recipe())
+                          output_dir=str(out / f"user_{seed}"), overwrite=True, **_kd_recipe())
         res["user_loader"][seed] = r.summary["test_accuracy"]
         print(f"[user_loader] seed {seed}: reader {res['kdkit_reader'][seed]}, user loader "
               f"{res['user_loader'][seed]}", flush=True)

@@ -342,3 +342,20 @@ def test_the_tensor_path_streams_when_asked():
     assert isinstance(d.train, SampleSet) and isinstance(d.test, TensorSampleSet) and d.path == "stream"
     info = DataInfo("x", ["a"], (1, 8, 8), [0.0], [1.0])
     assert info.is_images and DataInfo("x", ["a"], (24,), [0.0], [1.0]).input_size == 1
+
+
+def test_decoding_into_memory_names_the_odd_sized_file_and_stats_ignore_the_chunking(tmp_path):
+    from PIL import Image
+
+    from kdkit.data.images import channel_stats
+
+    root = write_folder(tmp_path / "imgs", n_per_class=4, size=12)
+    data = load_data(DataConfig(name="imagefolder", root=str(root), val_split=0, in_memory=False))
+    held = data.train.to_memory()
+    assert held.images.shape == (12, 3, 12, 12) and held.images.dtype == torch.uint8
+    assert torch.equal(held.images[5], data.train.load(5, None, None)[0])
+    assert held.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert channel_stats(held.images, chunk_values=500) == channel_stats(held.images)  # chunks of 1 image
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(root / "train" / "class2" / "003.png")
+    with pytest.raises(DataError, match=r"\(3, 9, 9\) for .*class2/003\.png.*data\.image_size"):
+        data.train.to_memory()  # the listed file was replaced by one of another size

@@ -95,10 +95,12 @@ def resize(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
     return torch.cat(out)
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
+def channel_stats(images: torch.Tensor, chunk_values: int = 1 << 22) -> tuple[list[float], list[float]]:
     """Mean and std per channel (dimension 1; per feature for vectors ``[N, D]``) of uint8 samples on the
-    [0, 1] scale (float samples: as they are)."""
+    [0, 1] scale (float samples: as they are). Samples are converted in chunks of about `chunk_values` values
+    (32 MB of float64), whatever their size."""
     c = images.shape[1]
+    chunk = max(1, chunk_values // max(1, images[0].numel())) if len(images) else 1
     s = torch.zeros(c, dtype=torch.float64)
     s2 = torch.zeros(c, dtype=torch.float64)
     n = 0

@@ -83,14 +83,20 @@ class SampleSet:
 
     def to_memory(self) -> ImageSet:
         """Decode every sample into one in-memory set (data.in_memory)."""
-        pairs = [self.load(i, None, None) for i in range(len(self))]
-        shapes = {tuple(x.shape) for x, _ in pairs}
-        if len(shapes) != 1:
-            raise DataError(f"the samples have different shapes {sorted(shapes)[:3]}; set data.image_size")
-        labels = self.labels
-        if labels is not None and labels.dim() > 1:  # label maps come with their samples
-            labels = torch.stack([y for _, y in pairs])
-        return ImageSet(torch.stack([x for x, _ in pairs]), labels, self.classes)
+        x0, y0 = self.load(0, None, None)
+        maps = self.labels is not None and self.labels.dim() > 1  # label maps come with their samples
+        # filled in place: a list of samples then stacked would hold the set twice at its peak
+        images = torch.empty((len(self), *x0.shape), dtype=x0.dtype)
+        labels = torch.empty((len(self), *y0.shape), dtype=y0.dtype) if maps else self.labels
+        for i in range(len(self)):
+            x, y = (x0, y0) if i == 0 else self.load(i, None, None)
+            if x.shape != x0.shape:
+                raise DataError(f"the samples have different shapes ({tuple(x0.shape)} for {self.name(0)}, "
+                                f"{tuple(x.shape)} for {self.name(i)}); set data.image_size")
+            images[i] = x
+            if maps:
+                labels[i] = y  # type: ignore[index]
+        return ImageSet(images, labels, self.classes)
 
 
 class _View(SampleSet):
