@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -35,32 +36,45 @@ def find_list(root: Path, names: tuple[str, ...]) -> Path | None:
 
 
 def read_list(path: Path) -> tuple[PathTable, list[str]]:
-    """(files, label fields) of a list, checked line by line."""
+    """(files, label fields) of a list, checked line by line. Read as a stream: a list of a million images
+    leaves two arrays and one short string per distinct label, not an object per line."""
     delimiter = "\t" if path.suffix == ".tsv" else ","
     folder = str(path.parent)
-    files: list[str] = []
     labels: list[str] = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read the file list ({e})") from None
-    for n, row in enumerate(csv.reader(text.splitlines(), delimiter=delimiter), start=1):
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            raise DataError(f"{path}, line {n}: expected 'path{delimiter}label', got {delimiter.join(row)!r}")
-        if n == 1 and row[1].strip().lower() == "label":
-            continue
-        files.append(os.path.join(folder, row[0].strip()))
-        labels.append(row[1].strip())
-    if not files:
+    distinct: dict[str, str] = {}  # one string object per label value
+    missing: list[str] = []
+    n_missing = 0
+
+    def files() -> Iterator[str]:
+        nonlocal n_missing
+        try:
+            with open(path, encoding="utf-8", newline="") as f:
+                for n, row in enumerate(csv.reader(f, delimiter=delimiter), start=1):
+                    if not row or all(not c.strip() for c in row):
+                        continue
+                    if len(row) != 2 or not row[0].strip() or not row[1].strip():
+                        raise DataError(f"{path}, line {n}: expected 'path{delimiter}label', got "
+                                        f"{delimiter.join(row)!r}")
+                    label = row[1].strip()
+                    if n == 1 and label.lower() == "label":
+                        continue
+                    file = os.path.join(folder, row[0].strip())
+                    if not os.path.isfile(file):
+                        n_missing += 1
+                        if len(missing) < 3:
+                            missing.append(file)
+                    labels.append(distinct.setdefault(label, label))
+                    yield file
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"{path}: cannot read the file list ({e})") from None
+
+    table = PathTable(files())
+    if not len(table):
         raise DataError(f"{path}: lists no images; expected lines 'path{delimiter}label'")
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        shown = ", ".join(str(f) for f in missing[:3])
-        raise DataError(f"{path}: {len(missing)} of {len(files)} listed files do not exist (first: {shown}); paths "
-                        "are relative to the list's folder")
-    return PathTable(files), labels
+    if n_missing:
+        raise DataError(f"{path}: {n_missing} of {len(table)} listed files do not exist (first: "
+                        f"{', '.join(missing)}); paths are relative to the list's folder")
+    return table, labels
 
 
 def _classes(labels: list[str], path: Path) -> list[str]:

@@ -12,6 +12,7 @@ share one size.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -47,17 +48,20 @@ def image_mode(path: Path, channels: int | None) -> str:
 
 
 def _listing(folder: Path, classes: list[str]) -> tuple[PathTable, list[int]]:
-    paths: list[str] = []  # strings while listing: a million Path objects would weigh hundreds of MB
     labels: list[int] = []
-    for label, cls in enumerate(classes):
-        d = folder / cls
-        files = sorted(e.path for e in os.scandir(d) if os.path.splitext(e.name)[1].lower() in EXTENSIONS
-                       and e.is_file()) if d.is_dir() else []
-        paths += files
-        labels += [label] * len(files)
-    if not paths:
+
+    def files() -> Iterator[str]:  # one class folder's names at a time, never an object per image of the set
+        for label, cls in enumerate(classes):
+            d = folder / cls
+            names = sorted(e.path for e in os.scandir(d) if os.path.splitext(e.name)[1].lower() in EXTENSIONS
+                           and e.is_file()) if d.is_dir() else []
+            labels.extend([label] * len(names))
+            yield from names
+
+    paths = PathTable(files())
+    if not len(paths):
         raise DataError(f"{folder}: no images ({', '.join(sorted(EXTENSIONS))}) in its class sub-folders")
-    return PathTable(paths), labels
+    return paths, labels
 
 
 def _set(folder: Path, classes: list[str], cfg: DataConfig, mode: str | None) -> tuple[FileSampleSet, str]:

@@ -10,6 +10,7 @@ memory stays flat in the number of files.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import overload
@@ -21,16 +22,15 @@ class PathTable(Sequence[Path]):
     """An immutable sequence of paths (``table[i]`` is a ``Path``) stored as bytes and offsets."""
 
     def __init__(self, paths: Iterable[str | Path]):
-        chunks: list[bytes] = []
-        ends: list[int] = []
-        total = 0
+        # consumed one path at a time into two growing buffers: a generator of paths is never held as objects
+        buf = bytearray()
+        ends = array("q")
         for p in paths:
-            b = str(p).encode("utf-8", "surrogateescape")
-            chunks.append(b)
-            total += len(b)
-            ends.append(total)
-        self._bytes = np.frombuffer(b"".join(chunks), dtype=np.uint8) if total else np.zeros(0, np.uint8)
-        self._ends = np.asarray(ends, dtype=np.int64)
+            buf += str(p).encode("utf-8", "surrogateescape")
+            ends.append(len(buf))
+        self._bytes = np.frombuffer(buf, dtype=np.uint8)  # views of the buffers, no copies
+        self._bytes.flags.writeable = False
+        self._ends = np.frombuffer(ends, dtype=np.int64) if ends else np.zeros(0, np.int64)
 
     def __len__(self) -> int:
         return len(self._ends)

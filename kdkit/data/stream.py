@@ -7,7 +7,10 @@ so the seeded validation/test splits and per-class subsets work exactly as on th
 epoch, the global batch split across torchrun ranks (every sample seen once per epoch over all ranks),
 ``iterate(start_step)`` resuming mid-epoch at the exact next batch, and per-sample augmentation seeded by
 (seed, epoch, sample), so the result does not depend on which worker decoded what. Workers
-(``data.workers``) persist across epochs; batches are prefetched, pinned when training on a GPU.
+(``data.workers``) persist across epochs; batches are prefetched, pinned when training on a GPU. Training on
+CPU with workers, the batch becomes the model's normalised float input in the worker; on a GPU it travels as
+stored (uint8, a quarter of the bytes) and is converted on the device. File paths are held in a
+:class:`~kdkit.data.pathtable.PathTable`, so the workers share them with the main process instead of copying.
 
 A file that cannot be decoded stops the run with the file named (the last checkpoint is untouched), or,
 with ``data.on_bad_file: skip``, is left out of its batch with a warning and counted (``summary.json``:
