@@ -3,9 +3,11 @@ the in-memory path's speed unchanged, and a user's own augmenting DataLoader aga
 
 Parts (``--parts``, default all), results in ``benchmarks/results/streaming.json``:
 
-* ``rss``: peak resident memory of one KD epoch (LeNet-5 -> LeNet-5-half, 64x64 RGB JPEGs, batch 256) over file
+* ``rss``: peak memory of one KD epoch (LeNet-5 -> LeNet-5-half, 64x64 RGB JPEGs, batch 256) over file
   lists of 10k, 50k and 200k images drawn from one generated pool, streamed (2 workers) and decoded into
-  memory; the main process and its worker processes apart.
+  memory: the peak proportional set size (PSS) of the run's process tree, sampled every 0.1 s (memory shared
+  between the main process and its forked workers counted once), and each process's peak resident set
+  (ru_maxrss; a forked worker's includes the parent pages it shares, so it moves with the parent's).
 * ``throughput``: images/s of kdkit's streaming loader with 0, 1 and 2 workers against a plain DataLoader
   with the same Pillow decode, alternating, on the 50k list.
 * ``mnist_epoch``: the MNIST in-memory KD epoch (the KD recipe, 2 epochs, the second timed) with this
@@ -60,13 +62,39 @@ def make_pool(pool: Path, n: int, size: int = 64) -> None:
 
 
 RSS_SCRIPT = r"""
-import json, resource, sys, time
+import json, os, resource, sys, threading, time
 from kdkit.config import load_config
 from kdkit.run import execute
+
+def pss_mb():  # proportional set size of this process and its descendants: shared pages counted once in all
+    def tree(pid):
+        try:
+            kids = [int(c) for t in os.listdir(f"/proc/{pid}/task")
+                    for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
+        except OSError:
+            return []
+        return [pid] + [q for k in kids for q in tree(k)]
+    total = 0
+    for pid in tree(os.getpid()):
+        try:
+            for line in open(f"/proc/{pid}/smaps_rollup"):
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+peak = [0.0]
+def watch():
+    while True:
+        peak[0] = max(peak[0], pss_mb())
+        time.sleep(0.1)
+threading.Thread(target=watch, daemon=True).start()
 cfg = load_config(None, sys.argv[1:])
 t = time.time()
 s = execute(cfg, "distill", overwrite=True).summary
-print(json.dumps({"self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"pss_peak_mb": round(peak[0], 1),
+                  "self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
                   "wall_s": round(time.time() - t, 1), "epoch_s": s["train_time_s"], "path": s["data"]["path"]}))
 """

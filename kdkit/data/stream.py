@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from ..errors import DataError, warn
-from .augment import normalize
 from .images import ImageSet, channel_stats
 from .loader import Batch, EpochOrder, _mix
 from .natural import SampleAugment, image_sample
@@ -248,11 +247,12 @@ class _Prep:
         self.scale, self.mean, self.std, self.memory_format = scale, mean, std, memory_format
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
+        x = x.float() if x.dtype != torch.float32 else x.clone()  # one new tensor, then in place
         if self.scale != 1.0:
             x.div_(self.scale)
         if self.mean is not None and self.std is not None:
-            x = normalize(x, self.mean, self.std)
+            shape = (1, -1, *([1] * (x.dim() - 2)))
+            x.sub_(self.mean.view(shape)).div_(self.std.view(shape))
         if self.memory_format is not torch.contiguous_format and x.dim() == 4:
             x = x.contiguous(memory_format=self.memory_format)
         return x
