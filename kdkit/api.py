@@ -143,6 +143,10 @@ def _run(command: str, models: dict[str, ModelLike], method: str, train_data: An
     from .data.memory import memory_bundle
     from .run import execute
 
+    if not isinstance(method, str):
+        shown = f"a {type(method).__name__}" + (f" {method!r}"[:80] if isinstance(method, dict) else "")
+        raise ConfigError(f"method=: expected a method name such as 'kd', got {shown}; give the method's options "
+                          "as keywords beside it: method='kd', temperature=4, kd_weight=0.9")
     raw = _options(options, method)
     given: dict[str, nn.Module] = {}
     for role, m in models.items():

@@ -86,6 +86,9 @@ def test_options_are_validated_like_recipes(taught):
         kdkit.distill(teacher.model, Net(4), loader, **{"train.epoch": 3}, output_dir=str(out / "x"))
     with pytest.raises(ConfigError, match="expected an nn.Module, a zoo model name"):
         kdkit.distill(teacher.model, 3, loader)
+    with pytest.raises(ConfigError, match=r"method=: expected a method name such as 'kd', got a dict .*"
+                                          r"method='kd', temperature=4"):
+        kdkit.distill(teacher.model, Net(4), loader, method={"temperature": 4.0}, output_dir=str(out / "x"))
 
 
 def test_bad_data_is_a_clear_error(taught):
