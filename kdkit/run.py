@@ -360,23 +360,30 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     engine = Engine(method, data, cfg, run_dir=run_dir, dist=dist, device=device)
     history = engine.fit(resume=state)
     method.finish()
+    engine.release_loaders()
+    evals: dict[str, Any] = {}
+
+    def ev(split: str) -> Any:  # one evaluation loader per split from here on: its workers start once
+        if split not in evals:
+            evals[split] = _eval_loader(data, split, cfg, device, dist)
+        return evals[split]
+
     if method.head is not None and dist.is_main:  # the head over the training identities, for head sharing
         torch.save({"kdkit_head": 1, "state_dict": method.head.state_dict(), "embedding": info.embedding,
                     "classes": info.classes}, run_dir / "head.pt")
 
     final = method.eval_model()
-    val = evaluate(final, _eval_loader(data, "val", cfg, device, dist), dist, task) if data.val is not None else None
-    test = evaluate(final, _eval_loader(data, "test", cfg, device, dist), dist, task)
+    val = evaluate(final, ev("val"), dist, task) if data.val is not None else None
+    test = evaluate(final, ev("test"), dist, task)
     extra: dict[str, Any] = {}
     for name, m in method.extra_eval_models().items():
         if data.val is not None:
-            extra[f"val_{primary}_{name}"] = evaluate(m, _eval_loader(data, "val", cfg, device, dist), dist,
+            extra[f"val_{primary}_{name}"] = evaluate(m, ev("val"), dist,
                                                       task)[primary]
-        extra[f"test_{primary}_{name}"] = evaluate(m, _eval_loader(data, "test", cfg, device, dist), dist,
+        extra[f"test_{primary}_{name}"] = evaluate(m, ev("test"), dist,
                                                    task)[primary]
     if tc.snapshot_min:
-        extra["snapshots"] = _score_snapshots(engine, final, test[primary], _eval_loader(data, "test", cfg, device,
-                                                                                       dist), dist)
+        extra["snapshots"] = _score_snapshots(engine, final, test[primary], ev("test"), dist)
     extra.update(_progress_facts(engine, history, test[primary], None if val is None else val[primary]))
     exported = method.export_model()
     summary: dict[str, Any] = {
@@ -406,7 +413,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
             from .report import EXAMPLES
 
             shown = {"teacher": teacher, "student": exported} if teacher is not None else {"model": exported}
-            task.write_examples(run_dir / EXAMPLES, shown, _eval_loader(data, "test", cfg, device, dist),
+            task.write_examples(run_dir / EXAMPLES, shown, ev("test"),
                                 info.classes)
     if cfg.recipe_name:
         summary["recipe_name"] = cfg.recipe_name
@@ -416,7 +423,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     summary.update(extra)
     summary.update(method.summary())
     summary["report_card"] = _report_card(exported, teacher, test[primary], teacher_test, info,
-                                          _eval_loader(data, "test", cfg, device, dist), dist)
+                                          ev("test"), dist)
     for who, scores in (("student" if teacher is not None else "model", test), ("teacher", teacher_metrics)):
         if scores is not None and who in summary["report_card"]:  # the task's further figures (EER, mAP@.5...)
             summary["report_card"][who].update({f"test_{k}": scores.get(k) for k in task.card_keys})

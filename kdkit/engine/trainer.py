@@ -158,6 +158,7 @@ class Engine:
         self.autocast = autocast_for(device, cfg.train.amp)
         self.scaler = torch.amp.GradScaler("cuda") if (cfg.train.amp and device.type == "cuda") else None
         self._loaders: dict[tuple[str, bool, int | None, bool], Any] = {}
+        self._released_skips: list[str] = []  # files skipped by loaders since released
         self.history: list[dict[str, Any]] = []
         self.elapsed_before = 0.0
         self.global_step = 0
@@ -184,9 +185,15 @@ class Engine:
                 rank=self.dist.rank, world=self.dist.world, channels_last=c.train.channels_last, drop_last=drop_last)
         return self._loaders[key]
 
+    def release_loaders(self) -> None:
+        """Drop the training loaders (their persistent workers stop) once training is over, so that the final
+        evaluations' workers do not run beside idle ones; what they skipped is kept for the summary."""
+        self._released_skips += [n for ld in self._loaders.values() for n in getattr(ld, "skipped", [])]
+        self._loaders.clear()
+
     def skipped_files(self) -> dict[str, Any]:
         """Unreadable files left out of their batches (data.on_bad_file: skip): count and the first few."""
-        names = [n for ld in self._loaders.values() for n in getattr(ld, "skipped", [])]
+        names = self._released_skips + [n for ld in self._loaders.values() for n in getattr(ld, "skipped", [])]
         return {"count": len(names), "first": sorted(set(names))[:10]}
 
     # ---- checkpoints ------------------------------------------------------------------------
