@@ -378,10 +378,8 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     extra: dict[str, Any] = {}
     for name, m in method.extra_eval_models().items():
         if data.val is not None:
-            extra[f"val_{primary}_{name}"] = evaluate(m, ev("val"), dist,
-                                                      task)[primary]
-        extra[f"test_{primary}_{name}"] = evaluate(m, ev("test"), dist,
-                                                   task)[primary]
+            extra[f"val_{primary}_{name}"] = evaluate(m, ev("val"), dist, task)[primary]
+        extra[f"test_{primary}_{name}"] = evaluate(m, ev("test"), dist, task)[primary]
     if tc.snapshot_min:
         extra["snapshots"] = _score_snapshots(engine, final, test[primary], ev("test"), dist)
     extra.update(_progress_facts(engine, history, test[primary], None if val is None else val[primary]))
@@ -413,8 +411,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
             from .report import EXAMPLES
 
             shown = {"teacher": teacher, "student": exported} if teacher is not None else {"model": exported}
-            task.write_examples(run_dir / EXAMPLES, shown, ev("test"),
-                                info.classes)
+            task.write_examples(run_dir / EXAMPLES, shown, ev("test"), info.classes)
     if cfg.recipe_name:
         summary["recipe_name"] = cfg.recipe_name
     if teacher is not None:
@@ -422,8 +419,8 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
                         "teacher_params": count_params(teacher)})
     summary.update(extra)
     summary.update(method.summary())
-    summary["report_card"] = _report_card(exported, teacher, test[primary], teacher_test, info,
-                                          ev("test"), dist)
+    summary["report_card"] = _report_card(exported, teacher, test[primary], teacher_test, info, ev("test"),
+                                          dist)
     for who, scores in (("student" if teacher is not None else "model", test), ("teacher", teacher_metrics)):
         if scores is not None and who in summary["report_card"]:  # the task's further figures (EER, mAP@.5...)
             summary["report_card"][who].update({f"test_{k}": scores.get(k) for k in task.card_keys})

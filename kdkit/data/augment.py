@@ -76,7 +76,16 @@ def random_crop(x: torch.Tensor, padding: int, offsets: torch.Tensor, fill: floa
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-channel values `t` shaped to broadcast over dimension 1 of `x`."""
+    return t.view(1, -1, *([1] * (x.dim() - 2)))
+
+
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """(x - mean) / std per channel: dimension 1 of a batch of images, sequences or vectors."""
-    shape = (1, -1, *([1] * (x.dim() - 2)))
-    return (x - mean.view(shape)) / std.view(shape)
+    return (x - _per_channel(mean, x)) / _per_channel(std, x)
+
+
+def normalize_(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """:func:`normalize` in place on a float `x` (no new tensor)."""
+    return x.sub_(_per_channel(mean, x)).div_(_per_channel(std, x))

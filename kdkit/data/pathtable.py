@@ -30,7 +30,7 @@ class PathTable(Sequence[Path]):
             ends.append(len(buf))
         self._bytes = np.frombuffer(buf, dtype=np.uint8)  # views of the buffers, no copies
         self._bytes.flags.writeable = False
-        self._ends = np.frombuffer(ends, dtype=np.int64) if ends else np.zeros(0, np.int64)
+        self._ends = np.frombuffer(ends, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._ends)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import DataError, warn
+from .augment import normalize_
 from .images import ImageSet, channel_stats
 from .loader import Batch, EpochOrder, _mix
 from .natural import SampleAugment, image_sample
@@ -251,8 +252,7 @@ class _Prep:
         if self.scale != 1.0:
             x.div_(self.scale)
         if self.mean is not None and self.std is not None:
-            shape = (1, -1, *([1] * (x.dim() - 2)))
-            x.sub_(self.mean.view(shape)).div_(self.std.view(shape))
+            normalize_(x, self.mean, self.std)
         if self.memory_format is not torch.contiguous_format and x.dim() == 4:
             x = x.contiguous(memory_format=self.memory_format)
         return x

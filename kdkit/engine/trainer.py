@@ -185,15 +185,19 @@ class Engine:
                 rank=self.dist.rank, world=self.dist.world, channels_last=c.train.channels_last, drop_last=drop_last)
         return self._loaders[key]
 
+    def _skips(self) -> list[str]:
+        """Files left out by the loaders held now and by those released."""
+        return self._released_skips + [n for ld in self._loaders.values() for n in getattr(ld, "skipped", [])]
+
     def release_loaders(self) -> None:
         """Drop the training loaders (their persistent workers stop) once training is over, so that the final
         evaluations' workers do not run beside idle ones; what they skipped is kept for the summary."""
-        self._released_skips += [n for ld in self._loaders.values() for n in getattr(ld, "skipped", [])]
+        self._released_skips = self._skips()
         self._loaders.clear()
 
     def skipped_files(self) -> dict[str, Any]:
         """Unreadable files left out of their batches (data.on_bad_file: skip): count and the first few."""
-        names = self._released_skips + [n for ld in self._loaders.values() for n in getattr(ld, "skipped", [])]
+        names = self._skips()
         return {"count": len(names), "first": sorted(set(names))[:10]}
 
     # ---- checkpoints ------------------------------------------------------------------------
