@@ -20,13 +20,15 @@ Pairing: the run of arm A with seed s and the run of arm B with seed s share the
 architectures allow) the student's initial weights and the order and augmentation of the images; every
 summary records fingerprints of both (``pairing``) and the report says, per pair, whether they matched.
 
-The queue runs one ``kdkit`` process at a time, in the order seed, cell, arm (so early results are
-balanced across arms). It can be killed at any point and started again with the same command: finished
-runs (a ``summary.json``) are never redone, an interrupted run continues from its checkpoint
-(``--resume``). Each run's command, exit status, wall and CPU time and the machine's load when it started
-are kept in ``queue.json``; its output in ``logs/``. The report (``compare.md``, ``compare.json``,
-``compare.png``) gives per arm the mean and 95% interval of the metric, the kept (best validation) state
-against the last one, the cost per run, and per pair the mean paired difference with its interval.
+The queue runs one ``kdkit`` process at a time, in the order seed, cell, arm (so early results are balanced
+across arms). It can be killed at any point and started again with the same command: finished runs (a
+``summary.json``) are never redone, an interrupted run continues from its checkpoint (``--resume``). Several
+queues may run one spec at once on one machine (one per core, say): each takes the next run no other holds
+(``OUT/claims/``), and arms wait for the prepare runs. Each run's command, exit status, wall and CPU time and
+the machine's load when it started are kept in ``queue.json``; its output in ``logs/``. The report
+(``compare.md``, ``compare.json``, ``compare.png``) gives per arm the mean and 95% interval of the metric, the
+kept (best validation) state against the last one, the cost per run, and per pair the mean paired difference
+with its interval.
 """
 
 from __future__ import annotations
@@ -282,20 +284,95 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class _Claims:
+    """Which worker runs which run, so that several ``kdkit compare`` processes on one spec (one machine) share
+    its queue: a run is claimed by creating ``OUT/claims/<key>`` exclusively, holding the worker's process id; a
+    claim whose process has ended is stale and taken over."""
+
+    def __init__(self, out: Path):
+        self.dir = out / "claims"
+        self.mine: set[Path] = set()
+
+    def _path(self, r: Run) -> Path:
+        return self.dir / (r.key.replace("/", "__") + ".pid")
+
+    def holder(self, r: Run) -> int | None:
+        """The live process that holds `r`, or None."""
+        try:
+            pid = int(self._path(r).read_text(encoding="utf-8").strip() or 0)
+        except (OSError, ValueError):
+            return None
+        return pid if pid and pid != os.getpid() and _alive(pid) else None
+
+    def take(self, r: Run) -> bool:
+        path = self._path(r)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self.holder(r) is not None:
+                    return False
+                path.unlink(missing_ok=True)  # stale: its worker ended
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(str(os.getpid()))
+            self.mine.add(path)
+            return True
+        return False
+
+    def release(self, r: Run) -> None:
+        path = self._path(r)
+        if path in self.mine:
+            path.unlink(missing_ok=True)
+            self.mine.discard(path)
+
+
+def _record(qpath: Path, spec_name: str, key: str, attempt: dict[str, Any], status: str) -> dict[str, Any]:
+    """Add `attempt` to run `key` in ``queue.json``, re-read under a lock so that concurrent workers' records
+    are all kept."""
+    import fcntl
+
+    qpath.parent.mkdir(parents=True, exist_ok=True)
+    with open(qpath.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        queue = _read_queue(qpath)
+        queue["spec"] = spec_name
+        entry = queue["runs"].setdefault(key, {"attempts": []})
+        entry["attempts"].append(attempt)
+        entry["status"] = status
+        _write_json(qpath, queue)
+    return queue
+
+
 def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = False,
-              echo: bool = True) -> dict[str, Any]:
+              echo: bool = True, wait_s: float = 5.0) -> dict[str, Any]:
     """Run what is not finished, one at a time; returns the queue record (also in ``OUT/queue.json``).
 
     A run that fails after it started is recorded (``failed``), skipped from then on unless `retry_failed`
     (it resumes from its last checkpoint), and the queue goes on; one that fails before starting (a config
-    the checks could not see) or is interrupted (Ctrl-C) stops the queue."""
+    the checks could not see) or is interrupted (Ctrl-C) stops the queue.
+
+    Several workers may run the same spec at once on one machine (``kdkit compare SPEC`` started twice, say
+    one per core): each takes the next run no other live worker holds, and waits (polling every `wait_s`
+    seconds) for prepare runs another worker is making before it starts any arm."""
     runs = plan(spec)
     check(runs)
     qpath = spec.out / "queue.json"
-    queue = _read_queue(qpath)
-    queue["spec"] = spec.name
-    failed = {k for k, v in queue["runs"].items() if v.get("status") == "failed"} if not retry_failed else set()
+    records = _read_queue(qpath)["runs"]
+    failed = {k for k, v in records.items() if v.get("status") == "failed"} if not retry_failed else set()
     todo = [r for r in runs if not r.finished and r.key not in failed]
+    claims = _Claims(spec.out)
     say = print if echo else (lambda *a, **k: None)
     if failed:
         say(f"kdkit compare {spec.name}: {len(failed)} failed run(s) skipped (--retry-failed runs them again)",
@@ -303,28 +380,25 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
     say(f"kdkit compare {spec.name}: {len(runs) - len(todo)} of {len(runs)} runs finished, {len(todo)} to go "
         f"(results in {spec.out})", flush=True)
     done_now = 0
-    for i, r in enumerate(todo):
+    for r in todo:
         if max_runs is not None and done_now >= max_runs:
             say(f"stopped after {done_now} run(s) (--max-runs); run the same command to continue", flush=True)
             break
-        argv = command_line(r)
-        entry = queue["runs"].setdefault(r.key, {"attempts": []})
-        attempt: dict[str, Any] = {"command": shlex.join(argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                   "load_avg_1min": round(os.getloadavg()[0], 2), "resumed": r.started}
-        say(f"[{len(runs) - len(todo) + i + 1}/{len(runs)}] {r.key}{' (resuming)' if r.started else ''}", flush=True)
-        r.log.parent.mkdir(parents=True, exist_ok=True)
-        t0, c0 = time.time(), _cpu_seconds()
-        with open(r.log, "a", encoding="utf-8") as log:
-            log.write(f"$ {attempt['command']}\n")
-            log.flush()
-            try:
-                code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-            except KeyboardInterrupt:
-                code = 130
-        attempt.update(exit_code=code, wall_s=round(time.time() - t0, 2), cpu_s=round(_cpu_seconds() - c0, 2))
-        entry["attempts"].append(attempt)
-        entry["status"] = "finished" if r.finished else ("interrupted" if code == 130 else "failed")
-        _write_json(qpath, queue)
+        if r.seed is not None:  # an arm: every prepare run must be finished first, whoever makes it
+            for p in (p for p in runs if p.seed is None and not p.finished):
+                if claims.holder(p) is None:
+                    continue  # neither finished nor being made (it failed): the arm's own run will say so
+                say(f"waiting for {p.key}, made by worker {claims.holder(p)}", flush=True)
+                while not p.finished and claims.holder(p) is not None:
+                    time.sleep(wait_s)
+        if r.finished or not claims.take(r):
+            continue  # finished or taken by another worker meanwhile
+        try:
+            code, attempt = _run_one(r, runs, say)
+        finally:
+            claims.release(r)
+        status = "finished" if r.finished else ("interrupted" if code == 130 else "failed")
+        _record(qpath, spec.name, r.key, attempt, status)
         done_now += 1
         if code == 130:
             raise KeyboardInterrupt
@@ -335,9 +409,28 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
             say(f"    failed (exit {code}): {tail[-300:]}", flush=True)
             continue
         s = json.loads((r.run_dir / "summary.json").read_text(encoding="utf-8"))
-        shown = s.get(spec.metric)
-        say(f"    {spec.metric} {_fmt(shown, spec.metric)} in {attempt['wall_s']:.0f} s", flush=True)
-    return queue
+        say(f"    {spec.metric} {_fmt(s.get(spec.metric), spec.metric)} in {attempt['wall_s']:.0f} s", flush=True)
+    return _read_queue(qpath)
+
+
+def _run_one(r: Run, runs: list[Run], say: Any) -> tuple[int, dict[str, Any]]:
+    """Start (or resume) one run as a kdkit process, its output to its log; its exit code and attempt record."""
+    argv = command_line(r)
+    attempt: dict[str, Any] = {"command": shlex.join(argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                               "load_avg_1min": round(os.getloadavg()[0], 2), "resumed": r.started, "pid": os.getpid()}
+    done = sum(x.finished for x in runs)
+    say(f"[{done + 1}/{len(runs)}] {r.key}{' (resuming)' if r.started else ''}", flush=True)
+    r.log.parent.mkdir(parents=True, exist_ok=True)
+    t0, c0 = time.time(), _cpu_seconds()
+    with open(r.log, "a", encoding="utf-8") as log:
+        log.write(f"$ {attempt['command']}\n")
+        log.flush()
+        try:
+            code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        except KeyboardInterrupt:
+            code = 130
+    attempt.update(exit_code=code, wall_s=round(time.time() - t0, 2), cpu_s=round(_cpu_seconds() - c0, 2))
+    return code, attempt
 
 
 # ---- the report ------------------------------------------------------------------------------------

@@ -182,3 +182,32 @@ def test_welch_interval_by_hand():
 
     assert iv.half_width == pytest.approx(t.ppf(0.975, (4 / 3) ** 2 / ((1 / 3) ** 2 / 2 + 1)) * math.sqrt(4 / 3))
     assert math.isnan(unpaired([1.0], [2.0, 3.0]).half_width)
+
+
+
+def test_two_workers_share_one_spec_without_running_anything_twice(tmp_path):
+    """Two queues started on the same spec at once (two processes): the second waits for the prepare run the
+    first makes, then they split the arms; every run is made exactly once and queue.json keeps both records."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(_spec(tmp_path / "out")), encoding="utf-8")
+    workers = [subprocess.Popen([sys.executable, "-m", "kdkit", "compare", str(spec_file)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    queue = json.loads((tmp_path / "out" / "queue.json").read_text())["runs"]
+    assert len(queue) == 5 and all(len(v["attempts"]) == 1 and v["status"] == "finished" for v in queue.values())
+    assert {v["attempts"][0]["pid"] for v in queue.values()} == {w.pid for w in workers}  # both worked
+    import datetime as dt
+
+    def t(a):
+        return dt.datetime.strptime(a["started"], "%Y-%m-%d %H:%M:%S").timestamp()
+
+    teacher = queue["prepare/teacher"]["attempts"][0]
+    arms = [v["attempts"][0] for k, v in queue.items() if k != "prepare/teacher"]
+    assert all(t(a) >= t(teacher) + teacher["wall_s"] - 1 for a in arms)  # no arm before the teacher was made
+    assert not list((tmp_path / "out" / "claims").iterdir())  # every claim released

@@ -136,7 +136,7 @@ def emb_teacher(tmp_path_factory):
     return out / "model.pt"
 
 
-@pytest.mark.parametrize("method", ["rkd", "embedding_kd", "th_kd"])
+@pytest.mark.parametrize("method", ["rkd", "embedding_kd", "th_kd", "sp", "pkt"])
 def test_embedding_distillation_end_to_end(tmp_path, emb_teacher, method):
     over = {"teacher.checkpoint": str(emb_teacher), "student.arch": "mlp", "student.hidden": "[24]",
             "method.name": method, **EMB}

@@ -335,6 +335,8 @@ def seg_teacher(tmp_path_factory, digit_idx) -> Path:
 @pytest.mark.parametrize("method,extra", [
     ("kd", {}),
     ("cwd", {}),
+    ("dkd", {"method.warmup_epochs": 1}),
+    ("dist", {}),
     ("pairwise", {}),
     ("fitnets", {}),
     ("adaptive", {"method.paths": "[soft_target,cwd,pairwise,attention,logits]", "method.resize": "true"}),

@@ -16,6 +16,11 @@ Knowledge flows along several paths at once, each one loss ``L_i`` between the s
                        classifier h_t                                                     (SRRL SR)
 ``cwd``                channel-wise distillation of the logit maps (dense tasks)       (Shu et al.)
 ``pairwise``           pair-wise similarity of pooled feature maps, on layer pairs     (Liu et al.)
+``dkd``                decoupled KD: T^2 (TCKD + dkd_beta NCKD), reads the labels     (Zhao et al.)
+``dist``               DIST: inter- and intra-class Pearson correlation of the predictions   (Huang et al.)
+``sp``                 similarity-preserving: the batch's row-normalised Gram matrices, on layer pairs (Tung & Mori)
+``pkt``                probabilistic knowledge transfer: cosine-kernel neighbourhoods of (pooled) features,
+                       on layer pairs                                                 (Passalis & Tefas)
 ``boxes``              detection: L1 between the box outputs, where the teacher sees objects
 ``imitation``          detection: feature imitation near the ground-truth objects, on adapted layer pairs
                        (Wang et al., CVPR 2019; kdkit.losses.imitation)
@@ -57,8 +62,11 @@ from ..data import Batch
 from ..errors import ConfigError, ModelError
 from ..losses import Adapter, AttentionLoss, GramLoss, NSTLoss, PairwiseLoss, SoftmaxRegressionLoss, cwd_loss
 from ..losses.adapters import AdapterKind, needs_resize
+from ..losses.dist import dist_loss
+from ..losses.dkd import dkd_loss
 from ..losses.imitation import box_imitation, imitation_mask, masked_imitation
 from ..losses.regression import feature_map_loss, logit_regression
+from ..losses.similarity import PKTLoss, SPLoss
 from ..models import model_parts
 from ..schema import opt
 from ..taps import resolve
@@ -69,8 +77,10 @@ from .distiller import Distiller, SoftTargets
 from .pairs import matched_stages
 
 PathKind = Literal["soft_target", "logits", "hint", "attention", "gram", "nst_mmd", "feature_map",
-                   "softmax_regression", "ce", "cwd", "pairwise", "boxes", "imitation", "nst"]
-FEATURE_PATHS = ("hint", "attention", "gram", "nst_mmd", "feature_map", "pairwise", "imitation")
+                   "softmax_regression", "ce", "cwd", "pairwise", "boxes", "imitation", "nst", "dkd",
+                   "dist", "sp", "pkt"]
+FEATURE_PATHS = ("hint", "attention", "gram", "nst_mmd", "feature_map", "pairwise", "imitation", "sp", "pkt")
+RAW_PATHS = ("attention", "nst_mmd", "pairwise", "sp", "pkt")  # feature paths on raw student maps (no adapter)
 ADAPTED = ("hint", "gram", "feature_map", "imitation")  # paths that compare adapted student features
 MAP_PATHS = ("attention", "gram", "nst_mmd", "pairwise", "imitation")  # paths that need [B, C, H, W] maps
 DENSE_PATHS = ("cwd",)  # paths that need dense outputs [B, K, H, W]
@@ -106,6 +116,8 @@ class AdaptiveOptions(SoftTargets):
     gradnorm_layer: str | None = opt(None, "GradNorm shared weights W: a student module (default: its first stage)")
     dwa_temperature: float = opt(2.0, "DWA temperature T", gt=0)
     pairwise_scale: float = opt(0.5, "pairwise path: node size as a fraction of the map", gt=0, le=1)
+    dkd_beta: float = opt(8.0, "dkd path: weight of the non-target-class term (TCKD's is 1)", ge=0)
+    dist_temperature: float = opt(1.0, "dist path: softmax temperature tau", gt=0)
     weights_optimizer: dict[str, Any] = opt(
         AUTHORS_WEIGHTS_OPTIMIZER, "uncertainty: optimizer settings of the s_i (train-section keys; the authors' "
         "SGD by default; {} trains them with the student's optimizer, without weight decay)")
@@ -234,6 +246,8 @@ class Adaptive(Distiller):
         self.path_losses["pairwise"] = PairwiseLoss(self.opts.pairwise_scale)
         self.path_losses["gram"] = GramLoss()
         self.path_losses["nst_mmd"] = NSTLoss(resize=self.opts.resize)
+        self.path_losses["sp"] = SPLoss()
+        self.path_losses["pkt"] = PKTLoss()
         self.weighting = make_weighting(
             self.opts.weighting, [p.label for p in self.paths], {p.label: p.weight for p in self.paths},
             shared=self._shared_params, gradnorm_alpha=self.opts.gradnorm_alpha, gradnorm_lr=self.opts.gradnorm_lr,
@@ -275,6 +289,14 @@ class Adaptive(Distiller):
             return logit_regression(self.task.class_logits(s_logits), self.task.class_logits(t_logits))
         if k == "ce":
             return self.supervised(s_logits, batch, "the 'ce' path")
+        if k == "dkd":
+            if batch.y is None:
+                self.supervised(s_logits, batch, "the 'dkd' path (its target-class term)")
+            return dkd_loss(self.task.class_logits(s_logits), self.task.class_logits(t_logits), batch.y, 1.0,
+                            self.opts.dkd_beta, self.opts.temperature, self.opts.logit_standardization)
+        if k == "dist":
+            return dist_loss(self.task.class_logits(s_logits), self.task.class_logits(t_logits),
+                             tau=self.opts.dist_temperature)
         if k == "boxes":
             return box_imitation(self.task.box_outputs(s_logits), self.task.box_outputs(t_logits),
                                  self.task.class_logits(t_logits))
@@ -285,7 +307,7 @@ class Adaptive(Distiller):
         total = s_logits.new_zeros(())
         for s, t in path.pairs:
             ft = self.teacher_taps[t].detach()
-            if k in ("attention", "nst_mmd", "pairwise"):  # raw student maps: channel counts may differ
+            if k in RAW_PATHS:  # raw student maps: channel counts may differ
                 total = total + self.path_losses[k](self.student_taps[s], ft)
                 continue
             fs = self.adapted(s, t, cache)

@@ -63,11 +63,17 @@ class PairDistiller(Distiller):
         self.tap([s for s, _ in pairs], [t for _, t in pairs])
         self.pair_losses = nn.ModuleList()
 
+    #: the loss of a layer pair, for methods whose loss needs nothing from the shapes (else override make_loss)
+    pair_loss: ClassVar[type[nn.Module] | None] = None
+
     def make_loss(self, s_shape: torch.Size, t_shape: torch.Size, names: tuple[str, str]) -> nn.Module:
-        raise NotImplementedError
+        if self.pair_loss is None:
+            raise NotImplementedError
+        return self.pair_loss()
 
     def weight(self) -> float:
-        raise NotImplementedError
+        """The term's weight: option ``<term>_weight`` (override where it is named otherwise)."""
+        return getattr(self.opts, f"{self.term}_weight")
 
     def setup(self, sample: Batch) -> None:
         s_seen, t_seen = self.probe(sample)

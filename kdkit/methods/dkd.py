@@ -1,0 +1,64 @@
+"""Decoupled knowledge distillation (Zhao et al., CVPR 2022; the loss in :mod:`kdkit.losses.dkd`):
+
+    L = ce_weight * CE(z_s, y) + min(epoch / warmup, 1) * T^2 * (alpha * TCKD + beta * NCKD)
+
+epoch counted from 1, as in the authors' code (mdistiller), whose CIFAR-100 settings are the defaults: alpha 1,
+beta 8, T 4, warm-up 20 epochs, CE weight 1. TCKD needs each sample's target class: DKD reads the labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data import Batch
+from ..losses.dkd import dkd_loss
+from ..schema import opt
+from . import register
+from .base import Stage
+from .distiller import Distiller, DistillOptions
+
+
+@dataclass
+class DKDOptions(DistillOptions):
+    temperature: float = opt(4.0, "softmax temperature T", gt=0)
+    kd_weight: float = opt(0.0, "weight of a plain KD term besides DKD (the authors': none)", ge=0)
+    ce_weight: float = opt(1.0, "weight of the cross-entropy on labels", ge=0)
+    alpha: float = opt(1.0, "weight of the target-class term TCKD", ge=0)
+    beta: float = opt(8.0, "weight of the non-target-class term NCKD (the authors' CIFAR-100 value)", ge=0)
+    warmup_epochs: int = opt(20, "the DKD term grows linearly to full weight over this many epochs (0: none)", ge=0)
+
+
+@register
+class DKD(Distiller):
+    name = "dkd"
+    Options = DKDOptions
+    tasks = ("classification", "segmentation")
+
+    def __init__(self, opts: DKDOptions, **kw):
+        super().__init__(opts, **kw)
+        #: epochs finished in this stage (a buffer: checkpoints keep it, so a resumed run warms up where it was)
+        self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))
+
+    def warmup_factor(self) -> float:
+        w = self.opts.warmup_epochs
+        return 1.0 if w == 0 else min((int(self.epochs_done) + 1) / w, 1.0)
+
+    def extra_losses(self, batch: Batch, s_logits: torch.Tensor, t_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        o = self.opts
+        if batch.y is None:
+            self.supervised(s_logits, batch, "DKD's target-class term")  # the one clear error for unlabeled data
+        loss = dkd_loss(self.task.class_logits(s_logits), self.task.class_logits(t_logits), batch.y, o.alpha, o.beta,
+                        o.temperature, o.logit_standardization)
+        return {"dkd": self.warmup_factor() * loss}
+
+    def _end_epoch(self, epoch: int) -> dict[str, float]:
+        factor = self.warmup_factor()
+        self.epochs_done += 1
+        return {"dkd_warmup": factor}
+
+    def stages(self) -> list[Stage]:
+        (stage,) = super().stages()
+        stage.on_epoch_end = self._end_epoch
+        return [stage]

@@ -1,0 +1,118 @@
+"""The practitioners' baselines (DKD, DIST, similarity-preserving, PKT): each loss against values computed with
+the authors' code on the same tensors, the property that defines it, and end-to-end runs as methods and as
+paths of adaptive."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kdkit.losses import kd_loss
+from kdkit.losses.dist import dist_loss, dist_terms
+from kdkit.losses.dkd import dkd_loss, dkd_terms
+from kdkit.losses.similarity import pkt_loss, sp_loss
+
+from .conftest import distill_run
+
+CNN = {"student.arch": "vgg8_bn", "student.width": 0.0625}
+
+
+def _t(n: int, k: float, shape: tuple[int, ...], scale: float) -> torch.Tensor:
+    """Deterministic test tensors (no random generator involved): scale * sin(k * i)."""
+    return (torch.sin(torch.arange(n, dtype=torch.float64) * k) * scale).reshape(shape).float()
+
+
+ZS, ZT, Y = _t(24, 0.7, (4, 6), 3.0), _t(24, 1.3, (4, 6), 5.0), torch.tensor([0, 3, 5, 2])
+FS, FT = _t(48, 0.37, (4, 3, 2, 2), 1.0), _t(80, 0.91, (4, 5, 2, 2), 2.0)
+ES, ET = _t(12, 0.37, (4, 3), 1.0), _t(20, 0.91, (4, 5), 2.0)
+
+
+def test_losses_match_the_authors_code_on_the_same_tensors():
+    # Reference values printed by the authors' functions on ZS, ZT, Y, FS, FT, ES, ET (no code copied):
+    # mdistiller (megvii-research/mdistiller) distillers/DKD.py dkd_loss(zs, zt, y, alpha, beta, T),
+    # distillers/SP.py similarity_loss, distillers/PKT.py pkt_loss; DIST_KD (hunto/DIST_KD)
+    # segmentation/losses/dist_kd.py DIST(beta, gamma).
+    assert dkd_loss(ZS, ZT, Y, 1.0, 8.0, 4.0).item() == pytest.approx(48.344444274902344, rel=1e-5)
+    assert [x.item() for x in dkd_terms(ZS, ZT, Y, 4.0)] == pytest.approx([0.4493086338043213, 5.986891746520996],
+                                                                          rel=1e-5)
+    assert dkd_loss(ZS, ZT, Y, 1.0, 2.0, 1.0).item() == pytest.approx(4.69899320602417, rel=1e-5)
+    assert dist_loss(ZS, ZT).item() == pytest.approx(1.4745579957962036, rel=1e-5)
+    assert dist_loss(ZS, ZT, beta=2.0, gamma=0.5).item() == pytest.approx(1.8357234001159668, rel=1e-5)
+    assert sp_loss(FS, FT).item() == pytest.approx(0.42569997906684875, rel=1e-5)
+    assert pkt_loss(ES, ET).item() == pytest.approx(0.17876885831356049, rel=1e-5)
+
+
+def test_dkd_terms_recompose_kd_per_sample():
+    """Eq. 1 of the DKD paper: KD = TCKD + (1 - p_t,y) NCKD, sample by sample, at any temperature."""
+    for temperature in (1.0, 4.0):
+        for i in range(4):
+            zs, zt, y = ZS[i:i + 1], ZT[i:i + 1], Y[i:i + 1]
+            tckd, nckd = dkd_terms(zs, zt, y, temperature)
+            p_ty = torch.softmax(zt / temperature, dim=1)[0, y[0]]
+            assert (tckd + (1 - p_ty) * nckd).item() == pytest.approx(kd_loss(zs, zt, temperature).item(), rel=1e-5)
+
+
+def test_dkd_on_label_maps_leaves_out_ignored_pixels():
+    zs, zt = ZS.T.reshape(1, 6, 2, 2), ZT.T.reshape(1, 6, 2, 2)  # the 4 rows as the pixels of a 2x2 map
+    y = Y.reshape(1, 2, 2)
+    assert dkd_loss(zs, zt, y).item() == pytest.approx(dkd_loss(ZS, ZT, Y).item(), rel=1e-5)
+    ignored = y.clone()
+    ignored[0, 1, 1] = 255
+    assert dkd_loss(zs, zt, ignored).item() == pytest.approx(dkd_loss(ZS[:3], ZT[:3], Y[:3]).item(), rel=1e-5)
+
+
+def test_relation_losses_see_only_relations():
+    """DIST: zero when the predictions agree. SP: blind to a positive scale of the features. PKT: blind to a
+    positive scale of each sample's features (cosine kernel). Teachers are never given gradients."""
+    assert dist_loss(ZT, ZT).item() == pytest.approx(0.0, abs=1e-6)
+    inter, intra = dist_terms(ZS, ZT, tau=2.0)
+    base = dist_terms(ZS / 2, ZT / 2, tau=1.0)
+    assert [inter.item(), intra.item()] == pytest.approx([4 * base[0].item(), 4 * base[1].item()], rel=1e-5)
+    assert sp_loss(3.5 * FS, FT).item() == pytest.approx(sp_loss(FS, FT).item(), rel=1e-5)
+    assert sp_loss(FT, FT).item() == pytest.approx(0.0, abs=1e-7)
+    scale = torch.tensor([[0.5], [2.0], [3.0], [7.0]])
+    assert pkt_loss(ES * scale, ET).item() == pytest.approx(pkt_loss(ES, ET).item(), rel=1e-5)
+    fs, ft = FS.clone().requires_grad_(), FT.clone().requires_grad_()
+    (sp_loss(fs, ft) + pkt_loss(fs, ft) + dist_loss(fs.flatten(1)[:, :5], ft.flatten(1)[:, :5])).backward()
+    assert fs.grad is not None and ft.grad is None
+
+
+@pytest.mark.parametrize("method", ["dkd", "dist", "sp", "pkt"])
+def test_baselines_train_end_to_end(tmp_path, cnn_teacher_file, method):
+    extra = {"method.warmup_epochs": 2} if method == "dkd" else {}
+    res = distill_run(tmp_path / method, cnn_teacher_file, **{"method.name": method, "train.epochs": 3, **CNN,
+                                                               **extra})
+    s = res.summary
+    assert s["method"] == method and s["test_accuracy"] > 0.3
+    epochs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in epochs if e["event"] == "epoch"]
+    assert all(e[f"train/{method}"] > 0 for e in epochs)
+    if method == "dkd":  # the linear warm-up of the authors' code: epoch / warmup, from epoch 1
+        assert [e["dkd_warmup"] for e in epochs] == [0.5, 1.0, 1.0]
+
+
+def test_dkd_warmup_continues_where_a_resumed_run_stopped(tmp_path, cnn_teacher_file, monkeypatch):
+    from kdkit.config import load_config
+    from kdkit.run import execute
+
+    from .conftest import crash_at, digits_overrides
+
+    over = {"teacher.checkpoint": str(cnn_teacher_file), "method.name": "dkd", "method.warmup_epochs": 4,
+            "train.epochs": 3, **CNN}
+    cfg = load_config(None, digits_overrides(tmp_path / "r", **over))
+    crash_at(cfg, 30, monkeypatch)  # in the second epoch (22 steps per epoch)
+    res = execute(cfg, "distill", resume=True)
+    epochs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["dkd_warmup"] for e in epochs if e["event"] == "epoch"] == [0.25, 0.5, 0.75]
+
+
+def test_new_paths_of_adaptive(tmp_path, cnn_teacher_file):
+    res = distill_run(tmp_path / "a", cnn_teacher_file, **{
+        "method.name": "adaptive", "method.paths": "[dkd, dist, sp, pkt]", "method.weighting": "uncertainty",
+        "train.epochs": 2, **CNN})
+    s = res.summary
+    assert s["test_accuracy"] > 0.3 and s["paths"] == ["dkd", "dist", "sp", "pkt"]
+    epochs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(e[f"train/path/{p}"] > 0 for e in epochs if e["event"] == "epoch" for p in s["paths"])
