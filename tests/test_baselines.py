@@ -116,3 +116,51 @@ def test_new_paths_of_adaptive(tmp_path, cnn_teacher_file):
     assert s["test_accuracy"] > 0.3 and s["paths"] == ["dkd", "dist", "sp", "pkt"]
     epochs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(e[f"train/path/{p}"] > 0 for e in epochs if e["event"] == "epoch" for p in s["paths"])
+
+
+def test_crd_memory_and_nce_match_the_authors_code():
+    """mdistiller's ContrastMemory + ContrastLoss (distillers/CRD.py) with N=10, D=4, K=3, T=0.07, momentum 0.5,
+    the same memories, embeddings and rows: its loss, normalisation constants, scores and updated rows."""
+    from kdkit.losses.crd import ContrastMemory, nce_loss
+
+    n, d, k = 10, 4, 3
+    mem = ContrastMemory(d, n, k, 0.07, 0.5, "bank", None, "all")
+    mem.mem_s.copy_(_t(n * d, 0.3, (n, d), 0.5))
+    mem.mem_t.copy_(_t(n * d, 0.8, (n, d), 0.5))
+    v_s = torch.nn.functional.normalize(_t(12, 1.1, (3, d), 1.0), dim=1)
+    v_t = torch.nn.functional.normalize(_t(12, 0.45, (3, d), 1.0), dim=1)
+    index = torch.tensor([2, 5, 7])
+    rows = torch.tensor([[2, 0, 9, 4], [5, 1, 1, 8], [7, 3, 6, 0]])
+    out_s, out_t = mem(v_s, v_t, index, rows)
+    assert (nce_loss(out_s, n) + nce_loss(out_t, n)).item() == pytest.approx(17.830793380737305, rel=1e-5)
+    assert nce_loss(out_s, n).item() == pytest.approx(3.9837892055511475, rel=1e-5)
+    assert mem.z.tolist() == pytest.approx([13818.548828125, 192015.96875], rel=1e-5)
+    assert out_s[0].tolist() == pytest.approx([0.29945907, 0.19368535, 9.536966e-09, 0.41331381], rel=1e-4)
+    assert mem.mem_s[5].tolist() == pytest.approx([-0.56859696, -0.33602512, 0.27020183, 0.70055377], rel=1e-5)
+    assert mem.mem_t[7].tolist() == pytest.approx([-0.28054312, -0.56799406, -0.62794048, -0.45207188], rel=1e-5)
+
+
+def test_crd_negatives_come_from_other_classes_and_the_queue_wraps():
+    from kdkit.losses.crd import ContrastMemory
+
+    labels = torch.arange(40) % 4
+    mem = ContrastMemory(8, 40, 50, labels=labels)
+    index = torch.tensor([0, 1, 2, 3, 4, 5])
+    rows = mem.sample(index)
+    assert rows.shape == (6, 51) and torch.equal(rows[:, 0], index)
+    assert not (labels[rows[:, 1:]] == labels[index][:, None]).any()
+    queue = ContrastMemory(8, 40, 5, memory="queue")
+    v = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    queue(v, v, index[:4])
+    queue(2 * v, 2 * v, index[:4])  # 8 rows into a queue of 5: the last 5 stay, the head wraps to 3
+    assert int(queue.head) == 3 and torch.equal(queue.mem_s[:3], 2 * v[1:])
+
+
+@pytest.mark.parametrize("memory", ["bank", "queue"])
+def test_crd_trains_end_to_end(tmp_path, cnn_teacher_file, memory):
+    res = distill_run(tmp_path / memory, cnn_teacher_file, **{
+        "method.name": "crd", "method.memory": memory, "method.negatives": 256, "train.epochs": 2, **CNN})
+    assert res.summary["test_accuracy"] > 0.3
+    assert res.summary["params"] == sum(p.numel() for p in res.model.parameters())  # projections not exported
+    epochs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(e["train/crd"] > 0 for e in epochs if e["event"] == "epoch")

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .regression import pooled
+
 
 def sp_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     b = student.shape[0]
@@ -35,7 +37,7 @@ def sp_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def _pkt_probabilities(f: torch.Tensor, eps: float) -> torch.Tensor:
-    f = f.mean(dim=tuple(range(2, f.dim()))) if f.dim() > 2 else f
+    f = pooled(f)
     f = f / (f.norm(dim=1, keepdim=True) + eps)
     sim = (f @ f.T + 1.0) / 2.0
     return sim / sim.sum(dim=1, keepdim=True)

@@ -28,6 +28,7 @@ def method_class(name: str) -> type[Method]:
 from . import (  # noqa: E402,F401
     adaptive,
     attention,
+    crd,
     cwd,
     dafl,
     deepinversion,
