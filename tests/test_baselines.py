@@ -1,6 +1,6 @@
-"""The practitioners' baselines (DKD, DIST, similarity-preserving, PKT): each loss against values computed with
-the authors' code on the same tensors, the property that defines it, and end-to-end runs as methods and as
-paths of adaptive."""
+"""The practitioners' baselines (DKD, DIST, similarity-preserving, PKT, CRD, ReviewKD): each loss against values
+computed with the authors' code on the same tensors, the property that defines it, and end-to-end runs as methods
+and as paths of adaptive."""
 
 from __future__ import annotations
 
@@ -79,9 +79,9 @@ def test_relation_losses_see_only_relations():
     assert fs.grad is not None and ft.grad is None
 
 
-@pytest.mark.parametrize("method", ["dkd", "dist", "sp", "pkt"])
+@pytest.mark.parametrize("method", ["dkd", "dist", "sp", "pkt", "reviewkd"])
 def test_baselines_train_end_to_end(tmp_path, cnn_teacher_file, method):
-    extra = {"method.warmup_epochs": 2} if method == "dkd" else {}
+    extra = {"method.warmup_epochs": 2} if method in ("dkd", "reviewkd") else {}
     res = distill_run(tmp_path / method, cnn_teacher_file, **{"method.name": method, "train.epochs": 3, **CNN,
                                                                **extra})
     s = res.summary
@@ -89,8 +89,8 @@ def test_baselines_train_end_to_end(tmp_path, cnn_teacher_file, method):
     epochs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [e for e in epochs if e["event"] == "epoch"]
     assert all(e[f"train/{method}"] > 0 for e in epochs)
-    if method == "dkd":  # the linear warm-up of the authors' code: epoch / warmup, from epoch 1
-        assert [e["dkd_warmup"] for e in epochs] == [0.5, 1.0, 1.0]
+    if extra:  # the linear warm-up of the authors' code: epoch / warmup, from epoch 1
+        assert [e[f"{method}_warmup"] for e in epochs] == [0.5, 1.0, 1.0]
 
 
 def test_dkd_warmup_continues_where_a_resumed_run_stopped(tmp_path, cnn_teacher_file, monkeypatch):
@@ -110,12 +110,20 @@ def test_dkd_warmup_continues_where_a_resumed_run_stopped(tmp_path, cnn_teacher_
 
 def test_new_paths_of_adaptive(tmp_path, cnn_teacher_file):
     res = distill_run(tmp_path / "a", cnn_teacher_file, **{
-        "method.name": "adaptive", "method.paths": "[dkd, dist, sp, pkt]", "method.weighting": "uncertainty",
+        "method.name": "adaptive", "method.paths": "[dkd, dist, sp, pkt, rkd]", "method.weighting": "uncertainty",
         "train.epochs": 2, **CNN})
     s = res.summary
-    assert s["test_accuracy"] > 0.3 and s["paths"] == ["dkd", "dist", "sp", "pkt"]
+    assert s["test_accuracy"] > 0.3 and s["paths"] == ["dkd", "dist", "sp", "pkt", "rkd"]
     epochs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(e[f"train/path/{p}"] > 0 for e in epochs if e["event"] == "epoch" for p in s["paths"])
+
+
+def test_rkd_path_loss_matches_the_authors_code():
+    """mdistiller's distillers/RKD.py rkd_loss(FS, FT) with its weights 25 and 50 (distance only: 1 and 0)."""
+    from kdkit.losses.rkd import RKDLoss, rkd_distance
+
+    assert 25 * RKDLoss()(FS, FT).item() == pytest.approx(10.273672103881836, rel=1e-5)
+    assert rkd_distance(FS, FT).item() == pytest.approx(0.11814021319150925, rel=1e-5)
 
 
 def test_crd_memory_and_nce_match_the_authors_code():
@@ -164,3 +172,50 @@ def test_crd_trains_end_to_end(tmp_path, cnn_teacher_file, memory):
     assert res.summary["params"] == sum(p.numel() for p in res.model.parameters())  # projections not exported
     epochs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(e["train/crd"] > 0 for e in epochs if e["event"] == "epoch")
+
+
+def test_review_fusion_and_hcl_match_the_authors_code():
+    """mdistiller's distillers/ReviewKD.py (ABF chain and hcl_loss) on the same tensors and weights: student levels of
+    3, 6 and 8 channels at 8x8, 4x4 and 1x1, teacher levels of 4, 5 and 7 channels at the same sizes; every float
+    of the ABF state dict (sorted by name, the k-th) set to 0.5 sin((0.17 + 0.05 k) i), running variances
+    |.| + 0.5. The authors' layer names load as they are."""
+    from kdkit.losses.review import ReviewFusion, hcl_loss
+
+    fs = [_t(384, 0.37, (2, 3, 8, 8), 1.0), _t(32, 0.91, (2, 4, 2, 2), 2.0), _t(10, 0.13, (2, 5, 1, 1), 1.5)]
+    ft = [_t(384, 0.53, (2, 3, 8, 8), 0.7), _t(32, 0.29, (2, 4, 2, 2), 1.0), _t(10, 0.71, (2, 5, 1, 1), 0.5)]
+    assert hcl_loss(fs, ft).item() == pytest.approx(3.501241683959961, rel=1e-5)
+    fusion = ReviewFusion([3, 6, 8], [(4, 8, 8), (5, 4, 4), (7, 1, 1)])
+    with torch.no_grad():
+        for k, (name, p) in enumerate(sorted(fusion.abfs.state_dict().items())):
+            if p.dtype.is_floating_point:
+                v = _t(p.numel(), 0.17 + 0.05 * k, tuple(p.shape), 0.5)
+                p.copy_(v.abs() + 0.5 if "running_var" in name else v)
+    x = [_t(384, 0.23, (2, 3, 8, 8), 1.0), _t(192, 0.41, (2, 6, 4, 4), 1.0), _t(16, 0.67, (2, 8, 1, 1), 1.0)]
+    t = [_t(512, 0.31, (2, 4, 8, 8), 1.0), _t(160, 0.57, (2, 5, 4, 4), 1.0), _t(14, 0.83, (2, 7, 1, 1), 1.0)]
+    fusion.eval()
+    out = fusion(x)
+    assert [tuple(o.shape) for o in out] == [(2, 4, 8, 8), (2, 5, 4, 4), (2, 7, 1, 1)]
+    assert [o.sum().item() for o in out] == pytest.approx([79.00444030761719, -18.95099639892578,
+                                                           0.12886804342269897], rel=1e-4, abs=1e-5)
+    assert hcl_loss(out, t).item() == pytest.approx(1.3910365104675293, rel=1e-5)
+    fusion.train()  # batch statistics
+    assert hcl_loss(fusion(x), t).item() == pytest.approx(1.6368273496627808, rel=1e-5)
+
+
+def test_review_deepest_level_is_not_fused_and_teacher_gets_no_gradient():
+    from kdkit.losses.review import ReviewFusion, hcl_loss
+
+    fusion = ReviewFusion([3, 8], [(4, 8, 8), (6, 1, 1)], max_mid_channels=5)
+    assert fusion.abfs[-1].att_conv is None and fusion.abfs[0].att_conv is not None
+    assert fusion.abfs[0].conv1[0].out_channels == 5  # min(max_mid_channels, the student's last width)
+    t = [torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(2, 6, 1, 1, requires_grad=True)]
+    hcl_loss(fusion([torch.randn(2, 3, 8, 8), torch.randn(2, 8, 1, 1)]), t).backward()
+    assert all(f.grad is None for f in t) and fusion.abfs[0].att_conv[0].weight.grad is not None
+
+
+def test_reviewkd_level_lists_must_match(tmp_path, cnn_teacher_file):
+    from kdkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="as many levels"):
+        distill_run(tmp_path / "r", cnn_teacher_file, **{"method.name": "reviewkd", **CNN,
+                                                          "method.student_layers": ["features.0"]})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -46,3 +47,15 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         at = _angles(t)
     return F.smooth_l1_loss(_angles(s), at)
+
+
+class RKDLoss(nn.Module):
+    """Distance and angle terms at the authors' ratio (25 : 50), L_D + angle_ratio * L_A, on features flattened
+    per sample; a loss on a layer pair, for the ``rkd`` path of ``adaptive``."""
+
+    def __init__(self, angle_ratio: float = 2.0):
+        super().__init__()
+        self.angle_ratio = angle_ratio
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return rkd_distance(student, teacher) + self.angle_ratio * rkd_angle(student, teacher)

@@ -43,6 +43,7 @@ from . import (  # noqa: E402,F401
     pairwise,
     pkt,
     rdskd,
+    review_kd,
     rkd,
     sh_kd,
     similarity_preserving,

@@ -21,6 +21,8 @@ Knowledge flows along several paths at once, each one loss ``L_i`` between the s
 ``sp``                 similarity-preserving: the batch's row-normalised Gram matrices, on layer pairs (Tung & Mori)
 ``pkt``                probabilistic knowledge transfer: cosine-kernel neighbourhoods of (pooled) features,
                        on layer pairs                                                 (Passalis & Tefas)
+``rkd``                relational KD: distances + 2 x angles between the batch's flattened features, on layer
+                       pairs (the authors' 25 : 50)                                   (Park et al.)
 ``boxes``              detection: L1 between the box outputs, where the teacher sees objects
 ``imitation``          detection: feature imitation near the ground-truth objects, on adapted layer pairs
                        (Wang et al., CVPR 2019; kdkit.losses.imitation)
@@ -66,6 +68,7 @@ from ..losses.dist import dist_loss
 from ..losses.dkd import dkd_loss
 from ..losses.imitation import box_imitation, imitation_mask, masked_imitation
 from ..losses.regression import feature_map_loss, logit_regression
+from ..losses.rkd import RKDLoss
 from ..losses.similarity import PKTLoss, SPLoss
 from ..models import model_parts
 from ..schema import opt
@@ -78,9 +81,9 @@ from .pairs import matched_stages
 
 PathKind = Literal["soft_target", "logits", "hint", "attention", "gram", "nst_mmd", "feature_map",
                    "softmax_regression", "ce", "cwd", "pairwise", "boxes", "imitation", "nst", "dkd",
-                   "dist", "sp", "pkt"]
-FEATURE_PATHS = ("hint", "attention", "gram", "nst_mmd", "feature_map", "pairwise", "imitation", "sp", "pkt")
-RAW_PATHS = ("attention", "nst_mmd", "pairwise", "sp", "pkt")  # feature paths on raw student maps (no adapter)
+                   "dist", "sp", "pkt", "rkd"]
+FEATURE_PATHS = ("hint", "attention", "gram", "nst_mmd", "feature_map", "pairwise", "imitation", "sp", "pkt", "rkd")
+RAW_PATHS = ("attention", "nst_mmd", "pairwise", "sp", "pkt", "rkd")  # feature paths on raw student maps (no adapter)
 ADAPTED = ("hint", "gram", "feature_map", "imitation")  # paths that compare adapted student features
 MAP_PATHS = ("attention", "gram", "nst_mmd", "pairwise", "imitation")  # paths that need [B, C, H, W] maps
 DENSE_PATHS = ("cwd",)  # paths that need dense outputs [B, K, H, W]
@@ -248,6 +251,7 @@ class Adaptive(Distiller):
         self.path_losses["nst_mmd"] = NSTLoss(resize=self.opts.resize)
         self.path_losses["sp"] = SPLoss()
         self.path_losses["pkt"] = PKTLoss()
+        self.path_losses["rkd"] = RKDLoss()
         self.weighting = make_weighting(
             self.opts.weighting, [p.label for p in self.paths], {p.label: p.weight for p in self.paths},
             shared=self._shared_params, gradnorm_alpha=self.opts.gradnorm_alpha, gradnorm_lr=self.opts.gradnorm_lr,

@@ -183,3 +183,31 @@ class Distiller(Method):
         trained = [self.student, *self.extra_modules(), *normalizer, *([self.head] if self.head is not None else [])]
         return [Stage("distill", [Update("student", params_of(*trained), self.student_step)],
                       self.train_cfg.epochs, train_modules=trained)]
+
+
+class EpochWarmup:
+    """Mixin for a distiller whose extra term grows linearly to full weight over ``opts.warmup_epochs`` epochs,
+    counted from 1 as in the authors' code of DKD and ReviewKD (mdistiller): factor min(epoch / warmup, 1).
+    The epochs finished are a buffer, so checkpoints keep them and a resumed run warms up where it was; each
+    epoch logs the factor it used as ``<method>_warmup``."""
+
+    name: str
+    opts: Any
+
+    def __init__(self, opts: Any, **kw: Any):
+        super().__init__(opts, **kw)  # type: ignore[call-arg]
+        self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))  # type: ignore[attr-defined]
+
+    def warmup_factor(self) -> float:
+        w = self.opts.warmup_epochs
+        return 1.0 if w == 0 else min((int(self.epochs_done) + 1) / w, 1.0)
+
+    def _end_warmup_epoch(self, epoch: int) -> dict[str, float]:
+        factor = self.warmup_factor()
+        self.epochs_done += 1
+        return {f"{self.name}_warmup": factor}
+
+    def stages(self) -> list[Stage]:
+        (stage,) = super().stages()  # type: ignore[misc]
+        stage.on_epoch_end = self._end_warmup_epoch
+        return [stage]

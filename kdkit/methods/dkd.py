@@ -16,8 +16,7 @@ from ..data import Batch
 from ..losses.dkd import dkd_loss
 from ..schema import opt
 from . import register
-from .base import Stage
-from .distiller import Distiller, DistillOptions
+from .distiller import Distiller, DistillOptions, EpochWarmup
 
 
 @dataclass
@@ -31,19 +30,10 @@ class DKDOptions(DistillOptions):
 
 
 @register
-class DKD(Distiller):
+class DKD(EpochWarmup, Distiller):
     name = "dkd"
     Options = DKDOptions
     tasks = ("classification", "segmentation")
-
-    def __init__(self, opts: DKDOptions, **kw):
-        super().__init__(opts, **kw)
-        #: epochs finished in this stage (a buffer: checkpoints keep it, so a resumed run warms up where it was)
-        self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))
-
-    def warmup_factor(self) -> float:
-        w = self.opts.warmup_epochs
-        return 1.0 if w == 0 else min((int(self.epochs_done) + 1) / w, 1.0)
 
     def extra_losses(self, batch: Batch, s_logits: torch.Tensor, t_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         o = self.opts
@@ -52,13 +42,3 @@ class DKD(Distiller):
         loss = dkd_loss(self.task.class_logits(s_logits), self.task.class_logits(t_logits), batch.y, o.alpha, o.beta,
                         o.temperature, o.logit_standardization)
         return {"dkd": self.warmup_factor() * loss}
-
-    def _end_epoch(self, epoch: int) -> dict[str, float]:
-        factor = self.warmup_factor()
-        self.epochs_done += 1
-        return {"dkd_warmup": factor}
-
-    def stages(self) -> list[Stage]:
-        (stage,) = super().stages()
-        stage.on_epoch_end = self._end_epoch
-        return [stage]
