@@ -27,8 +27,8 @@ from kdkit.methods import method_class
 from kdkit.modelfile import build_from_config
 
 
-def build(overrides: list[str], data, common: list[str]):
-    cfg = load_config(None, [*common, *overrides])
+def build(overrides: list[str], data, common: list[str], recipe: str | None = None):
+    cfg = load_config(recipe, [*common, *overrides])
     teacher = build_from_config(cfg.teacher, data.info, "teacher").model
     student = build_from_config(cfg.student, data.info, "student").model
     method = method_class(cfg.method.name)(cfg.method.options, student=student, teacher=teacher, info=data.info,
@@ -36,6 +36,7 @@ def build(overrides: list[str], data, common: list[str]):
     loader = BatchLoader(data.train, cfg.train.batch_size, shuffle=True, drop_last=True, mean=data.info.mean,
                          std=data.info.std)
     batches = list(loader)[:8]
+    method.data = data  # as kdkit distill gives it (CRD sizes its memory from the training set)
     method.setup(batches[0])
     engine = Engine(method, data, cfg, run_dir=None, dist=DistInfo(), device=torch.device("cpu"))
     stage = method.stages()[0]

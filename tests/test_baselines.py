@@ -164,6 +164,19 @@ def test_crd_negatives_come_from_other_classes_and_the_queue_wraps():
     assert int(queue.head) == 3 and torch.equal(queue.mem_s[:3], 2 * v[1:])
 
 
+@pytest.mark.parametrize("bank_rows", [50, 5000])  # a product with the whole bank, and a gather of the rows
+def test_crd_bank_scores_are_the_dot_products_with_the_drawn_rows(bank_rows):
+    from kdkit.losses.crd import ContrastMemory
+
+    g = torch.Generator().manual_seed(0)
+    mem, anchor = torch.randn(bank_rows, 16, generator=g), torch.randn(4, 16, generator=g, requires_grad=True)
+    rows = torch.randint(0, bank_rows, (4, 9), generator=g)
+    dots = ContrastMemory.bank_dots(anchor, mem, rows)
+    assert torch.allclose(dots, (mem[rows] * anchor[:, None]).sum(-1), atol=1e-5)
+    dots.sum().backward()
+    assert torch.allclose(anchor.grad, mem[rows].sum(1), atol=1e-5)
+
+
 @pytest.mark.parametrize("memory", ["bank", "queue"])
 def test_crd_trains_end_to_end(tmp_path, cnn_teacher_file, memory):
     res = distill_run(tmp_path / memory, cnn_teacher_file, **{

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -211,3 +212,19 @@ def test_two_workers_share_one_spec_without_running_anything_twice(tmp_path):
     arms = [v["attempts"][0] for k, v in queue.items() if k != "prepare/teacher"]
     assert all(t(a) >= t(teacher) + teacher["wall_s"] - 1 for a in arms)  # no arm before the teacher was made
     assert not list((tmp_path / "out" / "claims").iterdir())  # every claim released
+
+
+@pytest.mark.parametrize("spec", sorted((Path(__file__).parent.parent / "benchmarks" / "compare").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_comparison_spec_checks(spec, tmp_path, monkeypatch):
+    """Each benchmark spec parses and every run's config validates (recipes, overrides, method options)."""
+    import yaml
+
+    from kdkit.compare import check
+
+    monkeypatch.chdir(spec.parent.parent.parent)
+    data = yaml.safe_load(spec.read_text())
+    data["out"] = str(tmp_path / "out")
+    for p in (data.get("prepare") or {}).values():
+        p["dir"] = str(tmp_path / "prepare" / Path(p.get("dir", "x")).name)
+    check(plan(load_spec(data)))
