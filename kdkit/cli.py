@@ -189,8 +189,11 @@ def _eval(args: argparse.Namespace) -> int:
 
         cfg.scenes = parse(ScenesConfig, dict(mf.meta["scenes"]), "scenes")
         cfg.source = mf.meta.get("data_source", cfg.source)
-    if name == mf.info.name and mf.meta.get("unseen_classes"):  # verification on the identities kept out of training
-        cfg.unseen_classes = list(mf.meta["unseen_classes"])
+    if name == mf.info.name and (mf.meta.get("unseen_classes") or mf.meta.get("pairs")):
+        # verification on the identities kept out of training: the same classes, or the same pairs file
+        cfg.unseen_classes = list(mf.meta.get("unseen_classes") or [])
+        cfg.pairs = mf.meta.get("pairs")
+        cfg.in_memory = mf.meta.get("in_memory", cfg.in_memory)
     cfg.validate("--data")
     bundle = load_data(cfg)
     if bundle.info.input_shape[1:] != tuple(mf.info.input_shape[1:]):

@@ -432,6 +432,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
                          "run_dir": str(run_dir), "data_root": cfg.data.root, "python_object": role in models,
                          "scenes": to_dict(cfg.data.scenes) if cfg.data.name == "mnist-scenes" else None,
                          "data_source": cfg.data.source, "unseen_classes": cfg.data.unseen_classes or None,
+                         "pairs": cfg.data.pairs, "in_memory": cfg.data.in_memory,
                          "kdkit": __version__},
                    patches=method.export_patches())
         if role in models:  # another process cannot rebuild the user's class: keep the exported program

@@ -237,16 +237,24 @@ def test_a_pairs_file_gives_the_test_pairs_and_keeps_its_identities_out_of_train
             load_data(cfg)
 
 
-def test_the_test_metrics_come_from_the_listed_pairs(tmp_path):
-    write_identities(tmp_path)
-    (tmp_path / "pairs.txt").write_text(PAIRS)
+def test_the_test_metrics_come_from_the_listed_pairs(tmp_path, capsys):
+    from kdkit.cli import main
+
+    root = tmp_path / "ids"  # the run folder must not sit among the identity folders
+    write_identities(root)
+    (root / "pairs.txt").write_text(PAIRS)
     over = {"output_dir": str(tmp_path / "run"), "model.arch": "mlp", "data.name": "imagefolder",
-            "data.root": str(tmp_path), "data.pairs": "pairs.txt", "data.val_split": 0.5, "data.in_memory": "true",
+            "data.root": str(root), "data.pairs": "pairs.txt", "data.val_split": 0.5, "data.in_memory": "true",
             "task": "embedding", "embedding.dim": 8, "embedding.metric": "recall_at_1", "train.epochs": 1,
             "train.batch_size": 8, "train.progress": "none"}
     r = execute(load_config(None, [f"{k}={v}" for k, v in over.items()], default_method="supervised"), "train")
     m = r.summary["test_metrics"]
     assert (m["genuine_pairs"], m["impostor_pairs"], m["images"]) == (2, 2, 7)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(r.run_dir)]) == 0  # kdkit eval scores the same pairs again
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["genuine_pairs"], out["impostor_pairs"], out["images"]) == (2, 2, 7)
+    assert out["recall_at_1"] == pytest.approx(m["recall_at_1"], abs=1e-6)
 
 
 def test_eval_verifies_an_embedding_model_on_the_identities_it_never_saw(emb_teacher, capsys):
