@@ -200,6 +200,9 @@ class TrainConfig:
     progress: Literal["auto", "bar", "lines", "none"] = opt("auto", "progress bar on a terminal, else lines")
     time_budget_min: float | None = opt(None, "stop training after this many minutes (the stage ends, later "
                                         "stages are skipped, the last state is kept)", gt=0)
+    schedule_to_budget: bool = opt(True, "with time_budget_min: the learning-rate schedules reach their end when "
+                                   "the budget is spent (at the run's measured pace) if that comes before the "
+                                   "planned steps; false: the budget cuts the planned schedule")
     snapshot_min: list[float] = opt([], "keep the evaluated model at these minutes of training; each is scored "
                                     "on the test split after training (summary: snapshots)")
     vs_alone: bool = opt(False, "kdkit distill: also train the student alone with the same seed, data, schedule and "

@@ -280,6 +280,31 @@ def test_amp_and_grad_clip_and_step_schedule_run(tmp_path):
     assert lrs[0] == pytest.approx(0.01) and lrs[1] == pytest.approx(0.01)  # decayed by gamma after epoch 1
 
 
+def test_schedules_end_at_the_time_budget():
+    """With a clock (train.time_budget_min), a schedule's progress is the larger of the steps done and the budget
+    spent: cosine at 0 and every decay passed when the budget is, the warm-up compressed alike; without one, or
+    at a clock of 0, the planned schedule as before."""
+    from kdkit.config import TrainConfig
+    from kdkit.engine.optim import Schedule
+
+    def make(clock: float | None, **kw) -> Schedule:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)
+        sch = Schedule(opt, TrainConfig(**kw), total_steps=100, steps_per_epoch=10)
+        if clock is not None:
+            sch.time_progress = lambda: clock
+        return sch
+
+    for clock in (None, 0.0):
+        assert make(clock).factor(50) == pytest.approx(0.5)  # half way through the planned cosine
+    assert make(0.5).factor(10) == pytest.approx(0.5)  # the clock is further: half way
+    assert make(0.25).factor(50) == pytest.approx(0.5)  # the steps are further
+    assert make(1.0).factor(3) == 0.0 and make(7.0).factor(3) == 0.0  # the budget is spent: the end
+    step = {"schedule": "step", "milestones": [0.5, 0.75], "gamma": 0.1}
+    assert make(0.6, **step).factor(0) == pytest.approx(0.1) and make(None, **step).factor(60) == pytest.approx(0.1)
+    assert make(0.8, **step).factor(0) == pytest.approx(0.01)
+    assert make(0.05, warmup_epochs=1.0).factor(0) == pytest.approx(0.6)  # the clock's step 5 of a 10-step warm-up
+
+
 def test_parameter_groups_can_have_their_own_optimizer():
     """A group with "optimizer" overrides gets its own torch optimizer and schedule, stepped after the same
     backward; state_dict round-trips; bad keys fail with the group named."""

@@ -40,8 +40,11 @@ def test_a_budget_stopped_run_says_where_it_stopped_and_what_it_kept(tmp_path, t
     st = s["stages"][0]
     assert st["completed"] is False and st["stopped_by"] == "time_budget" and st["steps"] == 1
     assert st["selected_epoch"] == 1 and s["selected"] == {"stage": "distill", "rule": "best_val", "epoch": 1}
-    assert st["lr_end"]["student"] > 0  # the cosine schedule was stopped near its start, not at its end
+    assert st["lr_end"]["student"] == 0  # the schedule ends at the budget: the cosine reached its end
     assert s["wall_time_s"] >= s["train_time_s"] > 0
+    cut = distill_run(tmp_path / "cut", teacher_file, **{"train.epochs": 5, "train.time_budget_min": 1e-9,
+                                                         "train.schedule_to_budget": False})
+    assert cut.summary["stages"][0]["lr_end"]["student"] > 0  # the budget cut the planned cosine near its start
 
 
 def test_a_resumed_run_reports_what_an_uninterrupted_one_does(tmp_path, teacher_file, monkeypatch):

@@ -10,6 +10,7 @@ with SGD at 0.1 while the student uses Adam at 1e-3). :class:`Optimizers` holds 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -105,7 +106,11 @@ def build_optimizer(params: list[Any], cfg: TrainConfig, where: str = "update") 
 
 
 class Schedule:
-    """Per-step learning-rate factor: linear warm-up, then cosine to 0, step decay, or constant."""
+    """Per-step learning-rate factor: linear warm-up, then cosine to 0, step decay, or constant.
+
+    Progress through the schedule is the share of the planned steps done, or, when ``time_progress`` is set
+    (a run with ``train.time_budget_min``), the larger of that and the share of the budget spent: a run the
+    budget stops then still reaches the end of its schedule (cosine at 0, every decay milestone passed)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, steps_per_epoch: int):
         self.optimizer = optimizer
@@ -119,9 +124,13 @@ class Schedule:
         self.step_count = 0
         #: a multiplier on top of the schedule (lowered by the engine after a non-finite step)
         self.scale = 1.0
+        #: the share (0..1) of the time budget spent, for schedules that end at the budget (set by the engine)
+        self.time_progress: Callable[[], float] | None = None
         self._apply()
 
-    def factor(self, step: int) -> float:
+    def factor(self, step: float) -> float:
+        if self.time_progress is not None:  # the step the budget's pace has reached, if further
+            step = max(step, min(1.0, self.time_progress()) * self.total)
         if self.warmup and step < self.warmup:
             return (step + 1) / self.warmup
         if self.kind == "cosine":

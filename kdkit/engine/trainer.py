@@ -125,6 +125,7 @@ class _StageState:
     steps_done: int = 0  # optimizer steps of the stage's first update so far (its repeats included)
     #: per update, the running mean of its (clipped) gradient norms for train.grad_clip_relative: [sum, weight]
     norm_history: list[list[float]] = field(default_factory=list)
+    started_min: float = 0.0  # minutes of training when the stage began (its share of a time budget starts here)
 
 
 class Interrupted(Exception):
@@ -225,6 +226,7 @@ class Engine:
                 "best_acc": st.best_acc, "best_loss": st.best_loss, "best_epoch": st.best_epoch,
                 "best_state": st.best_state,
                 "last_val": st.last_val, "steps_done": st.steps_done, "norm_history": st.norm_history,
+                "started_min": st.started_min,
             }
             if self.scaler is not None:
                 state["stage_state"]["scaler"] = self.scaler.state_dict()
@@ -337,7 +339,9 @@ class Engine:
                 continue
             start = pos if si == pos.stage else _Position(si)
             stage_resume = resume.get("stage_state") if (resume is not None and si == pos.stage) else None
-            self._run_stage(si, stages[si], len(stages), start, stage_resume, t0, final=si == len(stages) - 1)
+            share = self._planned_steps([stages[si]]) / max(1, self._planned_steps(stages[si:]))
+            self._run_stage(si, stages[si], len(stages), start, stage_resume, t0, final=si == len(stages) - 1,
+                            budget_share=share)
             self._save(_Position(si + 1), None, t0)
 
     def _recover(self, fault: NonFiniteStep, t0: float) -> dict[str, Any]:
@@ -390,7 +394,7 @@ class Engine:
             m.train()
 
     def _run_stage(self, si: int, stage: Stage, n_stages: int, start: _Position, resume: dict[str, Any] | None,
-                   t0: float, final: bool = True) -> None:
+                   t0: float, final: bool = True, budget_share: float = 1.0) -> None:
         tag = stage.name if n_stages == 1 else f"{stage.name} {si + 1}/{n_stages}"
         loader = (self.loader(stage.data, train=True, batch_size=stage.batch_size, drop_last=stage.drop_last)
                   if stage.data is not None else None)
@@ -401,6 +405,7 @@ class Engine:
             raise TrainingError(f"stage {stage.name!r} reads no data and declares no steps_per_epoch")
         self._set_trainable(stage)
         st = self._stage_state(stage, steps, resume)
+        self._schedule_to_budget(st, t0, budget_share, resume)
         self.method.forget_optimizer_state = lambda params: _forget([m for o in st.optimizers for m in o.members],
                                                                     params)
         stepper = self._stepper(stage)
@@ -480,6 +485,24 @@ class Engine:
             if self.scaler is not None and "scaler" in resume:
                 self.scaler.load_state_dict(resume["scaler"])
         return st
+
+    def _schedule_to_budget(self, st: _StageState, t0: float, share: float, resume: dict[str, Any] | None) -> None:
+        """With train.time_budget_min (and train.schedule_to_budget), the stage's schedules end when its share of
+        the budget left at its start is spent (its planned steps over the steps of the stages left), measured
+        on the run's clock, earlier sessions of a resumed run included."""
+        c = self.train_cfg
+        st.started_min = float(resume.get("started_min", 0.0)) if resume is not None else self.minutes(t0)
+        if c.time_budget_min is None or not c.schedule_to_budget:
+            return
+        budget = max(1e-9, (c.time_budget_min - st.started_min) * share)
+
+        def progress() -> float:
+            return (self.minutes(t0) - st.started_min) / budget
+
+        for sch in st.schedules:
+            for member in sch.members:
+                member.time_progress = progress
+            sch.scale = sch.scale  # re-apply the factor with the clock in place
 
     def _stepper(self, stage: Stage) -> nn.Module:
         """The module every update's forward goes through: DDP-wrapped under torchrun."""
