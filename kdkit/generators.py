@@ -32,39 +32,16 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
     return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
 
 
-class DAFLGenerator(nn.Module):
-    def __init__(self, input_shape: tuple[int, int, int] | list[int], latent_dim: int = 100, width: int = 128,
-                 bn_eps: float = 0.8):
-        super().__init__()
-        c, h, w = (int(v) for v in input_shape)
-        if h != w or h % 4:
-            raise ModelError(
-                f"the DAFL generator makes square images whose side is a multiple of 4; the teacher takes {h}x{w}; "
-                "set data.image_size to a multiple of 4 (the teacher must have been trained at that size)")
-        if width < 2:
-            raise ModelError(f"method.generator_width must be at least 2, got {width}")
-        self.input_shape = (c, h, w)
-        self.latent_dim = latent_dim
-        self.width = width
-        self.bn_eps = bn_eps
-        self.init_size = h // 4
-        self.fc = nn.Linear(latent_dim, width * self.init_size**2)
-        self.bn0 = nn.BatchNorm2d(width)
-        self.block1 = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width, eps=bn_eps),
-                                    nn.LeakyReLU(0.2))
-        half = max(1, width // 2)
-        self.block2 = nn.Sequential(nn.Conv2d(width, half, 3, padding=1), nn.BatchNorm2d(half, eps=bn_eps),
-                                    nn.LeakyReLU(0.2), nn.Conv2d(half, c, 3, padding=1), nn.Tanh(),
-                                    nn.BatchNorm2d(c, affine=False))
+class ImageGenerator(nn.Module):
+    """What the generators share: noise, sampling without touching BatchNorm statistics, re-initialisation and
+    the arguments that rebuild them (``spec``). ``latent_dim`` and ``input_shape`` are set by subclasses."""
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.fc(z).view(len(z), self.width, self.init_size, self.init_size)
-        x = self.block1(upsample2x(self.bn0(x)))
-        return self.block2(upsample2x(x))
+    latent_dim: int
+    input_shape: tuple[int, int, int]
 
     def noise(self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None
               ) -> torch.Tensor:
-        device = device or self.fc.weight.device
+        device = device or next(self.parameters()).device
         return torch.randn(n, self.latent_dim, generator=generator).to(device)
 
     @torch.no_grad()
@@ -90,8 +67,7 @@ class DAFLGenerator(nn.Module):
             self.train(was)
 
     def spec(self) -> dict[str, Any]:
-        return {"input_shape": list(self.input_shape), "latent_dim": self.latent_dim, "width": self.width,
-                "bn_eps": self.bn_eps}
+        raise NotImplementedError
 
     def reset(self, seed: int | None = None) -> None:
         """Re-initialise every weight (and BatchNorm statistic), as a new generator would be."""
@@ -105,19 +81,103 @@ class DAFLGenerator(nn.Module):
             torch.random.set_rng_state(state)
 
 
-def save_generator(path: str | os.PathLike, gen: DAFLGenerator, meta: dict[str, Any]) -> None:
+def _square_side(input_shape: tuple[int, int, int] | list[int], what: str) -> tuple[int, int, int]:
+    c, h, w = (int(v) for v in input_shape)
+    if h != w or h % 4:
+        raise ModelError(
+            f"the {what} generator makes square images whose side is a multiple of 4; the teacher takes {h}x{w}; "
+            "set data.image_size to a multiple of 4 (the teacher must have been trained at that size)")
+    return c, h, w
+
+
+class DAFLGenerator(ImageGenerator):
+    def __init__(self, input_shape: tuple[int, int, int] | list[int], latent_dim: int = 100, width: int = 128,
+                 bn_eps: float = 0.8):
+        super().__init__()
+        c, h, w = _square_side(input_shape, "DAFL")
+        if width < 2:
+            raise ModelError(f"method.generator_width must be at least 2, got {width}")
+        self.input_shape = (c, h, w)
+        self.latent_dim = latent_dim
+        self.width = width
+        self.bn_eps = bn_eps
+        self.init_size = h // 4
+        self.fc = nn.Linear(latent_dim, width * self.init_size**2)
+        self.bn0 = nn.BatchNorm2d(width)
+        self.block1 = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width, eps=bn_eps),
+                                    nn.LeakyReLU(0.2))
+        half = max(1, width // 2)
+        self.block2 = nn.Sequential(nn.Conv2d(width, half, 3, padding=1), nn.BatchNorm2d(half, eps=bn_eps),
+                                    nn.LeakyReLU(0.2), nn.Conv2d(half, c, 3, padding=1), nn.Tanh(),
+                                    nn.BatchNorm2d(c, affine=False))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.fc(z).view(len(z), self.width, self.init_size, self.init_size)
+        x = self.block1(upsample2x(self.bn0(x)))
+        return self.block2(upsample2x(x))
+
+    def spec(self) -> dict[str, Any]:
+        return {"input_shape": list(self.input_shape), "latent_dim": self.latent_dim, "width": self.width,
+                "bn_eps": self.bn_eps}
+
+
+class FastGenerator(ImageGenerator):
+    """The generator of Fast-Datafree (Fang et al., AAAI 2022; also CMI's): ``z -> linear -> 2w x s/4 x s/4 ->
+    BN -> up x2 -> conv 2w (no bias), BN, LeakyReLU(0.2) -> up x2 -> conv w (no bias), BN, LeakyReLU(0.2) ->
+    conv C -> sigmoid``, images in [0, 1] then normalised with the teacher's mean and std (kept as buffers), so
+    its images live in the teacher's input space like :class:`DAFLGenerator`'s. ``width`` is the authors'
+    ngf (64)."""
+
+    def __init__(self, input_shape: tuple[int, int, int] | list[int], latent_dim: int = 256, width: int = 64,
+                 mean: list[float] | None = None, std: list[float] | None = None):
+        super().__init__()
+        c, h, w = _square_side(input_shape, "FastDFKD")
+        if width < 1:
+            raise ModelError(f"method.generator_width must be at least 1, got {width}")
+        self.input_shape, self.latent_dim, self.width = (c, h, w), latent_dim, width
+        self.init_size = h // 4
+        self.l1 = nn.Linear(latent_dim, 2 * width * self.init_size**2)
+        self.bn0 = nn.BatchNorm2d(2 * width)
+        self.block1 = nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False),
+                                    nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2))
+        self.block2 = nn.Sequential(nn.Conv2d(2 * width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                    nn.LeakyReLU(0.2), nn.Conv2d(width, c, 3, padding=1), nn.Sigmoid())
+        self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0] * c).view(1, c, 1, 1))
+        self.register_buffer("std", torch.tensor(std if std is not None else [1.0] * c).view(1, c, 1, 1))
+
+    def unit(self, z: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (before the teacher's normalisation)."""
+        x = self.l1(z).view(len(z), 2 * self.width, self.init_size, self.init_size)
+        x = self.block1(upsample2x(self.bn0(x)))
+        return self.block2(upsample2x(x))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return (self.unit(z) - self.mean) / self.std
+
+    def spec(self) -> dict[str, Any]:
+        return {"input_shape": list(self.input_shape), "latent_dim": self.latent_dim, "width": self.width,
+                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
+
+GENERATORS: dict[str, type[ImageGenerator]] = {"DAFLGenerator": DAFLGenerator, "FastGenerator": FastGenerator}
+
+
+def save_generator(path: str | os.PathLike, gen: ImageGenerator, meta: dict[str, Any]) -> None:
     """A self-describing generator file: ``kdkit sample RUN_DIR`` and :func:`load_generator` need nothing else.
 
     ``meta`` records what the images mean (the teacher's normalisation and classes, the sampling mode)."""
-    atomic_save({"format": FORMAT, "version": 1, "class": "DAFLGenerator", "args": gen.spec(), "meta": dict(meta),
+    atomic_save({"format": FORMAT, "version": 1, "class": type(gen).__name__, "args": gen.spec(), "meta": dict(meta),
                  "state_dict": {k: v.detach().cpu() for k, v in gen.state_dict().items()}}, path)
 
 
-def load_generator(path: str | os.PathLike) -> tuple[DAFLGenerator, dict[str, Any]]:
+def load_generator(path: str | os.PathLike) -> tuple[ImageGenerator, dict[str, Any]]:
     obj = read(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a kdkit generator file (generator.pt written by a data-free run)")
-    gen = DAFLGenerator(**obj["args"])
+    cls = GENERATORS.get(obj.get("class", "DAFLGenerator"))
+    if cls is None:
+        raise CheckpointError(f"{path}: unknown generator class {obj.get('class')!r} (a newer kdkit wrote it?)")
+    gen = cls(**obj["args"])
     try:
         gen.load_state_dict(obj["state_dict"])
     except RuntimeError as e:

@@ -500,3 +500,90 @@ def test_snapshot_minutes_must_increase():
 
     with pytest.raises(ConfigError, match="snapshot_min: positive minutes in increasing order"):
         load_config(None, ["train.snapshot_min=[5,2]"])
+
+
+# ------------------------------------------------------------------------------- FastDFKD
+def _fast(meta: str = "fomaml", **kw: object):
+    from kdkit.methods import method_class
+    from kdkit.models import create
+
+    torch.manual_seed(0)
+    info = DataInfo("mnist", [str(i) for i in range(10)], (1, 16, 16), [0.5], [0.25])
+    cls = method_class("fast_dfkd")
+    opts = cls.Options(meta=meta, generator_width=4, latent_dim=8, hflip=False, warmup=0, **kw)
+    return cls(opts, student=create("mlp", in_channels=1, input_size=16, hidden=[8]),
+               teacher=create("vgg8_bn", in_channels=1, input_size=16, width=0.0625).eval(), info=info,
+               train=TrainConfig(batch_size=6, epochs=3))
+
+
+@pytest.mark.parametrize("meta", ["fomaml", "reptile", "none"])
+def test_fast_dfkd_synthesis_trains_a_copy_and_steps_the_meta_generator(meta):
+    """A synthesis optimises a copy of the meta generator and the latent codes; the meta generator moves only
+    through its own step (not with meta=none), the student and teacher get no gradient, the memory grows by
+    the batch, and the first-order MAML step is Adam on the summed gradients of the copy's steps."""
+    m = _fast(meta)
+    before = {k: v.clone() for k, v in m.generator.state_dict().items()}
+    s_before = [p.clone() for p in m.student.parameters()]
+    terms = m.synthesize()
+    after = m.generator.state_dict()
+    moved = any(not torch.equal(before[k], after[k]) for k in before if after[k].dtype.is_floating_point)
+    assert moved == (meta != "none")
+    assert all(torch.equal(before[k], after[k]) for k in before if "running" in k)  # the copy ran, not the meta
+    assert all(p.grad is None for p in m.student.parameters()) and all(torch.equal(a, b) for a, b in
+                                                                       zip(s_before, m.student.parameters()))
+    assert all(p.grad is None for p in m.teacher.parameters()) and all(p.grad is None for p in m.generator.parameters())
+    assert len(m.pool) == 6 and m.pool.images.shape == (18, 1, 16, 16) and {"synthesis_bn", "synthesis_ce",
+                                                                             "synthesis_adv"} <= set(terms)
+    m.synthesize()
+    assert len(m.pool) == 12 and int(m.syntheses) == 2 and m.bn.mmt is not None  # the BN momentum started
+
+
+def test_fast_dfkd_meta_step_is_adam_on_the_summed_fast_gradients():
+    m = _fast("fomaml", synthesis_steps=1, adv_weight=0.0, bn_momentum=0.0)
+    w0 = m.generator.l1.weight.detach().clone()
+    m.synthesize()
+    # one fast step, so the summed gradient is that step's; Adam's first step moves each weight by about lr
+    # (lr_g x steps = 5e-3) against its gradient's sign
+    step = (m.generator.l1.weight.detach() - w0).abs()
+    assert step.max().item() == pytest.approx(5e-3, rel=1e-3) and (step > 0).float().mean() > 0.9
+
+
+def test_fast_dfkd_needs_batchnorm_or_says_how_to_go_without(tmp_path, teacher_file):
+    from kdkit.errors import KdkitError
+
+    with pytest.raises(KdkitError, match=r"method.bn_weight=0"):
+        _datafree(tmp_path / "r", teacher_file, "fast_dfkd")
+    r = _datafree(tmp_path / "nobn", teacher_file, "fast_dfkd", **{"method.bn_weight": 0.0, "train.epochs": 1,
+                                                                   "method.hflip": False, "method.warmup": 0})
+    assert r.summary["syntheses"] == 1
+
+
+def test_fast_dfkd_end_to_end(tmp_path, cnn_teacher_file):
+    r = _datafree(tmp_path / "run", cnn_teacher_file, "fast_dfkd",
+                  **{"train.epochs": 4, "method.warmup": 2, "method.hflip": False, "method.crop_padding": 2,
+                     "method.generator_width": 8})
+    s = r.summary
+    assert s["data"]["train"] == 0 and s["syntheses"] == 6 and s["pool_images"] == 6 * 32  # 2 before the student
+    assert s["test_accuracy"] > 0.15  # chance is 0.10: the student learned from synthesised images alone
+    epochs = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in epochs if e["event"] == "epoch"]
+    assert [e["pool_images"] for e in epochs] == [96, 128, 160, 192] and all("synthesis_adv" in e for e in epochs)
+    gen, meta = load_generator(r.run_dir / "generator.pt")
+    assert gen.sample(4, batch_stats=True).shape == (4, 1, 16, 16) and meta["batch_stats"] is True
+
+
+def test_fast_dfkd_resume_is_bit_identical(tmp_path, cnn_teacher_file, monkeypatch):
+    """The meta generator, its Adam moments, the BatchNorm momentum statistics and the memory survive a crash."""
+    extra = {"train.epochs": 3, "train.checkpoint_every": 3, "train.deterministic": True, "method.warmup": 1,
+             "method.hflip": False, "method.generator_width": 8}
+    full = _datafree(tmp_path / "full", cnn_teacher_file, "fast_dfkd", **extra)
+    o = {"teacher.checkpoint": str(cnn_teacher_file), "student.arch": "mlp", "student.hidden": "[32]",
+         "method.name": "fast_dfkd", "method.steps_per_epoch": 8, "data.val_split": 0, "train.select": "last",
+         "train.batch_size": 32, "method.diagnostics_samples": 64, "method.grid_images": 16,
+         "method.latent_dim": 16, **extra}
+    cfg = load_config(None, digits_overrides(tmp_path / "cut", **o))
+    crash_at(cfg, 14, monkeypatch)  # in the second epoch, after its synthesis
+    resumed = execute(cfg, "distill", resume=True)
+    a, b = full.method.state_dict(), resumed.method.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("teacher."))
+    assert resumed.summary["test_accuracy"] == full.summary["test_accuracy"]

@@ -111,14 +111,23 @@ class BNStatistics:
     ``||mean(x) - running_mean||_2 + ||var(x) - running_var||_2`` of each layer's input (biased variance
     over batch and space, as the layer computes it in training).
 
+    With ``momentum`` m > 0 (FastDFKD's "bn_mmt"), the batch's statistics are first blended with a running
+    average of earlier syntheses': mean(x) -> (1 - m) mean(x) + m mean_mmt (the same for the variance), and
+    :meth:`update_momentum` folds the last forward's statistics into that average (m mmt + (1 - m) last).
+
     ``loss`` holds the sum after a forward; ``enabled = False`` pauses recording (forwards that are not
     synthesis steps); ``remove()`` detaches the hooks."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, momentum: float = 0.0):
         self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                        and m.running_mean is not None]
         self.terms: list[torch.Tensor] = []
         self.enabled = True
+        self.momentum = momentum
+        self.index = {id(m): i for i, m in enumerate(self.layers)}
+        self.last: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
+        #: the running average of earlier syntheses' statistics (None before the first update)
+        self.mmt: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -128,8 +137,22 @@ class BNStatistics:
         dims = [0, *range(2, x.dim())]
         mean = x.mean(dim=dims)
         var = x.var(dim=dims, unbiased=False)
+        i = self.index[id(module)]
+        self.last[i] = (mean.detach(), var.detach())
+        if self.mmt is not None and self.momentum > 0:
+            m = self.momentum
+            mean, var = (1 - m) * mean + m * self.mmt[i][0], (1 - m) * var + m * self.mmt[i][1]
         self.terms.append(torch.linalg.vector_norm(mean - module.running_mean)
                           + torch.linalg.vector_norm(var - module.running_var))
+
+    def update_momentum(self) -> None:
+        """Fold the last recorded forward's statistics into the running average."""
+        last = [s for s in self.last if s is not None]
+        if len(last) != len(self.layers):
+            return
+        m = self.momentum
+        self.mmt = [(a.clone(), b.clone()) for a, b in last] if self.mmt is None else [
+            (m * om + (1 - m) * a, m * ov + (1 - m) * b) for (om, ov), (a, b) in zip(self.mmt, last)]
 
     @property
     def loss(self) -> torch.Tensor:

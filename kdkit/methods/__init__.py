@@ -36,6 +36,7 @@ from . import (  # noqa: E402,F401
     dist,
     dkd,
     embedding_kd,
+    fast_dfkd,
     feature_imitation,
     fitnets,
     kd,

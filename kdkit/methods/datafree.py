@@ -232,7 +232,7 @@ class DataFree(Distiller):
         """Record a collapse, act on it as ``on_collapse`` says, and warn with what was done."""
         o = self.opts
         event: dict[str, Any] = {"stage": stage, "epoch": epoch + 1, "reasons": reasons}
-        trains_generator = self.generator is not None and self.generator.training
+        trains_generator = self.trains_generator()
         restarts = sum(1 for e in self.collapses if e.get("action", "").startswith("generator re-initialised"))
         msg = f"{self.run_dir or 'this run'}: [{stage}] epoch {epoch + 1}: the generated images collapsed " \
               f"({'; '.join(reasons)})"
@@ -264,6 +264,10 @@ class DataFree(Distiller):
         self.collapses.append(event)
         warn(msg)
 
+    def trains_generator(self) -> bool:
+        """Whether the current stage trains the generator (so that a collapse can restart it)."""
+        return self.generator is not None and self.generator.training
+
     def card_fields(self) -> dict[str, Any]:
         return {"generator_collapse": {"events": len(self.collapses), "handling": self.opts.on_collapse,
                                        "collapsed_at_end": bool(self.last_diagnostics.get("collapse")),
@@ -275,7 +279,11 @@ class DataFree(Distiller):
         if self.run_dir is not None and self.generator is not None:
             save_generator(Path(self.run_dir) / "generator.pt", self.generator,
                            {"method": self.name, "mean": self.info.mean, "std": self.info.std,
-                            "classes": self.info.classes, "batch_stats": self.student_data != "fresh"})
+                            "classes": self.info.classes, "batch_stats": self.samples_with_batch_stats()})
+
+    def samples_with_batch_stats(self) -> bool:
+        """Whether the saved generator's images are made with batch statistics (joint schedules train it so)."""
+        return self.student_data != "fresh"
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"collapse_events": self.collapses, "final_diagnostics": self.last_diagnostics,
