@@ -339,9 +339,8 @@ class Engine:
                 continue
             start = pos if si == pos.stage else _Position(si)
             stage_resume = resume.get("stage_state") if (resume is not None and si == pos.stage) else None
-            share = self._planned_steps([stages[si]]) / max(1, self._planned_steps(stages[si:]))
             self._run_stage(si, stages[si], len(stages), start, stage_resume, t0, final=si == len(stages) - 1,
-                            budget_share=share)
+                            budget_share=self._budget_share(stages[si:]))
             self._save(_Position(si + 1), None, t0)
 
     def _recover(self, fault: NonFiniteStep, t0: float) -> dict[str, Any]:
@@ -486,6 +485,14 @@ class Engine:
                 self.scaler.load_state_dict(resume["scaler"])
         return st
 
+    def _budget_share(self, stages_left: list[Stage]) -> float:
+        """The first of `stages_left`'s share of the time budget left: its planned steps over theirs (1 when the
+        schedules do not follow a budget, without building the stages' loaders to count their steps)."""
+        c = self.train_cfg
+        if c.time_budget_min is None or not c.schedule_to_budget or len(stages_left) == 1:
+            return 1.0
+        return self._planned_steps(stages_left[:1]) / max(1, self._planned_steps(stages_left))
+
     def _schedule_to_budget(self, st: _StageState, t0: float, share: float, resume: dict[str, Any] | None) -> None:
         """With train.time_budget_min (and train.schedule_to_budget), the stage's schedules end when its share of
         the budget left at its start is spent (its planned steps over the steps of the stages left), measured
@@ -502,7 +509,7 @@ class Engine:
         for sch in st.schedules:
             for member in sch.members:
                 member.time_progress = progress
-            sch.scale = sch.scale  # re-apply the factor with the clock in place
+                member._apply()  # the factor, with the clock in place
 
     def _stepper(self, stage: Stage) -> nn.Module:
         """The module every update's forward goes through: DDP-wrapped under torchrun."""

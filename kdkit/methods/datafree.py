@@ -104,6 +104,11 @@ class ReplayBank(nn.Module):
         self.logits[slots] = logits[-n:].detach()
         self.count += len(x)
 
+    def newest(self, n: int) -> torch.Tensor:
+        """The last ``min(n, len)`` images added, newest first."""
+        slots = (int(self.count) - 1 - torch.arange(min(n, len(self)))) % self.capacity
+        return self.images[slots.to(self.images.device)]
+
     def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(len(self), (n,)).to(self.images.device)
         return self.images[idx], self.logits[idx]

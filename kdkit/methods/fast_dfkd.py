@@ -217,12 +217,10 @@ class FastDFKD(DataFree):
     def diagnostic_images(self, n: int) -> torch.Tensor:
         """The newest synthesised images (the last syntheses' batches): what the generator makes now, the images
         the student learns from next (the meta generator's own samples are only starting points)."""
-        k = min(n, len(self.pool))
-        if k == 0:
+        if len(self.pool) == 0:
             assert self.generator is not None
             return self.generator.sample(n, batch_stats=True)
-        newest = (int(self.pool.count) - 1 - torch.arange(k)) % self.pool.capacity
-        return self.pool.images[newest.to(self.pool.images.device)]
+        return self.pool.newest(n)
 
     def trains_generator(self) -> bool:
         return True  # every synthesis trains a copy and steps the meta generator
