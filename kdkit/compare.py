@@ -317,19 +317,24 @@ class _Claims:
     def take(self, r: Run) -> bool:
         path = self._path(r)
         path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if self.holder(r) is not None:
-                    return False
-                path.unlink(missing_ok=True)  # stale: its worker ended
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(str(os.getpid()))
-            self.mine.add(path)
-            return True
-        return False
+        # the claim appears with its process id already in it (a hard link of a written file is atomic and
+        # exclusive), so another worker never reads an empty claim and takes it for a stale one
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(str(os.getpid()), encoding="utf-8")
+        try:
+            for _ in range(2):
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    if self.holder(r) is not None:
+                        return False
+                    path.unlink(missing_ok=True)  # stale: its worker ended
+                    continue
+                self.mine.add(path)
+                return True
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def release(self, r: Run) -> None:
         path = self._path(r)
@@ -389,7 +394,7 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
                 if claims.holder(p) is None:
                     continue  # neither finished nor being made (it failed): the arm's own run will say so
                 say(f"waiting for {p.key}, made by worker {claims.holder(p)}", flush=True)
-                while not p.finished and claims.holder(p) is not None:
+                while claims.holder(p) is not None:  # released once its process has ended and is recorded
                     time.sleep(wait_s)
         if r.finished or not claims.take(r):
             continue  # finished or taken by another worker meanwhile
