@@ -17,7 +17,9 @@ or detection terms) and returns one scalar. Each loss ``L_i`` has a hand-given p
   weight), by gradient descent on sum_i |G_i - target_i|; then sum_i g_i = number of losses. The descent
   is on u_i = log g_i with the gradient taken relative to mean(g G): the same objective, but steps are
   relative (g stays positive, and the learning rate does not depend on the losses' scale, which with
-  plain steps on g made the weights of very unequal losses oscillate).
+  plain steps on g made the weights of very unequal losses oscillate). The norms G_i cost one backward pass
+  per loss down to W; ``every = k`` makes the step on g every k-th training step only (k = 1, the paper's
+  rule, updates at every step), which divides that cost by k.
 * ``normalized``:  L = sum_i w_i L_i / sg(Lbar_i), Lbar_i the running mean of L_i (decay 0.99, the first
   value at the start): every term's value is about w_i, so its gradient no longer carries the constants that
   make one loss larger than another by accident (T^2, a feature map's size, the number of paths): the
@@ -143,12 +145,16 @@ class GradNormWeighting(LossWeighting):
     kind = "gradnorm"
 
     def __init__(self, names: Sequence[str], priors: Mapping[str, float] | None = None, *,
-                 shared: Callable[[], list[nn.Parameter]], alpha: float = 1.5, lr: float = 0.025):
+                 shared: Callable[[], list[nn.Parameter]], alpha: float = 1.5, lr: float = 0.025, every: int = 1):
         super().__init__(names, priors)
+        if every < 1:
+            raise ConfigError(f"GradNorm's update interval must be at least 1 step, got {every}")
         self.shared = shared
-        self.alpha, self.lr = alpha, lr
+        self.alpha, self.lr, self.every = alpha, lr, every
         self.register_buffer("g", torch.ones(len(self.names)))
         self.register_buffer("initial", torch.zeros(len(self.names)))
+        if every > 1:  # saved with the run, so a resumed run updates on the same steps (absent when every = 1)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     def multipliers(self) -> torch.Tensor:
         return self.g
@@ -156,9 +162,17 @@ class GradNormWeighting(LossWeighting):
     def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
         scaled = self.prior * self.stack(losses)
         total = (self.g.clone() * scaled).sum()
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and self._due():
             self.step(scaled)
         return total
+
+    def _due(self) -> bool:
+        """Whether this training step updates g: every step, or every `every`-th one from the first."""
+        if self.every == 1:
+            return True
+        due = int(self.calls) % self.every == 0
+        self.calls += 1
+        return due
 
     def gradient_norms(self, scaled: torch.Tensor) -> torch.Tensor:
         """||grad_W w_i L_i|| for each loss, on the shared weights W."""
@@ -240,7 +254,8 @@ def dwa_weights(last: torch.Tensor, before: torch.Tensor, temperature: float) ->
 
 def make_weighting(kind: str, names: Sequence[str], priors: Mapping[str, float] | None = None, *,
                    shared: Callable[[], list[nn.Parameter]] | None = None, gradnorm_alpha: float = 1.5,
-                   gradnorm_lr: float = 0.025, dwa_temperature: float = 2.0) -> LossWeighting:
+                   gradnorm_lr: float = 0.025, gradnorm_every: int = 1,
+                   dwa_temperature: float = 2.0) -> LossWeighting:
     if kind == "equal":
         return EqualWeighting(names, priors)
     if kind == "fixed":
@@ -250,7 +265,8 @@ def make_weighting(kind: str, names: Sequence[str], priors: Mapping[str, float] 
     if kind == "gradnorm":
         if shared is None:
             raise ConfigError("gradnorm weighting needs the shared weights W (method.gradnorm_layer)")
-        return GradNormWeighting(names, priors, shared=shared, alpha=gradnorm_alpha, lr=gradnorm_lr)
+        return GradNormWeighting(names, priors, shared=shared, alpha=gradnorm_alpha, lr=gradnorm_lr,
+                                 every=gradnorm_every)
     if kind == "dwa":
         return DWAWeighting(names, priors, temperature=dwa_temperature)
     if kind == "normalized":

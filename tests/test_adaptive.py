@@ -141,6 +141,33 @@ def test_gradnorm_balances_gradient_norms_on_a_toy_two_loss_problem():
     assert abs(math.log(weighted[0] / weighted[1])) < imbalance0 / 3  # weighted gradient norms much closer
 
 
+def test_gradnorm_every_k_updates_only_on_every_kth_step_and_survives_a_state_dict_round_trip():
+    shared = nn.Linear(3, 3)
+    x = torch.randn(8, 3)
+
+    def losses():
+        h = shared(x)
+        return {"a": 10 * h.pow(2).mean(), "b": h.abs().mean()}
+
+    def make(every):
+        return GradNormWeighting(["a", "b"], shared=lambda: list(shared.parameters()), lr=0.5, every=every)
+
+    one, three = make(1), make(3)
+    history = []
+    for _ in range(7):
+        three(losses())
+        history.append(three.g.clone())
+    changed = [i for i in range(7) if not torch.equal(history[i], history[i - 1] if i else torch.ones(2))]
+    assert changed == [0, 3, 6]
+    one(losses())  # the same losses: the first update of every=3 is the every=1 rule's update
+    assert torch.allclose(history[0], one.g)
+    again = make(3)
+    again.load_state_dict(three.state_dict())  # the step count is saved: a resumed run updates on the same steps
+    assert int(again.calls) == 7 and "calls" not in one.state_dict()
+    with pytest.raises(ConfigError, match="at least 1"):
+        make(0)
+
+
 def test_normalized_divides_each_loss_by_its_running_mean():
     """L = sum_i w_i L_i / sg(mean_i): the first value starts the mean (the term is then w_i), later values move it
     by 1% per step; the gradient is the loss's divided by its mean, whatever the loss's constant factors."""

@@ -116,6 +116,8 @@ class AdaptiveOptions(SoftTargets):
     teacher_classifier: str | None = opt(None, "softmax_regression: the teacher's classifier (default: found)")
     gradnorm_alpha: float = opt(1.5, "GradNorm asymmetry alpha", ge=0)
     gradnorm_lr: float = opt(0.025, "GradNorm learning rate of the loss weights", gt=0)
+    gradnorm_every: int = opt(1, "GradNorm updates the loss weights every this many steps (1: every step, as in "
+                                 "the paper; k divides the cost of its extra backward passes by k)", ge=1)
     gradnorm_layer: str | None = opt(None, "GradNorm shared weights W: a student module (default: its first stage)")
     dwa_temperature: float = opt(2.0, "DWA temperature T", gt=0)
     pairwise_scale: float = opt(0.5, "pairwise path: node size as a fraction of the map", gt=0, le=1)
@@ -255,6 +257,7 @@ class Adaptive(Distiller):
         self.weighting = make_weighting(
             self.opts.weighting, [p.label for p in self.paths], {p.label: p.weight for p in self.paths},
             shared=self._shared_params, gradnorm_alpha=self.opts.gradnorm_alpha, gradnorm_lr=self.opts.gradnorm_lr,
+            gradnorm_every=self.opts.gradnorm_every,
             dwa_temperature=self.opts.dwa_temperature,
         ).to(sample.x.device)
 
