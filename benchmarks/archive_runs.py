@@ -1,0 +1,72 @@
+"""Keep a comparison queue's results in git, and put them back, so that a queue can span several sessions.
+
+A queue writes under ``runs/`` (ignored by git). ``save`` copies what the report and a resumed queue need into
+``benchmarks/results/compare/<spec name>/``: every finished run's ``summary.json``, ``config.yaml`` and
+``metrics.jsonl`` (no checkpoints, no logs), the queue record and the report, and each prepare run (the
+teachers) with its ``model.pt``, which the arms read. ``restore`` copies them back into ``runs/``: the harness
+then counts those runs as finished (it never redoes a run whose ``summary.json`` exists) and continues the queue.
+
+    python benchmarks/archive_runs.py save benchmarks/compare/fashion_baselines.yaml
+    python benchmarks/archive_runs.py restore benchmarks/compare/fashion_baselines.yaml
+
+Run from the repository root (the spec's folders are relative to it). Unfinished runs are not saved: a queue
+restored from the archive starts them again from scratch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kdkit.compare import load_spec, plan  # noqa: E402
+
+RUN_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
+REPORT_FILES = ("queue.json", "compare.json", "compare.md", "compare.png")
+ARCHIVE = Path("benchmarks/results/compare")
+
+
+def _pairs(spec_path: str, archive: Path) -> list[tuple[Path, Path, tuple[str, ...]]]:
+    """(folder under runs/, its place in the archive, the files to copy) for every finished run and the report."""
+    spec = load_spec(spec_path)
+    home = archive / spec.name
+    pairs = [(spec.out, home, REPORT_FILES)]
+    for r in plan(spec):
+        if r.seed is None:  # a prepare run: its model is what the arms read
+            pairs.append((r.run_dir, home / r.key, (*RUN_FILES, "model.pt")))
+        else:
+            pairs.append((r.run_dir, home / r.run_dir.relative_to(spec.out), RUN_FILES))
+    return pairs
+
+
+def _copy(src: Path, dst: Path, names: tuple[str, ...]) -> int:
+    if not (src / "summary.json").is_file() and names != REPORT_FILES:
+        return 0  # unfinished: a restored queue starts it again
+    copied = 0
+    for name in names:
+        if (src / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, dst / name)
+            copied += 1
+    return copied
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("action", choices=["save", "restore"])
+    ap.add_argument("spec", help="a comparison spec, e.g. benchmarks/compare/fulllabel_lenet.yaml")
+    ap.add_argument("--archive", type=Path, default=ARCHIVE, help=f"the archive folder (default {ARCHIVE})")
+    a = ap.parse_args(argv)
+    n = 0
+    for run_dir, kept, names in _pairs(a.spec, a.archive):
+        n += _copy(run_dir, kept, names) if a.action == "save" else _copy(kept, run_dir, names)
+    print(f"{a.action}: {n} files")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
