@@ -7,6 +7,10 @@ allows), 'not supported' when it lies entirely on the other side, 'cannot tell' 
 
     python benchmarks/claims.py --runs runs/compare            # prints the Markdown table
     python benchmarks/claims.py --runs runs/compare --json benchmarks/results/claims.json
+    python benchmarks/claims.py --runs benchmarks/results/compare --write BENCHMARKS.md
+
+`--write` replaces the text between the lines `<!-- claims:begin -->` and `<!-- claims:end -->` of that file,
+so the table in BENCHMARKS.md is always this script's output, never typed by hand.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+SPECS = ROOT / "benchmarks" / "compare"
+BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
 
 from kdkit.stats import unpaired  # noqa: E402
 
@@ -39,18 +45,25 @@ class Claim:
 
 def _claims() -> list[Claim]:
     out: list[Claim] = []
+    low = "LeNet, 100/class"
     for data in ("mnist", "fashion-mnist"):
         c = f"data={data}"
         out += [
-            Claim("Adaptive Distillation", "adaptive (authors' 4 paths, uncertainty) beats the authors' equal "
-                  "weights (attention + soft target)", "lowlabel-lenet", c, "adaptive", "adaptive_equal"),
-            Claim("Adaptive Distillation", "adaptive beats the authors' hand-tuned weights", "lowlabel-lenet", c,
-                  "adaptive", "adaptive_fixed"),
-            Claim("Adaptive Distillation", "adaptive beats vanilla KD", "lowlabel-lenet", c, "adaptive", "kd"),
-            Claim("Adaptive Distillation", "all paths (uncertainty) beat equal weights", "lowlabel-lenet", c,
-                  "adaptive_all", "adaptive_equal"),
-            Claim("Head sharing", "TH-KD beats KD (same 84-d student)", "lowlabel-lenet", c, "th_kd", "kd84"),
-            Claim("Head sharing", "SH-KD beats KD (same 84-d student)", "lowlabel-lenet", c, "sh_kd", "kd84"),
+            Claim("Adaptive Distillation", f"adaptive (authors' 4 paths, uncertainty) beats the authors' equal "
+                  f"weights (attention + soft target) ({low})", "lowlabel-lenet", c, "adaptive", "adaptive_equal"),
+            Claim("Adaptive Distillation", f"adaptive beats the authors' hand-tuned weights ({low})",
+                  "lowlabel-lenet", c, "adaptive", "adaptive_fixed"),
+            Claim("Adaptive Distillation", f"adaptive beats vanilla KD ({low})", "lowlabel-lenet", c, "adaptive",
+                  "kd"),
+            Claim("Adaptive Distillation", f"all paths (uncertainty) beat equal weights ({low})", "lowlabel-lenet",
+                  c, "adaptive_all", "adaptive_equal"),
+            Claim("Head sharing", f"TH-KD beats KD (same 84-d student, {low})", "lowlabel-lenet", c, "th_kd",
+                  "kd84"),
+            Claim("Head sharing", f"SH-KD beats KD (same 84-d student, {low})", "lowlabel-lenet", c, "sh_kd",
+                  "kd84"),
+            Claim("Adaptive Distillation", "adaptive beats vanilla KD (LeNet, all labels)", "fulllabel-lenet", c,
+                  "adaptive", "kd"),
+            Claim("Head sharing", "TH-KD beats KD (LeNet, all labels)", "fulllabel-lenet", c, "th_kd", "kd"),
         ]
     for data in ("mnist", "fashion-mnist"):
         for spec, label in (("fulllabel-lenet", "all labels"), ("lowlabel-lenet", "100/class")):
@@ -134,8 +147,21 @@ def evaluate(runs: Path) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| paper | claim | data (cell) | difference, points [95% interval] | seeds | verdict | comparison |",
+def spec_files(specs: Path = SPECS) -> dict[str, str]:
+    """The comparison name (the spec's `name:`) -> the spec file that runs it, relative to the checkout."""
+    import yaml
+
+    out = {}
+    for f in sorted(specs.glob("*.yaml")):
+        name = (yaml.safe_load(f.read_text()) or {}).get("name")
+        if name:
+            out[name] = f"benchmarks/compare/{f.name}"
+    return out
+
+
+def markdown(rows: list[dict], specs: Path = SPECS) -> str:
+    files = spec_files(specs)
+    lines = ["| paper | claim | data (cell) | difference, points [95% interval] | seeds | verdict | command |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         d = r["diff"]
@@ -147,19 +173,33 @@ def markdown(rows: list[dict]) -> str:
         else:
             eff = "n/a"
         lines.append(f"| {r['paper']} | {r['claim']} | {r['cell'] or 'grid'} | {eff} | {d['n'] if d else 0} | "
-                     f"**{r['verdict']}** | `{r['spec']}` |")
+                     f"**{r['verdict']}** | `kdkit compare {files.get(r['spec'], r['spec'])}` |")
     return "\n".join(lines)
+
+
+def write_between_markers(path: Path, table: str) -> None:
+    """Replace the text between the BEGIN and END marker lines of `path` with `table`."""
+    text = path.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{path}: needs exactly one line {BEGIN} followed by one line {END} around the table")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="runs/compare", help="folder holding the comparisons' folders")
     p.add_argument("--json", help="also write the rows as JSON here")
+    p.add_argument("--write", help=f"put the table into this Markdown file, between {BEGIN} and {END}")
     a = p.parse_args()
     rows = evaluate(Path(a.runs))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
-    print(markdown(rows))
+    table = markdown(rows)
+    if a.write:
+        write_between_markers(Path(a.write), table)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""benchmarks/claims.py: the verdict read off the paired interval, by hand, and the table written into its place."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def claims():
+    spec = importlib.util.spec_from_file_location("kdkit_claims", ROOT / "benchmarks" / "claims.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _diff(mean: float, half: float, n: int = 10) -> dict:
+    return {"n": n, "mean": mean, "half_width": half, "sd": 0.0, "level": 0.95}
+
+
+@pytest.mark.parametrize("mean,half,direction,threshold,verdict", [
+    (0.010, 0.004, "higher", 0.0, "supported"),        # [0.006, 0.014] above 0
+    (-0.010, 0.004, "higher", 0.0, "not supported"),   # [-0.014, -0.006] below 0
+    (0.002, 0.004, "higher", 0.0, "cannot tell"),      # holds 0
+    (-0.010, 0.004, "lower", 0.0, "supported"),        # a claimed decrease
+    (-0.003, 0.001, "higher", -0.005, "supported"),    # within 0.5 points: [-0.004, -0.002] above -0.005
+    (-0.008, 0.001, "higher", -0.005, "not supported"),
+])
+def test_verdict_is_read_off_the_interval(claims, mean, half, direction, threshold, verdict):
+    cl = claims.Claim("p", "t", "s", "c", "a", "b", threshold=threshold, direction=direction)
+    assert claims._verdict(_diff(mean, half), cl) == verdict
+
+
+def test_one_seed_cannot_tell(claims):
+    cl = claims.Claim("p", "t", "s", "c", "a", "b")
+    assert claims._verdict(_diff(0.5, float("nan"), n=1), cl) == "cannot tell"
+
+
+def test_table_reads_compare_reports_and_replaces_only_its_block(claims, tmp_path):
+    report = {"cells": {"data=mnist": {"arms": {}, "pairs": [
+        {"arm": "kd", "against": "alone", "diff": _diff(0.0105, 0.0021)}]}}}
+    (tmp_path / "lowlabel-lenet").mkdir()
+    (tmp_path / "lowlabel-lenet" / "compare.json").write_text(json.dumps(report))
+    rows = claims.evaluate(tmp_path)
+    kd = next(r for r in rows if r["spec"] == "lowlabel-lenet" and r["cell"] == "data=mnist"
+              and r["arm"] == "kd" and r["against"] == "alone")
+    assert kd["verdict"] == "supported"
+    assert all(r["verdict"] == "not measured yet" for r in rows if r["spec"] != "lowlabel-lenet")
+    table = claims.markdown(rows)
+    assert "+1.05 [+0.84, +1.26]" in table
+    assert "`kdkit compare benchmarks/compare/lowlabel_lenet.yaml`" in table  # the spec file, found by its name
+
+    doc = tmp_path / "B.md"
+    doc.write_text(f"before\n{claims.BEGIN}\nold table\n{claims.END}\nafter\n")
+    claims.write_between_markers(doc, table)
+    text = doc.read_text()
+    assert text.startswith("before\n") and text.endswith(f"{claims.END}\nafter\n")
+    assert "old table" not in text and "+1.05 [+0.84, +1.26]" in text
+    doc.write_text("no markers here\n")
+    with pytest.raises(SystemExit, match="claims:begin"):
+        claims.write_between_markers(doc, table)
