@@ -66,3 +66,16 @@ def test_table_reads_compare_reports_and_replaces_only_its_block(claims, tmp_pat
     doc.write_text("no markers here\n")
     with pytest.raises(SystemExit, match="claims:begin"):
         claims.write_between_markers(doc, table)
+
+
+def test_per_seed_table_lists_each_arms_seeds_in_order(tmp_path):
+    spec = importlib.util.spec_from_file_location("kdkit_per_seed", ROOT / "benchmarks" / "per_seed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    report = {"metric": "val_accuracy", "seeds": [100, 101], "cells": {
+        "data=a": {"arms": {"alone": {"per_seed": {"101": 0.5, "100": 0.25}}}},
+        "data=b": {"arms": {"kd": {"per_seed": {"100": 0.125}}}}}}
+    lines = mod.table(report).splitlines()
+    assert lines[0] == "val_accuracy (%), seeds 100, 101 in order"
+    assert "| alone | 25.0 / 50.0 | not run yet |" in lines
+    assert "| kd | not run yet | 12.5 |" in lines
