@@ -170,7 +170,7 @@ class TrainConfig:
     grad_clip: float | None = opt(
         5.0, "clip each step's gradient norm to this value (null: off). The default keeps distillation at the "
         "student's own learning rate from diverging: KD's T^2-scaled gradient is several times a cross-entropy's "
-        "(see BENCHMARKS.md, 'Distillation at the student's learning rate')", gt=0)
+        "(see BENCHMARKS.md, 'How the recipes were chosen')", gt=0)
     grad_clip_relative: float | None = opt(
         None, "clip each step's gradient norm at this multiple of the running mean of the earlier steps' norms "
         "(scale-free: whatever the scale of the loss, only the spikes are cut)", gt=1)
