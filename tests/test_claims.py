@@ -12,13 +12,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def claims():
-    spec = importlib.util.spec_from_file_location("kdkit_claims", ROOT / "benchmarks" / "claims.py")
+def _script(name: str):
+    """Import benchmarks/<name>.py (the benchmarks folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"kdkit_{name}", ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def claims():
+    return _script("claims")
 
 
 def _diff(mean: float, half: float, n: int = 10) -> dict:
@@ -69,9 +74,7 @@ def test_table_reads_compare_reports_and_replaces_only_its_block(claims, tmp_pat
 
 
 def test_per_seed_table_lists_each_arms_seeds_in_order(tmp_path):
-    spec = importlib.util.spec_from_file_location("kdkit_per_seed", ROOT / "benchmarks" / "per_seed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("per_seed")
     report = {"metric": "val_accuracy", "seeds": [100, 101], "cells": {
         "data=a": {"arms": {"alone": {"per_seed": {"101": 0.5, "100": 0.25}}}},
         "data=b": {"arms": {"kd": {"per_seed": {"100": 0.125}}}}}}
