@@ -24,10 +24,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
 SPECS = ROOT / "benchmarks" / "compare"
-BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
+
+from marked_block import markers, write_block  # noqa: E402
 
 from kdkit.stats import unpaired  # noqa: E402
+
+BEGIN, END = markers("claims")
 
 
 @dataclass
@@ -177,16 +181,6 @@ def markdown(rows: list[dict], specs: Path = SPECS) -> str:
     return "\n".join(lines)
 
 
-def write_between_markers(path: Path, table: str) -> None:
-    """Replace the text between the BEGIN and END marker lines of `path` with `table`."""
-    text = path.read_text()
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise SystemExit(f"{path}: needs exactly one line {BEGIN} followed by one line {END} around the table")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="runs/compare", help="folder holding the comparisons' folders")
@@ -198,7 +192,7 @@ def main() -> None:
         Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
     table = markdown(rows)
     if a.write:
-        write_between_markers(Path(a.write), table)
+        write_block(Path(a.write), "claims", table)
     print(table)
 
 

@@ -3,13 +3,20 @@ read from its report compare.json: for tuning comparisons with two or three seed
 and the seeds' values say more.
 
     python benchmarks/per_seed.py benchmarks/results/compare/tune-lowlabel
+    python benchmarks/per_seed.py benchmarks/results/compare/tune-lowlabel --write BENCHMARKS.md --key tune-lowlabel
+
+`--write` puts the table into that file between the lines `<!-- KEY:begin -->` and `<!-- KEY:end -->`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from marked_block import markers, write_block
 
 
 def table(report: dict) -> str:
@@ -32,8 +39,15 @@ def table(report: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a comparison's folder (holding compare.json)")
+    p.add_argument("--write", metavar="FILE", help="put the table into this Markdown file between --key's markers")
+    p.add_argument("--key", help="the block's name: markers {} and {}".format(*markers("KEY")))
     a = p.parse_args()
-    print(table(json.loads((Path(a.folder) / "compare.json").read_text())))
+    if a.write and not a.key:
+        p.error("--write needs --key (the name in the file's <!-- KEY:begin --> line)")
+    text = table(json.loads((Path(a.folder) / "compare.json").read_text()))
+    if a.write:
+        write_block(Path(a.write), a.key, text)
+    print(text)
 
 
 if __name__ == "__main__":

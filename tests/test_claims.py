@@ -48,7 +48,7 @@ def test_one_seed_cannot_tell(claims):
     assert claims._verdict(_diff(0.5, float("nan"), n=1), cl) == "cannot tell"
 
 
-def test_table_reads_compare_reports_and_replaces_only_its_block(claims, tmp_path):
+def test_table_reads_compare_reports(claims, tmp_path):
     report = {"cells": {"data=mnist": {"arms": {}, "pairs": [
         {"arm": "kd", "against": "alone", "diff": _diff(0.0105, 0.0021)}]}}}
     (tmp_path / "lowlabel-lenet").mkdir()
@@ -62,15 +62,19 @@ def test_table_reads_compare_reports_and_replaces_only_its_block(claims, tmp_pat
     assert "+1.05 [+0.84, +1.26]" in table
     assert "`kdkit compare benchmarks/compare/lowlabel_lenet.yaml`" in table  # the spec file, found by its name
 
+
+def test_marked_block_replaces_only_its_own_block(tmp_path):
+    mod = _script("marked_block")
     doc = tmp_path / "B.md"
-    doc.write_text(f"before\n{claims.BEGIN}\nold table\n{claims.END}\nafter\n")
-    claims.write_between_markers(doc, table)
-    text = doc.read_text()
-    assert text.startswith("before\n") and text.endswith(f"{claims.END}\nafter\n")
-    assert "old table" not in text and "+1.05 [+0.84, +1.26]" in text
-    doc.write_text("no markers here\n")
-    with pytest.raises(SystemExit, match="claims:begin"):
-        claims.write_between_markers(doc, table)
+    a_block = "before\n<!-- a:begin -->\nold a\n<!-- a:end -->\nmid\n"
+    doc.write_text(a_block + "<!-- b:begin -->\nold b\n<!-- b:end -->\n")
+    mod.write_block(doc, "b", "new b")
+    assert doc.read_text() == a_block + "<!-- b:begin -->\nnew b\n<!-- b:end -->\n"
+    with pytest.raises(SystemExit, match="c:begin"):
+        mod.write_block(doc, "c", "x")  # no such block: one clear error, file untouched
+    doc.write_text("<!-- a:end -->\n<!-- a:begin -->\n")
+    with pytest.raises(SystemExit, match="followed by"):
+        mod.write_block(doc, "a", "x")
 
 
 def test_per_seed_table_lists_each_arms_seeds_in_order(tmp_path):
