@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from marked_block import markers, write_block
 
 
-def table(report: dict) -> str:
+def table(report: dict, decimals: int = 1) -> str:
     cells = list(report["cells"])
     arms: list[str] = []
     for c in cells:
@@ -29,8 +29,8 @@ def table(report: dict) -> str:
         row = []
         for c in cells:
             per_seed = (report["cells"][c]["arms"].get(a) or {}).get("per_seed", {})
-            row.append(" / ".join(f"{100 * v:.1f}" for _, v in sorted(per_seed.items(), key=lambda kv: int(kv[0])))
-                       or "not run yet")
+            values = [v for _, v in sorted(per_seed.items(), key=lambda kv: int(kv[0]))]
+            row.append(" / ".join(f"{100 * v:.{decimals}f}" for v in values) or "not run yet")
         lines.append(f"| {a} | {' | '.join(row)} |")
     seeds = ", ".join(str(s) for s in report.get("seeds", []))
     return f"{report['metric']} (%), seeds {seeds} in order\n\n" + "\n".join(lines)
@@ -39,12 +39,13 @@ def table(report: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a comparison's folder (holding compare.json)")
+    p.add_argument("--decimals", type=int, default=1, help="decimals of the percentages (default 1)")
     p.add_argument("--write", metavar="FILE", help="put the table into this Markdown file between --key's markers")
     p.add_argument("--key", help="the block's name: markers {} and {}".format(*markers("KEY")))
     a = p.parse_args()
     if a.write and not a.key:
         p.error("--write needs --key (the name in the file's <!-- KEY:begin --> line)")
-    text = table(json.loads((Path(a.folder) / "compare.json").read_text()))
+    text = table(json.loads((Path(a.folder) / "compare.json").read_text()), a.decimals)
     if a.write:
         write_block(Path(a.write), a.key, text)
     print(text)

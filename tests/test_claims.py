@@ -86,3 +86,4 @@ def test_per_seed_table_lists_each_arms_seeds_in_order(tmp_path):
     assert lines[0] == "val_accuracy (%), seeds 100, 101 in order"
     assert "| alone | 25.0 / 50.0 | not run yet |" in lines
     assert "| kd | not run yet | 12.5 |" in lines
+    assert "| alone | 25.00 / 50.00 | not run yet |" in mod.table(report, decimals=2).splitlines()
