@@ -14,6 +14,7 @@ A spec (YAML, or a dict from Python) names the arms, the seeds and the baseline:
       student: {command: train, config: configs/mnist/lowlabel_student.yaml}
       kd: {command: distill, config: configs/mnist/lowlabel_kd.yaml, set: ["teacher.checkpoint={teacher}/model.pt"]}
     cells: {shots: [1, 10]}         # optional: a grid; {shots} in overrides; each cell is its own comparison
+    # an arm may add `seeds: [0, 1, 2]`: it runs only those of the spec's seeds (a retired setting kept on record)
     contrasts: [[kd, student]]      # optional: further pairs than every arm against the baseline
 
 Pairing: the run of arm A with seed s and the run of arm B with seed s share the seed, hence (where the
@@ -52,7 +53,7 @@ from .stats import Interval, Paired, mean_ci, paired
 
 SPEC_KEYS = ("name", "out", "seeds", "metric", "baseline", "set", "arms_set", "prepare", "arms", "cells", "contrasts",
              "level")
-RUN_KEYS = ("command", "config", "set", "dir")
+RUN_KEYS = ("command", "config", "set", "dir", "seeds")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -65,6 +66,7 @@ class RunSpec:
     config: str | None
     overrides: list[str]
     dir: str | None = None  # prepare runs: a folder of their own, shared by the specs that name it
+    seeds: list[int] | None = None  # arms: a subset of the spec's seeds (e.g. a retired arm kept for the record)
 
 
 @dataclass
@@ -132,7 +134,12 @@ def _run_spec(name: str, data: Any, where: str) -> RunSpec:
                           f"runs in: {os.getcwd()})")
     if data.get("dir") is not None and not where.startswith("prepare."):
         raise ConfigError(f"{where}.dir: only prepare runs take a folder of their own (arms live under 'out')")
-    return RunSpec(name, command, config, _as_list(data.get("set"), f"{where}.set"), data.get("dir"))
+    seeds = data.get("seeds")
+    if seeds is not None and (where.startswith("prepare.") or not isinstance(seeds, list) or not seeds
+                              or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise ConfigError(f"{where}.seeds: an arm may run a subset of the spec's seeds, given as a non-empty list "
+                          f"of integers (prepare runs have no seed), got {seeds!r}")
+    return RunSpec(name, command, config, _as_list(data.get("set"), f"{where}.set"), data.get("dir"), seeds)
 
 
 def load_spec(spec: str | os.PathLike | dict[str, Any]) -> Spec:
@@ -160,6 +167,11 @@ def load_spec(spec: str | os.PathLike | dict[str, Any]) -> Spec:
         raise ConfigError("compare spec: 'arms' must name at least one arm: {arm_name: {command, config, set}} "
                           "(a spec of prepare runs alone, e.g. shared teachers, may leave it out)")
     arms = {str(a): _run_spec(str(a), v, f"arms.{a}") for a, v in arms_raw.items()}
+    for a, rs in arms.items():
+        extra = sorted(set(rs.seeds or []) - set(seeds))
+        if extra:
+            raise ConfigError(f"compare spec: arms.{a}.seeds {extra} are not among the spec's seeds {seeds}; an "
+                              f"arm's seeds are a subset of them")
     prepare = {str(p): _run_spec(str(p), v, f"prepare.{p}") for p, v in prepare_raw.items()}
     clash = sorted(set(prepare) & set(arms))
     if clash:
@@ -216,6 +228,8 @@ def plan(spec: Spec) -> list[Run]:
             label = _cell_label(cell)
             values = base_values | {k: v for k, v in cell.items()} | {"seed": seed}
             for a, rs in spec.arms.items():
+                if rs.seeds is not None and seed not in rs.seeds:
+                    continue
                 where = f"arms.{a}"
                 argv = [*([_fill(rs.config, values, where)] if rs.config else []),
                         *(_fill(o, values, where) for o in [*spec.overrides, *spec.arm_overrides, *rs.overrides]),

@@ -60,6 +60,10 @@ def test_intervals_match_a_hand_computation():
     ({"contrasts": [["kd", "nope"]]}, r"contrast \['kd', 'nope'\] is not a pair of arm names"),
     ({"arms": {"student": {"command": "train", "config": "nowhere.yaml"}}}, r"arms.student.config: 'nowhere.yaml' "
                                                                               "not found"),
+    ({"arms": {"student": {"command": "train", "seeds": [1, 5]}}}, r"arms.student.seeds \[5\] are not among the "
+                                                                   r"spec's seeds \[0, 1\]"),
+    ({"arms": {"student": {"command": "train", "seeds": 2}}}, r"arms.student.seeds: .*a non-empty list"),
+    ({"prepare": {"teacher": {"command": "train", "seeds": [0]}}}, r"prepare.teacher.seeds: .*prepare runs have no"),
 ])
 def test_spec_mistakes_are_one_clear_error(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
@@ -84,6 +88,14 @@ def test_cells_expand_into_separate_comparisons(tmp_path):
     assert [r.key for r in runs[:5]] == ["prepare/teacher", "hidden=16/student/seed0", "hidden=16/kd/seed0",
                                          "hidden=32/student/seed0", "hidden=32/kd/seed0"]
     assert len(runs) == 1 + 3 * 2 * 2 and runs[1].argv[-1] == "seed=0"
+
+
+def test_an_arm_may_run_a_subset_of_the_seeds(tmp_path):
+    spec = _spec(tmp_path / "out", seeds=3)
+    spec["arms"]["kd"]["seeds"] = [0, 2]
+    keys = [r.key for r in plan(load_spec(spec))]
+    assert keys == ["prepare/teacher", "all/student/seed0", "all/kd/seed0", "all/student/seed1", "all/student/seed2",
+                    "all/kd/seed2"]
 
 
 def test_the_queue_resumes_where_it_stopped_and_reports_paired_differences(tmp_path):

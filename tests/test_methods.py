@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,3 +113,23 @@ def test_kd_normalize_divides_the_kd_term_by_its_running_mean(tmp_path, teacher_
     assert m.kd_normalizer.mean.item() == pytest.approx(raw, rel=1e-5)
     state = m.checkpoint_state()
     assert "kd_normalizer.mean" in state  # resumed runs continue the same mean
+
+
+def test_kd_anneal_cosine_scales_the_kd_term_by_the_epoch(tmp_path, teacher_file):
+    from .test_head_sharing import build
+
+    m, batch, *_ = build(tmp_path, teacher_file, method="kd", **{"method.kd_anneal": "cosine", "train.epochs": 4,
+                                                                 "student.arch": "mlp", "student.hidden": "[32]"})
+    m.train()
+    with torch.no_grad():
+        raw = kd_loss(m.student(batch.x), m.teacher(batch.x), 4.0).item()
+    assert m.student_step(batch)["kd"].item() == pytest.approx(0.9 * raw, rel=1e-5)  # epoch 0: full weight
+    (stage,) = m.stages()
+    assert stage.on_epoch_end(0) == {"kd_anneal": 1.0} and stage.on_epoch_end(1)["kd_anneal"] == pytest.approx(
+        (1 + math.cos(math.pi / 4)) / 2)
+    # epoch 2 of 4: (1 + cos(pi / 2)) / 2 = 0.5
+    assert m.student_step(batch)["kd"].item() == pytest.approx(0.5 * 0.9 * raw, rel=1e-5)
+    assert int(m.checkpoint_state()["epochs_done"]) == 2  # a resumed run anneals from where it stopped
+    plain, *_ = build(tmp_path / "plain", teacher_file, method="kd", **{"student.arch": "mlp",
+                                                                         "student.hidden": "[32]"})
+    assert "epochs_done" not in plain.checkpoint_state() and plain.stages()[0].on_epoch_end is None
