@@ -185,29 +185,49 @@ class Distiller(Method):
                       self.train_cfg.epochs, train_modules=trained)]
 
 
-class EpochWarmup:
-    """Mixin for a distiller whose extra term grows linearly to full weight over ``opts.warmup_epochs`` epochs,
-    counted from 1 as in the authors' code of DKD and ReviewKD (mdistiller): factor min(epoch / warmup, 1).
-    The epochs finished are a buffer, so checkpoints keep them and a resumed run warms up where it was; each
-    epoch logs the factor it used as ``<method>_warmup``."""
+class EpochFactor:
+    """Mixin for a distiller that scales one of its terms by a factor of the epoch being trained. The epochs
+    finished are a buffer, so checkpoints keep them and a resumed run continues where it was; each epoch logs the
+    factor it used under :meth:`factor_log`. Subclasses give :meth:`epoch_factor` and may switch the mechanism
+    off by an option (:meth:`factor_active`: then no buffer and no per-epoch hook)."""
 
     name: str
     opts: Any
 
     def __init__(self, opts: Any, **kw: Any):
         super().__init__(opts, **kw)  # type: ignore[call-arg]
-        self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))  # type: ignore[attr-defined]
+        if self.factor_active(opts):
+            self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))  # type: ignore[attr-defined]
 
-    def warmup_factor(self) -> float:
-        w = self.opts.warmup_epochs
-        return 1.0 if w == 0 else min((int(self.epochs_done) + 1) / w, 1.0)
+    def factor_active(self, opts: Any) -> bool:
+        return True
 
-    def _end_warmup_epoch(self, epoch: int) -> dict[str, float]:
-        factor = self.warmup_factor()
+    def epoch_factor(self) -> float:
+        raise NotImplementedError
+
+    def factor_log(self) -> str:
+        raise NotImplementedError
+
+    def _end_factor_epoch(self, epoch: int) -> dict[str, float]:
+        factor = self.epoch_factor()
         self.epochs_done += 1
-        return {f"{self.name}_warmup": factor}
+        return {self.factor_log(): factor}
 
     def stages(self) -> list[Stage]:
         (stage,) = super().stages()  # type: ignore[misc]
-        stage.on_epoch_end = self._end_warmup_epoch
+        if self.factor_active(self.opts):
+            stage.on_epoch_end = self._end_factor_epoch
         return [stage]
+
+
+class EpochWarmup(EpochFactor):
+    """Mixin for a distiller whose extra term grows linearly to full weight over ``opts.warmup_epochs`` epochs,
+    counted from 1 as in the authors' code of DKD and ReviewKD (mdistiller): factor min(epoch / warmup, 1),
+    logged as ``<method>_warmup``."""
+
+    def epoch_factor(self) -> float:
+        w = self.opts.warmup_epochs
+        return 1.0 if w == 0 else min((int(self.epochs_done) + 1) / w, 1.0)
+
+    def factor_log(self) -> str:
+        return f"{self.name}_warmup"

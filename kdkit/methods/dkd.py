@@ -41,4 +41,4 @@ class DKD(EpochWarmup, Distiller):
             self.supervised(s_logits, batch, "DKD's target-class term")  # the one clear error for unlabeled data
         loss = dkd_loss(self.task.class_logits(s_logits), self.task.class_logits(t_logits), batch.y, o.alpha, o.beta,
                         o.temperature, o.logit_standardization)
-        return {"dkd": self.warmup_factor() * loss}
+        return {"dkd": self.epoch_factor() * loss}

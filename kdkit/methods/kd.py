@@ -18,8 +18,7 @@ import torch
 from ..data import Batch
 from ..schema import opt
 from . import register
-from .base import Stage
-from .distiller import Distiller, DistillOptions
+from .distiller import Distiller, DistillOptions, EpochFactor
 
 
 @dataclass
@@ -30,35 +29,23 @@ class KDOptions(DistillOptions):
 
 
 @register
-class KD(Distiller):
+class KD(EpochFactor, Distiller):
     name = "kd"
     Options = KDOptions
     tasks = ("classification", "segmentation", "detection")
 
-    def __init__(self, opts: Any, **kw: Any):
-        super().__init__(opts, **kw)
-        if opts.kd_anneal != "none":  # the epochs finished: a buffer, so a resumed run anneals from where it stopped
-            self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))
+    def factor_active(self, opts: Any) -> bool:
+        return opts.kd_anneal != "none"
 
-    def anneal_factor(self) -> float:
+    def epoch_factor(self) -> float:
         """a(e) of the module docstring for the epoch being trained."""
-        if self.opts.kd_anneal == "none":
-            return 1.0
         return 0.5 * (1.0 + math.cos(math.pi * int(self.epochs_done) / max(self.train_cfg.epochs, 1)))
+
+    def factor_log(self) -> str:
+        return "kd_anneal"
 
     def student_step(self, batch: Batch | None) -> dict[str, torch.Tensor]:
         losses = super().student_step(batch)
-        if "kd" in losses and self.opts.kd_anneal != "none":
-            losses["kd"] = self.anneal_factor() * losses["kd"]
+        if "kd" in losses and self.factor_active(self.opts):
+            losses["kd"] = self.epoch_factor() * losses["kd"]
         return losses
-
-    def _end_epoch(self, epoch: int) -> dict[str, float]:
-        factor = self.anneal_factor()
-        self.epochs_done += 1
-        return {"kd_anneal": factor}
-
-    def stages(self) -> list[Stage]:
-        (stage,) = super().stages()
-        if self.opts.kd_anneal != "none":
-            stage.on_epoch_end = self._end_epoch
-        return [stage]

@@ -93,7 +93,7 @@ class ReviewKD(EpochWarmup, Distiller):
         fs = [as_map(self.student_taps[p]) for p in self.s_layers]
         ft = [as_map(self.teacher_taps[p]).float() for p in self.t_layers]
         loss = hcl_loss(self.fusion(fs), ft)
-        return {"reviewkd": self.warmup_factor() * self.opts.reviewkd_weight * loss}
+        return {"reviewkd": self.epoch_factor() * self.opts.reviewkd_weight * loss}
 
     def extra_modules(self) -> list[nn.Module]:
         return [self.fusion] if self.fusion is not None else []
