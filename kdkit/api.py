@@ -82,6 +82,60 @@ def train(model: ModelLike, train_data: Any, val_data: Any = None, test_data: An
                 overwrite)
 
 
+def evaluate(checkpoint: str | os.PathLike, data: str | None = None, root: str | os.PathLike | None = None,
+             split: str = "test", batch_size: int = 512) -> dict[str, Any]:
+    """A kdkit model file's metrics on a dataset split, by its task (``kdkit eval``): accuracy, mIoU, mAP or
+    verification, with the mean supervised loss and the count of scored samples.
+
+    `checkpoint` is a ``model.pt`` or its run folder; `data` and `root` default to the dataset and folder the
+    model was trained on (the same scenes, or the same identities kept out of training); `split` is ``"test"``
+    or ``"train"`` (every training image: no validation set is carved out)."""
+    from dataclasses import replace
+
+    from .config import DataConfig
+    from .data import load_data, make_loader
+    from .engine import evaluate as evaluate_loader
+    from .errors import KdkitError
+    from .modelfile import check_compatible, load
+    from .tasks import task_for
+
+    if split not in ("test", "train"):
+        raise ConfigError(f"evaluate: split must be 'test' or 'train', got {split!r}")
+    path = Path(checkpoint)
+    if path.is_dir():  # a run folder, as report, export and sample take
+        path = path / "model.pt"
+    model = load(path)
+    mf = model.kdkit_info
+    name = data or mf.info.name
+    root = root or (mf.meta.get("data_root") if name == mf.info.name else None)
+    cfg = DataConfig(name=name, root=None if root is None else str(root), val_split=0.0)
+    if name == mf.info.name and mf.meta.get("scenes"):  # the scenes the model was trained on (size, labels...)
+        from .config import ScenesConfig
+        from .schema import parse
+
+        cfg.scenes = parse(ScenesConfig, dict(mf.meta["scenes"]), "scenes")
+        cfg.source = mf.meta.get("data_source", cfg.source)
+    if name == mf.info.name and (mf.meta.get("unseen_classes") or mf.meta.get("pairs")):
+        # verification on the identities kept out of training: the same classes, or the same pairs file
+        cfg.unseen_classes = list(mf.meta.get("unseen_classes") or [])
+        cfg.pairs = mf.meta.get("pairs")
+        cfg.in_memory = mf.meta.get("in_memory", cfg.in_memory)
+    cfg.validate("--data")
+    bundle = load_data(cfg)
+    if bundle.info.input_shape[1:] != tuple(mf.info.input_shape[1:]):
+        cfg.image_size = mf.info.input_shape[1]
+        bundle = load_data(cfg)
+    check_compatible(mf, bundle.info, "model", str(path))
+    loader = make_loader(bundle.split(split), batch_size, cfg, train=False,
+                         info=replace(bundle.info, mean=mf.info.mean, std=mf.info.std))
+    identities = mf.info.task == "embedding" and bundle.info.task == "classification"  # class indices as identities
+    if bundle.info.task != mf.info.task and not identities:
+        raise KdkitError(f"{path} is a {mf.info.task} model but {name} is a {bundle.info.task} dataset; "
+                         "evaluate it on data of its task (--data)")
+    res = evaluate_loader(model, loader, task=task_for(mf.info))
+    return {"checkpoint": str(path), "model": mf.label, "data": name, "split": split, **res}
+
+
 def _section_of(key: str, method: str) -> str:
     """Where a bare keyword option belongs: the method's own options first, then the train section (epochs,
     lr, batch_size...), then the data section; otherwise an error with the closest key of any section."""

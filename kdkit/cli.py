@@ -165,50 +165,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from .api import evaluate
 
-    from .config import DataConfig
-    from .data import load_data, make_loader
-    from .engine import evaluate
-    from .modelfile import check_compatible, load
-    from .tasks import task_for
-
-    checkpoint = Path(args.checkpoint)
-    if checkpoint.is_dir():  # a run folder, as report, export and sample take
-        checkpoint = checkpoint / "model.pt"
-    args.checkpoint = str(checkpoint)
-    model = load(args.checkpoint)
-    mf = model.kdkit_info
-    name = args.data or mf.info.name
-    size = mf.info.input_shape[1]
-    root = args.root or (mf.meta.get("data_root") if name == mf.info.name else None)
-    cfg = DataConfig(name=name, root=root, val_split=0.0)
-    if name == mf.info.name and mf.meta.get("scenes"):  # the scenes the model was trained on (size, labels...)
-        from .config import ScenesConfig
-        from .schema import parse
-
-        cfg.scenes = parse(ScenesConfig, dict(mf.meta["scenes"]), "scenes")
-        cfg.source = mf.meta.get("data_source", cfg.source)
-    if name == mf.info.name and (mf.meta.get("unseen_classes") or mf.meta.get("pairs")):
-        # verification on the identities kept out of training: the same classes, or the same pairs file
-        cfg.unseen_classes = list(mf.meta.get("unseen_classes") or [])
-        cfg.pairs = mf.meta.get("pairs")
-        cfg.in_memory = mf.meta.get("in_memory", cfg.in_memory)
-    cfg.validate("--data")
-    bundle = load_data(cfg)
-    if bundle.info.input_shape[1:] != tuple(mf.info.input_shape[1:]):
-        cfg.image_size = size
-        bundle = load_data(cfg)
-    check_compatible(mf, bundle.info, "model", args.checkpoint)
-    loader = make_loader(bundle.split(args.split), args.batch_size, cfg, train=False,
-                         info=replace(bundle.info, mean=mf.info.mean, std=mf.info.std))
-    identities = mf.info.task == "embedding" and bundle.info.task == "classification"  # class indices as identities
-    if bundle.info.task != mf.info.task and not identities:
-        raise KdkitError(f"{args.checkpoint} is a {mf.info.task} model but {name} is a {bundle.info.task} dataset; "
-                         "evaluate it on data of its task (--data)")
-    res = evaluate(model, loader, task=task_for(mf.info))
-    print(json.dumps({"checkpoint": args.checkpoint, "model": mf.label, "data": name, "split": args.split,
-                      **res}))
+    print(json.dumps(evaluate(args.checkpoint, data=args.data, root=args.root, split=args.split,
+                              batch_size=args.batch_size)))
     return 0
 
 

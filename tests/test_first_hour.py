@@ -125,3 +125,23 @@ def test_progress_lines_show_the_whole_runs_clock(tmp_path, capsys):
     train_run(tmp_path / "r", **{"train.epochs": 2, "train.progress": "lines"})
     err = capsys.readouterr().err
     assert "[train] epoch 2/2" in err and "[elapsed " in err and " left]" in err
+
+
+def test_evaluate_from_python_scores_every_training_image(teacher_file):
+    """kdkit.evaluate(split="train") scores all training images (no validation set carved out), and its accuracy
+    is the one computed by hand from the model file and the raw images."""
+    from kdkit.config import DataConfig
+    from kdkit.data import load_data
+
+    res = kdkit.evaluate(teacher_file.parent, split="train")
+    model = kdkit.load(teacher_file)
+    info = model.kdkit_info.info
+    train = load_data(DataConfig(name="digits", image_size=info.input_shape[1], val_split=0.0)).train
+    x = train.images.float() / 255.0 if train.images.dtype == torch.uint8 else train.images
+    x = (x - torch.tensor(info.mean).view(1, -1, 1, 1)) / torch.tensor(info.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        acc = (model.eval()(x).argmax(1) == train.labels).float().mean().item()
+    assert res["split"] == "train" and res["count"] == len(train) > 1000
+    assert res["accuracy"] == pytest.approx(acc, abs=1e-6)
+    with pytest.raises(ConfigError, match="split must be"):
+        kdkit.evaluate(teacher_file.parent, split="val")
