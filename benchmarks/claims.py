@@ -65,9 +65,11 @@ def _claims() -> list[Claim]:
                   "kd84"),
             Claim("Head sharing", f"SH-KD beats KD (same 84-d student, {low})", "lowlabel-lenet", c, "sh_kd",
                   "kd84"),
+            # full label: the shipped recipes, all at the student's own schedule (lr 0.05, no warm-up)
             Claim("Adaptive Distillation", "adaptive beats vanilla KD (LeNet, all labels)", "fulllabel-lenet", c,
-                  "adaptive", "kd"),
-            Claim("Head sharing", "TH-KD beats KD (LeNet, all labels)", "fulllabel-lenet", c, "th_kd", "kd"),
+                  "adaptive_lr05", "kd_t2_half"),
+            Claim("Head sharing", "TH-KD beats KD (LeNet, all labels)", "fulllabel-lenet", c, "th_kd_lr05",
+                  "kd_t2_half"),
         ]
     # per comparison: its label, the (arm, wording) of each KD-family arm compared with the student alone, and
     # which student-alone arm TH-KD is paired with (its 84-d student needs its own on low label)
