@@ -23,23 +23,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdkit.compare import load_spec, plan  # noqa: E402
+from kdkit.compare import Run, Spec, load_spec, plan  # noqa: E402
 
 RUN_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
 REPORT_FILES = ("queue.json", "compare.json", "compare.md", "compare.png")
 ARCHIVE = Path("benchmarks/results/compare")
 
 
+def archived_dir(spec: Spec, r: Run, archive: Path) -> Path:
+    """Where run `r` of `spec` is kept in `archive`: a prepare run under its key, an arm's run as under runs/."""
+    home = archive / spec.name
+    return home / r.key if r.seed is None else home / r.run_dir.relative_to(spec.out)
+
+
 def _pairs(spec_path: str, archive: Path) -> list[tuple[Path, Path, tuple[str, ...]]]:
     """(folder under runs/, its place in the archive, the files to copy) for every finished run and the report."""
     spec = load_spec(spec_path)
-    home = archive / spec.name
-    pairs = [(spec.out, home, REPORT_FILES)]
+    pairs = [(spec.out, archive / spec.name, REPORT_FILES)]
     for r in plan(spec):
-        if r.seed is None:  # a prepare run: its model is what the arms read
-            pairs.append((r.run_dir, home / r.key, (*RUN_FILES, "model.pt")))
-        else:
-            pairs.append((r.run_dir, home / r.run_dir.relative_to(spec.out), RUN_FILES))
+        # a prepare run keeps its model too: it is what the arms read
+        pairs.append((r.run_dir, archived_dir(spec, r, archive), (*RUN_FILES, "model.pt") if r.seed is None else
+                      RUN_FILES))
     return pairs
 
 
