@@ -1,0 +1,57 @@
+"""The queue tools of benchmarks/: archive_runs.py keeps finished runs in git and puts them back, and
+queue_status.py counts what is left and its cost from the runs (under runs/ or in the archive)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdkit.compare import load_spec, plan
+
+from .test_compare import _spec
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import archive_runs
+import queue_status
+
+
+def _finish(run_dir: Path, wall: float | None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text("name: x\n")
+    if wall is not None:
+        (run_dir / "summary.json").write_text(json.dumps({"wall_time_s": wall}))
+        (run_dir / "metrics.jsonl").write_text("")
+
+
+def test_queue_status_counts_runs_and_archive_round_trips(tmp_path):
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(yaml.safe_dump(_spec(tmp_path / "out")))
+    runs = {(r.arm, r.seed): r for r in plan(load_spec(spec_file))}
+    _finish(runs["student", 0].run_dir, 120.0)  # finished in 2 minutes
+    _finish(runs["student", 1].run_dir, None)  # started, not finished: a worker resumes it
+    archive = tmp_path / "archive"
+
+    def rows() -> dict[str, dict]:
+        return {r["arm"]: r for r in queue_status.status(spec_file, archive)}
+
+    before = rows()
+    assert (before["student"]["finished"], before["student"]["started"], before["student"]["pending"]) == (1, 1, 0)
+    assert before["student"]["minutes_left"] == pytest.approx(2.0)  # one run left at the finished run's 120 s
+    assert before["kd"]["pending"] == 2 and before["kd"]["minutes_left"] is None  # nothing finished to time it by
+
+    assert archive_runs.main(["save", str(spec_file), "--archive", str(archive)]) == 0
+    kept = archive / "tiny" / runs["student", 0].run_dir.relative_to(tmp_path / "out") / "summary.json"
+    assert kept.is_file()
+    assert not (archive / "tiny" / runs["student", 1].run_dir.relative_to(tmp_path / "out")).exists()
+
+    shutil.rmtree(tmp_path / "out")  # a fresh checkout: only the archive is left
+    after = rows()
+    assert (after["student"]["finished"], after["student"]["started"], after["student"]["pending"]) == (1, 0, 1)
+    assert archive_runs.main(["restore", str(spec_file), "--archive", str(archive)]) == 0
+    assert json.loads((runs["student", 0].run_dir / "summary.json").read_text()) == {"wall_time_s": 120.0}
