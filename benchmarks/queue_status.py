@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,31 +22,33 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from archive_runs import ARCHIVE, archived_dir  # noqa: E402
 
-from kdkit.compare import load_spec, plan  # noqa: E402
+from kdkit.compare import Run, load_spec, minutes_left, plan  # noqa: E402
 
 
 def status(spec_path: Path, archive: Path = ARCHIVE) -> list[dict]:
     """Per arm of the spec: finished, started and pending runs, the mean wall time of the finished ones, and the
     estimated worker-minutes left (None when no run of the arm has finished)."""
-    arms: dict[str, dict] = defaultdict(lambda: {"finished": 0, "started": 0, "pending": 0, "walls": []})
     spec = load_spec(spec_path)
-    for r in plan(spec):
-        a = arms[r.arm]
+    runs = plan(spec)
+    walls: dict[str, list[float]] = {}
+    todo: dict[str, list[Run]] = {r.arm: [] for r in runs}
+    counts = {arm: {"finished": 0, "started": 0, "pending": 0} for arm in todo}
+    for r in runs:
         summary = next((d / "summary.json" for d in (r.run_dir, archived_dir(spec, r, archive))
                         if (d / "summary.json").is_file()), None)
-        if summary is not None:
-            a["finished"] += 1
-            wall = json.loads(summary.read_text()).get("wall_time_s")
-            if wall:
-                a["walls"].append(float(wall))
-        else:
-            a["started" if r.started else "pending"] += 1
+        if summary is None:
+            counts[r.arm]["started" if r.started else "pending"] += 1
+            todo[r.arm].append(r)
+            continue
+        counts[r.arm]["finished"] += 1
+        wall = json.loads(summary.read_text()).get("wall_time_s")
+        if isinstance(wall, (int, float)):
+            walls.setdefault(r.arm, []).append(float(wall))
     out = []
-    for arm, a in arms.items():
-        mean = sum(a["walls"]) / len(a["walls"]) if a["walls"] else None
-        left = a["started"] + a["pending"]
-        out.append({"arm": arm, "finished": a["finished"], "started": a["started"], "pending": a["pending"],
-                    "wall_s": mean, "minutes_left": None if mean is None else left * mean / 60 if left else 0.0})
+    for arm, c in counts.items():
+        minutes, untimed = minutes_left(todo[arm], walls)
+        mean = sum(walls[arm]) / len(walls[arm]) if walls.get(arm) else None
+        out.append({"arm": arm, **c, "wall_s": mean, "minutes_left": None if untimed else minutes})
     return out
 
 

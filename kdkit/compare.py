@@ -398,6 +398,11 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
             flush=True)
     say(f"kdkit compare {spec.name}: {len(runs) - len(todo)} of {len(runs)} runs finished, {len(todo)} to go "
         f"(results in {spec.out})", flush=True)
+    if todo:
+        minutes, untimed = minutes_left(todo, finished_walls(runs))
+        say(f"about {minutes:.0f} worker-minutes to go, from the wall times of each arm's finished runs" +
+            (f" (not counting {', '.join(untimed)}: no finished run to time them by)" if untimed else ""),
+            flush=True)
     done_now = 0
     for r in todo:
         if max_runs is not None and done_now >= max_runs:
@@ -430,6 +435,29 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
         s = json.loads((r.run_dir / "summary.json").read_text(encoding="utf-8"))
         say(f"    {spec.metric} {_fmt(s.get(spec.metric), spec.metric)} in {attempt['wall_s']:.0f} s", flush=True)
     return _read_queue(qpath)
+
+
+def finished_walls(runs: list[Run]) -> dict[str, list[float]]:
+    """The wall times (s) of the finished runs, by arm (a prepare run's arm is its key)."""
+    walls: dict[str, list[float]] = {}
+    for r in runs:
+        if r.finished:
+            wall = json.loads((r.run_dir / "summary.json").read_text(encoding="utf-8")).get("wall_time_s")
+            if isinstance(wall, (int, float)):
+                walls.setdefault(r.arm, []).append(float(wall))
+    return walls
+
+
+def minutes_left(todo: list[Run], walls: dict[str, list[float]]) -> tuple[float, list[str]]:
+    """Worker-minutes the runs `todo` should take at the mean wall time of their arm's finished runs, and the
+    arms of `todo` with no finished run to time them by (left out of the sum)."""
+    total, untimed = 0.0, []
+    for r in todo:
+        if walls.get(r.arm):
+            total += sum(walls[r.arm]) / len(walls[r.arm]) / 60
+        elif r.arm not in untimed:
+            untimed.append(r.arm)
+    return total, untimed
 
 
 def _run_one(r: Run, runs: list[Run], say: Any) -> tuple[int, dict[str, Any]]:

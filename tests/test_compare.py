@@ -240,3 +240,18 @@ def test_every_shipped_comparison_spec_checks(spec, tmp_path, monkeypatch):
     for p in (data.get("prepare") or {}).values():
         p["dir"] = str(tmp_path / "prepare" / Path(p.get("dir", "x")).name)
     check(plan(load_spec(data)))
+
+
+def test_the_time_left_comes_from_each_arms_finished_runs(tmp_path):
+    """minutes_left: the mean wall time of an arm's finished runs times its runs to go; arms with no finished run
+    are named, not guessed."""
+    from kdkit.compare import finished_walls, minutes_left
+
+    runs = {(r.arm, r.seed): r for r in plan(load_spec(_spec(tmp_path / "out")))}
+    d = runs["student", 0].run_dir
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"wall_time_s": 120.0}))
+    walls = finished_walls(list(runs.values()))
+    assert walls == {"student": [120.0]}
+    total, untimed = minutes_left([runs["student", 1], runs["kd", 0], runs["kd", 1]], {"student": [120.0, 60.0]})
+    assert total == pytest.approx(1.5) and untimed == ["kd"]
