@@ -1,9 +1,11 @@
 """Per-seed table of a comparison (one Markdown row per arm, one column per cell, the seeds' values in order),
 read from its report compare.json: for tuning comparisons with two or three seeds, where an interval says little
-and the seeds' values say more.
+and the seeds' values say more. With `--means`, the cells side by side instead: per arm and cell the mean +- 95%
+interval with its number of seeds, and the paired difference against the spec's baseline arm.
 
     python benchmarks/per_seed.py benchmarks/results/compare/tune-lowlabel
     python benchmarks/per_seed.py benchmarks/results/compare/tune-lowlabel --write BENCHMARKS.md --key tune-lowlabel
+    python benchmarks/per_seed.py benchmarks/results/compare/fulllabel-lenet --means --decimals 2
 
 `--write` puts the table into that file between the lines `<!-- KEY:begin -->` and `<!-- KEY:end -->`.
 """
@@ -21,11 +23,8 @@ from marked_block import markers, write_block
 
 def table(report: dict, decimals: int = 1) -> str:
     cells = list(report["cells"])
-    arms: list[str] = []
-    for c in cells:
-        arms += [a for a in report["cells"][c]["arms"] if a not in arms]
     lines = [f"| arm | {' | '.join(cells)} |", "|---|" + "---|" * len(cells)]
-    for a in arms:
+    for a in _arms(report):
         row = []
         for c in cells:
             per_seed = (report["cells"][c]["arms"].get(a) or {}).get("per_seed", {})
@@ -36,16 +35,50 @@ def table(report: dict, decimals: int = 1) -> str:
     return f"{report['metric']} (%), seeds {seeds} in order\n\n" + "\n".join(lines)
 
 
+def _arms(report: dict) -> list[str]:
+    arms: list[str] = []
+    for c in report["cells"].values():
+        arms += [a for a in c["arms"] if a not in arms]
+    return arms
+
+
+def means_table(report: dict, decimals: int = 2) -> str:
+    """Per arm (rows) and cell (column pairs): mean +- 95% half-width (seeds), and the paired difference against
+    the baseline arm with its 95% interval, in points."""
+    cells, base = list(report["cells"]), report["baseline"]
+    lines = ["| arm | " + " | ".join(f"{c} | vs {base}" for c in cells) + " |", "|---|" + "---|---|" * len(cells)]
+    for a in _arms(report):
+        row = []
+        for c in cells:
+            iv = ((report["cells"][c]["arms"].get(a) or {}).get("metric")) or {"n": 0}
+            if not iv["n"]:
+                row += ["not run yet", ""]
+                continue
+            hw = "" if iv["n"] < 2 else f" +- {100 * iv['half_width']:.{decimals}f}"
+            row.append(f"{100 * iv['mean']:.{decimals}f}{hw} ({iv['n']})")
+            pair = next((p for p in report["cells"][c]["pairs"] if p["arm"] == a and p["against"] == base), None)
+            d = pair["diff"] if pair else None
+            row.append("" if not d or d["n"] < 2 else
+                       f"{100 * d['mean']:+.{decimals}f} [{100 * d['low']:+.{decimals}f}, "
+                       f"{100 * d['high']:+.{decimals}f}] ({d['n']})")
+        lines.append(f"| {a} | {' | '.join(row)} |")
+    return (f"{report['metric']} (%), mean +- 95% interval (seeds); against {base}: paired difference in points "
+            f"[95% interval] (paired seeds)\n\n" + "\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a comparison's folder (holding compare.json)")
     p.add_argument("--decimals", type=int, default=1, help="decimals of the percentages (default 1)")
+    p.add_argument("--means", action="store_true", help="means and paired differences against the baseline, "
+                                                        "not the seeds' values")
     p.add_argument("--write", metavar="FILE", help="put the table into this Markdown file between --key's markers")
     p.add_argument("--key", help="the block's name: markers {} and {}".format(*markers("KEY")))
     a = p.parse_args()
     if a.write and not a.key:
         p.error("--write needs --key (the name in the file's <!-- KEY:begin --> line)")
-    text = table(json.loads((Path(a.folder) / "compare.json").read_text()), a.decimals)
+    report = json.loads((Path(a.folder) / "compare.json").read_text())
+    text = means_table(report, a.decimals) if a.means else table(report, a.decimals)
     if a.write:
         write_block(Path(a.write), a.key, text)
     print(text)

@@ -55,3 +55,17 @@ def test_queue_status_counts_runs_and_archive_round_trips(tmp_path):
     assert (after["student"]["finished"], after["student"]["started"], after["student"]["pending"]) == (1, 0, 1)
     assert archive_runs.main(["restore", str(spec_file), "--archive", str(archive)]) == 0
     assert json.loads((runs["student", 0].run_dir / "summary.json").read_text()) == {"wall_time_s": 120.0}
+
+
+def test_means_table_puts_cells_side_by_side_with_the_paired_difference():
+    import per_seed
+
+    iv = {"n": 3, "mean": 0.9, "half_width": 0.01, "low": 0.89, "high": 0.91}
+    diff = {"n": 3, "mean": -0.005, "half_width": 0.002, "low": -0.007, "high": -0.003}
+    report = {"metric": "test_accuracy", "baseline": "alone", "cells": {
+        "data=a": {"arms": {"alone": {"metric": iv}, "kd": {"metric": iv}},
+                   "pairs": [{"arm": "kd", "against": "alone", "diff": diff}]},
+        "data=b": {"arms": {"alone": {"metric": iv}}, "pairs": []}}}
+    rows = per_seed.means_table(report).splitlines()[2:]
+    assert rows[1] == "|---|---|---|---|---|"
+    assert rows[3] == "| kd | 90.00 +- 1.00 (3) | -0.50 [-0.70, -0.30] (3) | not run yet |  |"
