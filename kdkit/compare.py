@@ -52,7 +52,7 @@ from .errors import ConfigError, KdkitError, did_you_mean
 from .stats import Interval, Paired, mean_ci, paired
 
 SPEC_KEYS = ("name", "out", "seeds", "metric", "baseline", "set", "arms_set", "prepare", "arms", "cells", "contrasts",
-             "level")
+             "level", "base")
 RUN_KEYS = ("command", "config", "set", "dir", "seeds")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -142,16 +142,37 @@ def _run_spec(name: str, data: Any, where: str) -> RunSpec:
     return RunSpec(name, command, config, _as_list(data.get("set"), f"{where}.set"), data.get("dir"), seeds)
 
 
-def load_spec(spec: str | os.PathLike | dict[str, Any]) -> Spec:
-    """Read and check a comparison spec (a YAML file or a dict): one clear error for any mistake."""
+def _with_base(spec: str | os.PathLike | dict[str, Any], seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The spec's keys, over those of the spec its ``base:`` names (a YAML file, relative to this spec's folder, or
+    to the working directory for a spec given as a dict): each key given here replaces the base's whole value,
+    so a spec can rerun another's arms with, say, different ``arms_set`` overrides without copying them. The base's
+    ``name`` and ``out`` are not inherited."""
     from .config import load_yaml
 
     raw = load_yaml(spec) if not isinstance(spec, dict) else dict(spec)
-    default_name = Path(spec).stem if not isinstance(spec, dict) else "compare"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"compare spec {spec}: a spec is a mapping of keys ({', '.join(SPEC_KEYS)})")
     for k in raw:
         if k not in SPEC_KEYS:
             raise ConfigError(f"compare spec: unknown key {k!r}{did_you_mean(str(k), SPEC_KEYS)}; "
                               f"keys: {', '.join(SPEC_KEYS)}")
+    if "base" not in raw:
+        return raw
+    here = Path(spec).parent if not isinstance(spec, dict) else Path(".")
+    base = (here / str(raw.pop("base"))).resolve()
+    if not base.is_file():
+        raise ConfigError(f"compare spec: base {base} does not exist (a path to another spec, relative to "
+                          f"{here.resolve()})")
+    if base in seen:
+        raise ConfigError(f"compare spec: base {base} names itself through {' -> '.join(map(str, seen))}")
+    inherited = {k: v for k, v in _with_base(base, (*seen, base)).items() if k not in ("name", "out")}
+    return {**inherited, **raw}  # name and out are this spec's own: two specs never share a results folder
+
+
+def load_spec(spec: str | os.PathLike | dict[str, Any]) -> Spec:
+    """Read and check a comparison spec (a YAML file or a dict): one clear error for any mistake."""
+    raw = _with_base(spec)
+    default_name = Path(spec).stem if not isinstance(spec, dict) else "compare"
     name = str(raw.get("name") or default_name)
     seeds = raw.get("seeds", 10)
     if isinstance(seeds, int) and not isinstance(seeds, bool):

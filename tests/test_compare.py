@@ -237,6 +237,9 @@ def test_every_shipped_comparison_spec_checks(spec, tmp_path, monkeypatch):
     monkeypatch.chdir(spec.parent.parent.parent)
     data = yaml.safe_load(spec.read_text())
     data["out"] = str(tmp_path / "out")
+    if "base" in data:  # a spec given as a dict finds its base from the working directory
+        data["base"] = str(spec.parent / data["base"])
+        data["prepare"] = yaml.safe_load((spec.parent / data["base"]).read_text()).get("prepare")
     for p in (data.get("prepare") or {}).values():
         p["dir"] = str(tmp_path / "prepare" / Path(p.get("dir", "x")).name)
     check(plan(load_spec(data)))
@@ -255,3 +258,24 @@ def test_the_time_left_comes_from_each_arms_finished_runs(tmp_path):
     assert walls == {"student": [120.0]}
     total, untimed = minutes_left([runs["student", 1], runs["kd", 0], runs["kd", 1]], {"student": [120.0, 60.0]})
     assert total == pytest.approx(1.5) and untimed == ["kd"]
+
+
+def test_a_spec_reruns_another_specs_arms_through_base(tmp_path):
+    """`base:` inherits every key of another spec but its name and results folder; keys given replace the
+    base's; a missing base and a cycle are one clear error each."""
+    import yaml
+
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(_spec(tmp_path / "out_a")))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"base": "a.yaml", "arms_set": ["data.train_subset=5"]}))
+    a, b = load_spec(tmp_path / "a.yaml"), load_spec(tmp_path / "b.yaml")
+    assert b.name == "b" and b.out != a.out and list(b.arms) == list(a.arms) and b.baseline == a.baseline
+    assert b.arm_overrides == ["data.train_subset=5"] and b.overrides == a.overrides and b.seeds == a.seeds
+    assert all("data.train_subset=5" in r.argv for r in plan(b) if r.seed is not None)
+    assert not any("data.train_subset=5" in r.argv for r in plan(b) if r.seed is None)  # prepare runs unchanged
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": "missing.yaml"}))
+    with pytest.raises(ConfigError, match="base .*missing.yaml does not exist"):
+        load_spec(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({"base": "e.yaml"}))
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump({"base": "d.yaml"}))
+    with pytest.raises(ConfigError, match="names itself"):
+        load_spec(tmp_path / "d.yaml")
