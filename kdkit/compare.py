@@ -421,9 +421,10 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
         f"(results in {spec.out})", flush=True)
     if todo:
         minutes, untimed = minutes_left(todo, finished_walls(runs))
-        say(f"about {minutes:.0f} worker-minutes to go, from the wall times of each arm's finished runs" +
-            (f" (not counting {', '.join(untimed)}: no finished run to time them by)" if untimed else ""),
-            flush=True)
+        if len(untimed) < len({r.arm for r in todo}):
+            say(f"about {minutes:.0f} worker-minutes to go, from the wall times of each arm's finished runs" +
+                (f" (not counting {', '.join(untimed)}: no finished run to time them by)" if untimed else ""),
+                flush=True)
     done_now = 0
     for r in todo:
         if max_runs is not None and done_now >= max_runs:
