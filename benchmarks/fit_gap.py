@@ -34,19 +34,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from marked_block import write_block  # noqa: E402
 
 import kdkit  # noqa: E402
+from kdkit.report import read_metrics  # noqa: E402
 from kdkit.stats import mean_ci  # noqa: E402
 
 
-def _last_epoch(metrics: Path) -> dict:
+def _last_epoch(run_dir: Path) -> dict:
     """The last `epoch` event of a run's metrics.jsonl."""
-    last = None
-    for line in metrics.read_text().splitlines():
-        e = json.loads(line)
-        if e.get("event") == "epoch":
-            last = e
-    if last is None:
-        raise SystemExit(f"{metrics}: no epoch event")
-    return last
+    epochs = [e for e in read_metrics(run_dir) if e.get("event") == "epoch"]
+    if not epochs:
+        raise SystemExit(f"{run_dir}/metrics.jsonl: no epoch event")
+    return epochs[-1]
 
 
 def _teacher_dir(folder: Path, cell: str, kd_arm: str) -> Path:
@@ -65,8 +62,8 @@ def cell_row(folder: Path, cell: str, kd_arm: str, report: dict) -> dict:
     """The figures of one cell (see the module docstring)."""
     teacher = _teacher_dir(folder, cell, kd_arm)
     on_train = kdkit.evaluate(teacher, split="train")
-    alone = sorted((folder / cell / "alone").glob("seed*/metrics.jsonl"))
-    ends = [_last_epoch(m) for m in alone]
+    alone = sorted(m.parent for m in (folder / cell / "alone").glob("seed*/metrics.jsonl"))
+    ends = [_last_epoch(d) for d in alone]
     train_ce = mean_ci([e["train/ce"] for e in ends])
     val_loss = mean_ci([e["val/loss"] for e in ends])
     gap = mean_ci([e["val/loss"] - e["train/ce"] for e in ends])

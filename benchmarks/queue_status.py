@@ -12,7 +12,6 @@ when none has finished: the spec's header states its planned cost).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from archive_runs import ARCHIVE, archived_dir  # noqa: E402
 
-from kdkit.compare import Run, load_spec, minutes_left, plan  # noqa: E402
+from kdkit.compare import Run, finished_walls, load_spec, minutes_left, plan  # noqa: E402
 
 
 def status(spec_path: Path, archive: Path = ARCHIVE) -> list[dict]:
@@ -30,25 +29,21 @@ def status(spec_path: Path, archive: Path = ARCHIVE) -> list[dict]:
     estimated worker-minutes left (None when no run of the arm has finished)."""
     spec = load_spec(spec_path)
     runs = plan(spec)
-    walls: dict[str, list[float]] = {}
-    todo: dict[str, list[Run]] = {r.arm: [] for r in runs}
-    counts = {arm: {"finished": 0, "started": 0, "pending": 0} for arm in todo}
-    for r in runs:
-        summary = next((d / "summary.json" for d in (r.run_dir, archived_dir(spec, r, archive))
-                        if (d / "summary.json").is_file()), None)
-        if summary is None:
-            counts[r.arm]["started" if r.started else "pending"] += 1
-            todo[r.arm].append(r)
-            continue
-        counts[r.arm]["finished"] += 1
-        wall = json.loads(summary.read_text()).get("wall_time_s")
-        if isinstance(wall, (int, float)):
-            walls.setdefault(r.arm, []).append(float(wall))
+
+    def summary_of(r: Run) -> Path | None:  # in the run's folder, or kept in the archive
+        return next((d / "summary.json" for d in (r.run_dir, archived_dir(spec, r, archive))
+                     if (d / "summary.json").is_file()), None)
+
+    walls = finished_walls(runs, summary_of)
     out = []
-    for arm, c in counts.items():
-        minutes, untimed = minutes_left(todo[arm], walls)
+    for arm in dict.fromkeys(r.arm for r in runs):
+        mine = [r for r in runs if r.arm == arm]
+        todo = [r for r in mine if summary_of(r) is None]
+        minutes, untimed = minutes_left(todo, walls)
         mean = sum(walls[arm]) / len(walls[arm]) if walls.get(arm) else None
-        out.append({"arm": arm, **c, "wall_s": mean, "minutes_left": None if untimed else minutes})
+        out.append({"arm": arm, "finished": len(mine) - len(todo), "started": sum(r.started for r in todo),
+                    "pending": sum(not r.started for r in todo), "wall_s": mean,
+                    "minutes_left": None if untimed else minutes})
     return out
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .config import TOP_KEYS, Config, ModelConfig, build_config
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, KdkitError, ModelError
 from .methods import Method, method_class
 
 ModelLike = nn.Module | str | os.PathLike
@@ -95,7 +95,6 @@ def evaluate(checkpoint: str | os.PathLike, data: str | None = None, root: str |
     from .config import DataConfig
     from .data import load_data, make_loader
     from .engine import evaluate as evaluate_loader
-    from .errors import KdkitError
     from .modelfile import check_compatible, load
     from .tasks import task_for
 

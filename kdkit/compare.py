@@ -44,6 +44,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -459,12 +460,18 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
     return _read_queue(qpath)
 
 
-def finished_walls(runs: list[Run]) -> dict[str, list[float]]:
-    """The wall times (s) of the finished runs, by arm (a prepare run's arm is its key)."""
+def finished_walls(runs: list[Run], summary_of: Callable[[Run], Path | None] | None = None
+                   ) -> dict[str, list[float]]:
+    """The wall times (s) of the finished runs, by arm (a prepare run's arm is its key). `summary_of` gives a
+    run's summary.json, or None while it is not finished (default: the one in its run folder)."""
+    def own(r: Run) -> Path | None:
+        return r.run_dir / "summary.json" if r.finished else None
+
     walls: dict[str, list[float]] = {}
     for r in runs:
-        if r.finished:
-            wall = json.loads((r.run_dir / "summary.json").read_text(encoding="utf-8")).get("wall_time_s")
+        summary = (summary_of or own)(r)
+        if summary is not None:
+            wall = json.loads(summary.read_text(encoding="utf-8")).get("wall_time_s")
             if isinstance(wall, (int, float)):
                 walls.setdefault(r.arm, []).append(float(wall))
     return walls
