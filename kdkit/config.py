@@ -205,6 +205,9 @@ class TrainConfig:
                                    "planned steps; false: the budget cuts the planned schedule")
     snapshot_min: list[float] = opt([], "keep the evaluated model at these minutes of training; each is scored "
                                     "on the test split after training (summary: snapshots)")
+    latency_budget_s: float = opt(2.0, "seconds the report card may spend timing each model's CPU latency at "
+                                  "each batch size (1 and 64; at least 5 calls after the warm-up); 0 leaves "
+                                  "latency out of the report card (null)", ge=0)
     vs_alone: bool = opt(False, "kdkit distill: also train the student alone with the same seed, data, schedule and "
                          "budget (RUN_DIR/alone), and report the paired difference (summary: vs_alone)")
 

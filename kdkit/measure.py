@@ -89,19 +89,19 @@ def size_bytes(model: nn.Module) -> int:
 
 
 def model_card(model: nn.Module, input_shape: tuple[int, ...], test_accuracy: float | None,
-               metric: str = "accuracy") -> dict[str, Any]:
+               metric: str = "accuracy", latency_budget_s: float = 2.0) -> dict[str, Any]:
     """The test score (``test_<metric>``: accuracy, or the task's primary metric), parameters, MACs per image,
-    size on disk and CPU latency per image at batch 1 and 64 (median and quartiles after 10 warm-up calls; at
-    most about 2 s each, with torch's current thread count)."""
+    size on disk and CPU latency per image at batch 1 and 64 (median and quartiles after 10 and 3 warm-up
+    calls; timing stops after about `latency_budget_s` seconds each, with torch's current thread count). With a
+    budget of 0 the latency fields are None."""
     cpu = model if all(p.device.type == "cpu" for p in model.parameters()) else copy.deepcopy(model).cpu()
-    b1 = latency_stats(cpu, input_shape, 1, repeats=200, warmup=10, budget_s=2.0)
-    b64 = latency_stats(cpu, input_shape, 64, repeats=40, warmup=3, budget_s=2.0)
-    return {
-        f"test_{metric}": test_accuracy, "params": count_params(model), "macs": count_macs(cpu, input_shape),
-        "size_bytes": size_bytes(model),
-        "cpu_latency_ms_batch1": round(b1["median"], 4),
-        "cpu_latency_ms_batch1_quartiles": [round(b1["q1"], 4), round(b1["q3"], 4)],
-        "cpu_latency_ms_per_image_batch64": round(b64["median"], 4),
-        "cpu_latency_ms_per_image_batch64_quartiles": [round(b64["q1"], 4), round(b64["q3"], 4)],
-        "_latency_stats": [b1, b64],
-    }
+    card: dict[str, Any] = {f"test_{metric}": test_accuracy, "params": count_params(model),
+                            "macs": count_macs(cpu, input_shape), "size_bytes": size_bytes(model)}
+    stats = ([latency_stats(cpu, input_shape, 1, repeats=200, warmup=10, budget_s=latency_budget_s),
+              latency_stats(cpu, input_shape, 64, repeats=40, warmup=3, budget_s=latency_budget_s)]
+             if latency_budget_s > 0 else [])
+    for key, st in zip(("cpu_latency_ms_batch1", "cpu_latency_ms_per_image_batch64"), stats or [None, None]):
+        card[key] = round(st["median"], 4) if st else None
+        card[f"{key}_quartiles"] = [round(st["q1"], 4), round(st["q3"], 4)] if st else None
+    card["_latency_stats"] = stats
+    return card

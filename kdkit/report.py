@@ -191,6 +191,10 @@ def _pct(v: Any) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
+def _ms(v: float | None, decimals: int, unit: str = " ms") -> str:
+    return "-" if v is None else f"{v:.{decimals}f}{unit}"
+
+
 #: validation keys of the tasks' primary metrics in metrics.jsonl, and their names in plots and tables
 VAL_KEYS = ("val/accuracy", "val/miou", "val/map",
             *(f"val/{k}" for k in ("tar_far1e-2", "tar_far1e-3", "tar_far1e-4", "recall_at_1")))
@@ -239,8 +243,8 @@ def card_lines(card: dict[str, Any]) -> list[str]:
             ("parameters", lambda c: f"{c['params']:,}"),
             ("MACs per image", lambda c: f"{c['macs']:,}"),
             ("size on disk", lambda c: f"{c['size_bytes'] / 1e6:.3f} MB"),
-            ("CPU latency, batch 1", lambda c: f"{c['cpu_latency_ms_batch1']:.3f} ms"),
-            ("CPU latency per image, batch 64", lambda c: f"{c['cpu_latency_ms_per_image_batch64']:.4f} ms")]
+            ("CPU latency, batch 1", lambda c: _ms(c["cpu_latency_ms_batch1"], 3)),
+            ("CPU latency per image, batch 64", lambda c: _ms(c["cpu_latency_ms_per_image_batch64"], 4))]
     out = ["| | " + " | ".join(roles) + " |", "|---|" + "---|" * len(roles)]
     out += [f"| {name} | " + " | ".join(fn(card[r]) for r in roles) + " |" for name, fn in rows]
     agree = card.get("top1_agreement", card.get("pixel_agreement"))
@@ -322,7 +326,7 @@ def comparison(run_dirs: list[Path], out: Path) -> Path:
         cells = [link, s.get("method", "-"), s.get("model", "-"), _pct(s.get(f"test_{m}")) + tag,
                  _pct(s.get(f"teacher_test_{m}")), _pct(card.get("top1_agreement", card.get("pixel_agreement"))),
                  f"{mine['params']:,}" if mine else "-", f"{mine['macs']:,}" if mine else "-",
-                 f"{mine['cpu_latency_ms_batch1']:.3f}" if mine else "-", str(s.get("wall_time_s", "-")), status]
+                 _ms(mine["cpu_latency_ms_batch1"], 3, "") if mine else "-", str(s.get("wall_time_s", "-")), status]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.md"

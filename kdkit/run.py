@@ -420,7 +420,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
     summary.update(extra)
     summary.update(method.summary())
     summary["report_card"] = _report_card(exported, teacher, test[primary], teacher_test, info, ev("test"),
-                                          dist)
+                                          dist, cfg.train.latency_budget_s)
     for who, scores in (("student" if teacher is not None else "model", test), ("teacher", teacher_metrics)):
         if scores is not None and who in summary["report_card"]:  # the task's further figures (EER, mAP@.5...)
             summary["report_card"][who].update({f"test_{k}": scores.get(k) for k in task.card_keys})
@@ -532,10 +532,11 @@ def _progress_facts(engine: Engine, history: list[dict[str, Any]], test_acc: flo
 
 
 def _report_card(student: nn.Module, teacher: nn.Module | None, student_acc: float, teacher_acc: float | None,
-                 info: DataInfo, test: Any, dist: DistInfo) -> dict[str, Any]:
+                 info: DataInfo, test: Any, dist: DistInfo, latency_budget_s: float = 2.0) -> dict[str, Any]:
     """What distillation bought: each model's accuracy, size, MACs and CPU latency, and how often the student
     agrees with the teacher on the test split (the timings run on rank 0 only). Timings taken on a busy machine
-    or spread widely are flagged (``latency_note``), and the speed-up is then left out rather than guessed."""
+    or spread widely are flagged (``latency_note``), and the speed-up is then left out rather than guessed; with
+    train.latency_budget_s=0 nothing is timed and the note says so."""
     from .measure import busy_note
 
     card: dict[str, Any] = {}
@@ -546,10 +547,11 @@ def _report_card(student: nn.Module, teacher: nn.Module | None, student_acc: flo
         return card
     metric = task.primary
     cards = {"student" if teacher is not None else "model": model_card(student, info.input_shape, student_acc,
-                                                                       metric)}
+                                                                       metric, latency_budget_s)}
     if teacher is not None:
-        cards["teacher"] = model_card(teacher, info.input_shape, teacher_acc, metric)
-    note = busy_note([st for c in cards.values() for st in c.pop("_latency_stats")])
+        cards["teacher"] = model_card(teacher, info.input_shape, teacher_acc, metric, latency_budget_s)
+    stats = [st for c in cards.values() for st in c.pop("_latency_stats")]
+    note = busy_note(stats) if stats else "not timed (train.latency_budget_s=0)"
     card.update(cards)
     card["latency_note"] = note
     if teacher is not None:

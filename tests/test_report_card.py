@@ -43,6 +43,7 @@ def test_agreement_counts_equal_top1_predictions():
     assert agreement(a, b, loader) == pytest.approx(same) and agreement(a, a, loader) == 1.0
 
 
+@pytest.mark.timed
 def test_distill_summary_has_the_report_card(tmp_path, teacher_file):
     res = distill_run(tmp_path / "r", teacher_file)
     card = res.summary["report_card"]
@@ -54,6 +55,7 @@ def test_distill_summary_has_the_report_card(tmp_path, teacher_file):
     assert t["macs"] == count_macs(teacher, (1, 16, 16)) and s["macs"] < t["macs"]
     assert card["compression"]["params"] == pytest.approx(t["params"] / s["params"])
     assert 0.0 <= card["top1_agreement"] <= 1.0
+    assert s["cpu_latency_ms_batch1"] > 0 and t["cpu_latency_ms_per_image_batch64"] > 0
 
 
 def test_tensorboard_logging_writes_scalars_or_says_what_to_install(tmp_path, monkeypatch):
@@ -115,6 +117,7 @@ def test_report_of_finished_running_and_several_runs(tmp_path, teacher_file, cap
     assert f"{100 * kd.summary['test_accuracy']:.2f}%" in table and "rdskd" in table
 
 
+@pytest.mark.timed
 def test_latency_reports_quartiles_and_says_when_it_cannot_be_trusted(tmp_path, teacher_file, monkeypatch):
     import os
 
@@ -135,3 +138,23 @@ def test_latency_reports_quartiles_and_says_when_it_cannot_be_trusted(tmp_path, 
 
     report([res.run_dir])
     assert "time the models on a quiet machine" in (res.run_dir / "report.md").read_text()
+
+
+@pytest.mark.timed
+def test_a_zero_latency_budget_times_nothing_and_the_report_still_renders(tmp_path, teacher_file, monkeypatch):
+    import kdkit.measure
+
+    def no_timing(*a, **kw):
+        raise AssertionError("latency was timed with train.latency_budget_s=0")
+
+    monkeypatch.setattr(kdkit.measure, "latency_stats", no_timing)
+    res = distill_run(tmp_path / "r", teacher_file, **{"train.epochs": 1, "train.latency_budget_s": 0})
+    card = res.summary["report_card"]
+    for who in ("student", "teacher"):
+        assert card[who]["cpu_latency_ms_batch1"] is None and card[who]["cpu_latency_ms_per_image_batch64"] is None
+        assert card[who]["params"] > 0 and card[who]["macs"] > 0
+    assert card["compression"]["speedup_batch1"] is None and "not timed" in card["latency_note"]
+    from kdkit.report import report
+
+    report([res.run_dir])
+    assert "| CPU latency, batch 1 | - | - |" in (res.run_dir / "report.md").read_text()
