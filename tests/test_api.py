@@ -44,14 +44,16 @@ def taught(tmp_path_factory):
     out = tmp_path_factory.mktemp("api")
     x, y = _data()
     loader = DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True)
-    res = kdkit.train(Net(16), loader, test_data=_data(100, seed=1), output_dir=str(out / "teacher"), **QUICK)
+    torch.manual_seed(0)  # the user's module is built before kdkit seeds anything: fix its initialisation here
+    res = kdkit.train(Net(16), loader, test_data=_data(100, seed=1), output_dir=str(out / "teacher"),
+                      train={**QUICK["train"], "epochs": 12})
     return res, loader, out
 
 
 def test_train_and_distill_user_modules_with_a_dataloader(taught):
     teacher, loader, out = taught
     assert teacher.summary["command"] == "train" and teacher.summary["data"]["train"] > 0
-    assert teacher.summary["data"]["test"] == 100 and teacher.test_accuracy > 0.15
+    assert teacher.summary["data"]["test"] == 100 and teacher.test_accuracy > 0.25  # chance: 0.10
     before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
     student = Net(4)
     res = kdkit.distill(teacher.model, student, loader, method="fitnets", test_data=_data(100, seed=1),
