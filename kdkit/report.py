@@ -256,7 +256,8 @@ def card_lines(card: dict[str, Any]) -> list[str]:
         out += ["", f"Student and teacher agree on {_pct(agree)} of the {what}. "
                 f"The student is {c['params']:.1f}x smaller in parameters, {c['macs']:.1f}x in MACs and {speed}."]
     if card.get("latency_note"):
-        advice = "" if card["latency_note"].startswith("not timed") else "; time the models on a quiet machine"
+        timed = any(card[r]["cpu_latency_ms_batch1"] is not None for r in roles)
+        advice = "; time the models on a quiet machine" if timed else ""
         out += ["", f"Latency: {card['latency_note']}{advice}."]
     return out
 

@@ -66,12 +66,17 @@ def distill_run(out: Path, teacher: Path, **extra: object):
 def _untimed_report_cards():
     """Runs in tests leave CPU latency out of their report cards (train.latency_budget_s=0): timing every model
     of every run took a third of the suite's time. Tests marked ``timed`` time them as users' runs do."""
+    import inspect
+
     import kdkit.run
 
     timed = kdkit.run._report_card
+    signature = inspect.signature(timed)
 
     def untimed(*args: Any, **kw: Any) -> Any:
-        return timed(*args[:7], **{**kw, "latency_budget_s": 0.0})
+        call = signature.bind(*args, **kw)
+        call.arguments["latency_budget_s"] = 0.0
+        return timed(*call.args, **call.kwargs)
 
     patch = pytest.MonkeyPatch()
     patch.setattr(kdkit.run, "_report_card", untimed)
