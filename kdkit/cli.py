@@ -116,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true", help="check the spec and every run's config, print the commands")
     c.add_argument("--max-runs", type=int, metavar="N", help="stop after N runs (run the same command to continue)")
     c.add_argument("--retry-failed", action="store_true", help="run again the runs that failed earlier")
+    c.add_argument("--until", metavar="WHEN",
+                   help="start no run that would end after WHEN (+90m, +2h, 17:30 or '2026-12-24 17:30'; each run "
+                        "timed by its arm's finished runs): the queue stops between runs")
 
     d = sub.add_parser("demo", help="teacher, student alone and KD on the bundled digits data (under a minute)")
     d.add_argument("--output-dir", default=None, help="where the three runs go (default runs/demo-<time>)")
@@ -265,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 print("\n".join(dry_run(args.spec)))
                 return 0
-            report = compare(args.spec, run=not args.render, max_runs=args.max_runs, retry_failed=args.retry_failed)
+            report = compare(args.spec, run=not args.render, max_runs=args.max_runs, retry_failed=args.retry_failed,
+                             until=args.until)
             from .compare import load_spec
 
             print(f"report: {load_spec(args.spec).out / 'compare.md'}")

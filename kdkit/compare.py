@@ -396,9 +396,35 @@ def _record(qpath: Path, spec_name: str, key: str, attempt: dict[str, Any], stat
     return queue
 
 
+def parse_until(text: str, now: float | None = None) -> float:
+    """The deadline `text` names, as a POSIX time: ``+90m``, ``+2h``, ``+600s`` (from `now`), ``HH:MM`` (its
+    next occurrence, local time) or ``YYYY-MM-DD HH:MM`` (local time)."""
+    now = time.time() if now is None else now
+    t = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if t.startswith("+") and t[-1:] in units:
+            return now + float(t[1:-1]) * units[t[-1]]
+        if len(t) <= 5 and ":" in t:
+            hh, mm = (int(x) for x in t.split(":"))
+            if not (0 <= hh < 24 and 0 <= mm < 60):
+                raise ValueError(t)
+            day = time.localtime(now)
+            at = time.mktime((day.tm_year, day.tm_mon, day.tm_mday, hh, mm, 0, 0, 0, -1))
+            return at if at > now else at + 86400
+        return time.mktime(time.strptime(t, "%Y-%m-%d %H:%M"))
+    except (ValueError, OverflowError):
+        pass
+    raise KdkitError(f"--until {text!r}: not a deadline; give +90m, +2h, +600s, HH:MM or 'YYYY-MM-DD HH:MM'")
+
+
 def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = False,
-              echo: bool = True, wait_s: float = 5.0) -> dict[str, Any]:
+              echo: bool = True, wait_s: float = 5.0, until: float | None = None) -> dict[str, Any]:
     """Run what is not finished, one at a time; returns the queue record (also in ``OUT/queue.json``).
+
+    With `until` (a POSIX time) no run is started that would, at the mean wall time of its arm's finished runs,
+    end after it (a run of an arm with none finished yet is started while the deadline is ahead): the queue
+    stops between runs, so nothing is killed half-way.
 
     A run that fails after it started is recorded (``failed``), skipped from then on unless `retry_failed`
     (it resumes from its last checkpoint), and the queue goes on; one that fails before starting (a config
@@ -427,10 +453,18 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
                 (f" (not counting {', '.join(untimed)}: no finished run to time them by)" if untimed else ""),
                 flush=True)
     done_now = 0
+    walls = finished_walls(runs) if until is not None else {}
     for r in todo:
         if max_runs is not None and done_now >= max_runs:
             say(f"stopped after {done_now} run(s) (--max-runs); run the same command to continue", flush=True)
             break
+        if until is not None and not r.finished:
+            need = sum(walls[r.arm]) / len(walls[r.arm]) if walls.get(r.arm) else 0.0
+            if time.time() + need > until:
+                say(f"stopped before {r.key} (about {need / 60:.0f} min): it would end after the --until deadline "
+                    f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(until))}; run the same command to continue",
+                    flush=True)
+                break
         if r.seed is not None:  # an arm: every prepare run must be finished first, whoever makes it
             for p in (p for p in runs if p.seed is None and not p.finished):
                 if claims.holder(p) is None:
@@ -456,6 +490,8 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
             say(f"    failed (exit {code}): {tail[-300:]}", flush=True)
             continue
         s = json.loads((r.run_dir / "summary.json").read_text(encoding="utf-8"))
+        if isinstance(s.get("wall_time_s"), (int, float)):
+            walls.setdefault(r.arm, []).append(float(s["wall_time_s"]))
         say(f"    {spec.metric} {_fmt(s.get(spec.metric), spec.metric)} in {attempt['wall_s']:.0f} s", flush=True)
     return _read_queue(qpath)
 
@@ -760,15 +796,18 @@ def dry_run(spec: str | os.PathLike | dict[str, Any]) -> list[str]:
 
 
 def compare(spec: str | os.PathLike | dict[str, Any], *, run: bool = True, max_runs: int | None = None,
-            retry_failed: bool = False, echo: bool = True) -> dict[str, Any]:
+            retry_failed: bool = False, echo: bool = True, until: float | str | None = None) -> dict[str, Any]:
     """Run the comparison `spec` (what is not finished yet) and write its report; return the report.
 
-    ``run=False`` only renders the report of the runs finished so far."""
+    ``run=False`` only renders the report of the runs finished so far. `until`: start no run that would end
+    after this deadline (a POSIX time, or text for `parse_until`: ``+2h``, ``17:30``)."""
     s = load_spec(spec)
+    if isinstance(until, str):
+        until = parse_until(until)
     if run:
-        run_queue(s, max_runs=max_runs, retry_failed=retry_failed, echo=echo)
+        run_queue(s, max_runs=max_runs, retry_failed=retry_failed, echo=echo, until=until)
     return render(s)
 
 
-__all__ = ["ArmResult", "Interval", "Paired", "Run", "Spec", "compare", "dry_run", "load_spec", "plan", "render",
-           "run_queue"]
+__all__ = ["ArmResult", "Interval", "Paired", "Run", "Spec", "compare", "dry_run", "load_spec", "parse_until", "plan",
+           "render", "run_queue"]

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
 
-from kdkit.compare import compare, dry_run, load_spec, plan
+from kdkit.compare import compare, dry_run, load_spec, parse_until, plan
 from kdkit.config import load_config
-from kdkit.errors import ConfigError
+from kdkit.errors import ConfigError, KdkitError
 from kdkit.stats import mean_ci, paired
 
 from .conftest import crash_at
@@ -133,6 +134,34 @@ def test_the_queue_resumes_where_it_stopped_and_reports_paired_differences(tmp_p
     assert "| kd | student | 2 |" in md and (out / "compare.png").stat().st_size > 5000
     # rendering again from the runs alone gives the same report
     assert compare(spec, run=False, echo=False) == report
+
+
+def test_until_stops_the_queue_before_a_run_that_would_end_after_the_deadline(tmp_path, capsys):
+    spec = _spec(tmp_path / "out")
+    out = tmp_path / "out"
+    compare(spec, until=time.time() - 1, echo=False)  # the deadline has passed: nothing starts
+    assert not (out / "prepare").exists()
+    compare(spec, max_runs=2, echo=False)  # the teacher and student/seed0
+    summary = out / "all" / "student" / "seed0" / "summary.json"
+    s = json.loads(summary.read_text())
+    summary.write_text(json.dumps({**s, "wall_time_s": 1e6}))  # the student arm now "takes" 11 days a run
+    compare(spec, until="+2h", echo=True)
+    # kd has no finished run to time it by, so it starts; student/seed1 would end after the deadline
+    assert (out / "all" / "kd" / "seed0" / "summary.json").is_file()
+    assert not (out / "all" / "student" / "seed1").exists()
+    assert "stopped before all/student/seed1 (about 16667 min)" in capsys.readouterr().out
+
+
+def test_until_accepts_durations_clock_times_and_dates():
+    now = time.mktime((2026, 12, 4, 10, 0, 0, 0, 0, -1))
+    assert parse_until("+90m", now) == now + 5400 and parse_until("+2h", now) == now + 7200
+    assert parse_until("+30s", now) == now + 30
+    assert parse_until("17:30", now) == now + 7.5 * 3600
+    assert parse_until("09:00", now) == now + 23 * 3600  # already past today: tomorrow
+    assert parse_until("2026-12-05 10:00", now) == now + 86400
+    for bad in ("soon", "+5d", "25:99", "2026-13-01 10:00"):
+        with pytest.raises(KdkitError, match="not a deadline; give"):
+            parse_until(bad, now)
 
 
 def test_a_run_that_fails_after_starting_is_recorded_and_skipped(tmp_path, monkeypatch):
