@@ -446,20 +446,20 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
             flush=True)
     say(f"kdkit compare {spec.name}: {len(runs) - len(todo)} of {len(runs)} runs finished, {len(todo)} to go "
         f"(results in {spec.out})", flush=True)
+    walls = finished_walls(runs)  # by arm: for the estimate below and for `until`
     if todo:
-        minutes, untimed = minutes_left(todo, finished_walls(runs))
+        minutes, untimed = minutes_left(todo, walls)
         if len(untimed) < len({r.arm for r in todo}):
             say(f"about {minutes:.0f} worker-minutes to go, from the wall times of each arm's finished runs" +
                 (f" (not counting {', '.join(untimed)}: no finished run to time them by)" if untimed else ""),
                 flush=True)
     done_now = 0
-    walls = finished_walls(runs) if until is not None else {}
     for r in todo:
         if max_runs is not None and done_now >= max_runs:
             say(f"stopped after {done_now} run(s) (--max-runs); run the same command to continue", flush=True)
             break
         if until is not None and not r.finished:
-            need = sum(walls[r.arm]) / len(walls[r.arm]) if walls.get(r.arm) else 0.0
+            need = 60 * minutes_left([r], walls)[0]  # 0 for an arm with no finished run yet
             if time.time() + need > until:
                 say(f"stopped before {r.key} (about {need / 60:.0f} min): it would end after the --until deadline "
                     f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(until))}; run the same command to continue",
