@@ -88,8 +88,12 @@ def _claims() -> list[Claim]:
             out += [Claim("issue 17", f"{text} beats the student alone (LeNet, {label})", spec, c, arm, against)
                     for arm, text, against in arms]
         for labels, label in (("all", "all labels"), ("100", "100/class")):
-            out.append(Claim("issue 17", f"KD beats the student alone (resnet20 -> resnet8, {label})", "resnet",
-                             f"data={data},labels={labels}", "kd", "alone"))
+            cell, pair = f"data={data},labels={labels}", f"resnet20 -> resnet8, {label}"
+            out += [Claim("issue 17", f"{text} beats the student alone ({pair})", "resnet", cell, arm, "alone")
+                    for arm, text in (("kd", "KD"), ("adaptive", "adaptive"), ("th_kd", "TH-KD"))]
+            out += [Claim("Adaptive Distillation", f"adaptive beats vanilla KD ({pair})", "resnet", cell, "adaptive",
+                          "kd"),
+                    Claim("Head sharing", f"TH-KD beats KD ({pair})", "resnet", cell, "th_kd", "kd")]
     grafting = (("mnist", "vgg8", ""), ("mnist", "resnet8", ""), ("fashion", "vgg8", ", Fashion-MNIST"),
                 ("fashion", "resnet8", ", Fashion-MNIST"))
     for data, teacher, where in grafting:
