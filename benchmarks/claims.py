@@ -162,6 +162,8 @@ def evaluate(runs: Path) -> list[dict]:
                 if mine and theirs:
                     iv = unpaired(list(mine["per_seed"].values()), list(theirs["per_seed"].values()))
                     diff = iv.to_dict()
+        if diff and not diff.get("n"):
+            diff = None  # the pair exists but no seed of it has finished in both arms yet
         row["diff"] = diff
         row["verdict"] = _verdict(diff, cl) if diff else "not measured yet"
         rows.append(row)

@@ -50,13 +50,17 @@ def test_one_seed_cannot_tell(claims):
 
 def test_table_reads_compare_reports(claims, tmp_path):
     report = {"cells": {"data=mnist": {"arms": {}, "pairs": [
-        {"arm": "kd", "against": "alone", "diff": _diff(0.0105, 0.0021)}]}}}
+        {"arm": "kd", "against": "alone", "diff": _diff(0.0105, 0.0021)},
+        {"arm": "th_kd", "against": "alone84", "diff": _diff(float("nan"), float("nan"), n=0)}]}}}
     (tmp_path / "lowlabel-lenet").mkdir()
     (tmp_path / "lowlabel-lenet" / "compare.json").write_text(json.dumps(report))
     rows = claims.evaluate(tmp_path)
     kd = next(r for r in rows if r["spec"] == "lowlabel-lenet" and r["cell"] == "data=mnist"
               and r["arm"] == "kd" and r["against"] == "alone")
     assert kd["verdict"] == "supported"
+    th = next(r for r in rows if r["spec"] == "lowlabel-lenet" and r["cell"] == "data=mnist"
+              and r["arm"] == "th_kd" and r["against"] == "alone84")
+    assert th["verdict"] == "not measured yet" and th["diff"] is None  # a pair no seed has reached yet
     assert all(r["verdict"] == "not measured yet" for r in rows if r["spec"] != "lowlabel-lenet")
     table = claims.markdown(rows)
     assert "+1.05 [+0.84, +1.26]" in table
