@@ -16,16 +16,25 @@ import kdkit
 from .conftest import ROOT, digits_overrides
 
 
-def _run(out, nproc: int) -> dict:
-    args = digits_overrides(out, **{"model.arch": "mlp", "train.epochs": 4, "train.batch_size": 64})
+def _launch(out, nproc: int, args: list[str]) -> None:
+    """Run `kdkit train ARGS` in `nproc` processes (torchrun when nproc > 1); on failure, show every rank's own
+    output (torchrun keeps it per rank under a log dir) and whether the run got as far as its summary."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "kdkit", "train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "kdkit", "train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+               "--log-dir", str(out.parent / f"{out.name}-logs"), "--redirects", "3", "-m", "kdkit", "train", *args]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    if p.returncode != 0:
+        ranks = sorted((out.parent / f"{out.name}-logs").rglob("std*.log"))
+        shown = "\n".join(f"--- {f.relative_to(out.parent)}:\n{f.read_text(errors='replace')[-1500:]}" for f in ranks)
+        pytest.fail(f"exit {p.returncode}; summary.json written: {(out / 'summary.json').exists()}\n"
+                    f"{shown}\n--- launcher:\n{p.stderr[-1500:]}")
+
+
+def _run(out, nproc: int) -> dict:
+    _launch(out, nproc, digits_overrides(out, **{"model.arch": "mlp", "train.epochs": 4, "train.batch_size": 64}))
     return json.loads((out / "summary.json").read_text())
 
 
@@ -51,13 +60,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 def test_a_fault_on_one_process_is_recovered_by_all(tmp_path):
     """NaN on rank 1 only: both processes restore the last checkpoint together and finish (no hang)."""
     out = tmp_path / "fault"
-    args = digits_overrides(out, **{"model.arch": "null", "model.module": "tests.user_models:NaNOnRank1",
-                                    "train.epochs": 3, "train.batch_size": 64})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "kdkit", "train", *args]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    _launch(out, 2, digits_overrides(out, **{"model.arch": "null", "model.module": "tests.user_models:NaNOnRank1",
+                                             "train.epochs": 3, "train.batch_size": 64}))
     summary = json.loads((out / "summary.json").read_text())
     (fault,) = summary["faults"]
     assert fault["kind"] == "non-finite gradient" and "learning rate x 0.1" in fault["action"]

@@ -40,15 +40,23 @@ def _mix(*values: int) -> int:
 
 
 class EpochOrder:
-    """What both loaders share: the batches per epoch and the epoch's seeded order (set ``data``, ``batch_size``,
-    ``shuffle``, ``drop_last``, ``seed`` and ``epoch``; give ``iterate``)."""
+    """What both loaders share: their set-up (this rank's share of each global batch, device, normalisation,
+    memory format), the batches per epoch and the epoch's seeded order; subclasses give ``iterate``."""
 
-    data: Any
-    batch_size: int
-    shuffle: bool
-    drop_last: bool
-    seed: int
-    epoch: int
+    def __init__(self, data: Any, batch_size: int, *, shuffle: bool, drop_last: bool, augment: Any, seed: int,
+                 device: torch.device | str, rank: int, world: int, normalize: bool, channels_last: bool,
+                 mean: list[float], std: list[float]):
+        self.data = data
+        self.batch_size = min(batch_size, len(data)) if drop_last else batch_size
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.augment = augment if augment is not None and augment.active else None
+        self.seed, self.epoch = seed, 0
+        self.device = torch.device(device)
+        self.rank, self.world = rank, world
+        self.normalize = normalize
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
 
     def __len__(self) -> int:
         n = len(self.data)
@@ -77,21 +85,11 @@ class BatchLoader(EpochOrder):
                  mean: list[float], std: list[float], augment: Augment | None = None, seed: int = 0,
                  device: torch.device | str = "cpu", rank: int = 0, world: int = 1, normalize: bool = True,
                  channels_last: bool = False):
-        self.data = data
-        self.batch_size = min(batch_size, len(data)) if drop_last else batch_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.augment = augment if augment is not None and augment.active else None
-        self.seed = seed
-        self.device = torch.device(device)
-        self.rank, self.world = rank, world
-        self.normalize = normalize
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
+        super().__init__(data, batch_size, shuffle=shuffle, drop_last=drop_last, augment=augment, seed=seed,
+                         device=device, rank=rank, world=world, normalize=normalize, channels_last=channels_last,
+                         mean=mean, std=std)
         self.images = data.images.to(self.device) if self.device.type != "cpu" else data.images
         self.labels = None if data.labels is None else data.labels.to(self.device)
-        self.epoch = 0
 
     def iterate(self, start_step: int = 0) -> Iterator[Batch]:
         """Batches of the current epoch from step `start_step` on."""

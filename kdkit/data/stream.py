@@ -324,17 +324,9 @@ class StreamLoader(EpochOrder):
                  std: list[float], augment: SampleAugment | None = None, seed: int = 0,
                  device: torch.device | str = "cpu", rank: int = 0, world: int = 1, normalize: bool = True,
                  channels_last: bool = False, workers: int = 0, skip_bad: bool = False):
-        self.data = data
-        self.batch_size = min(batch_size, len(data)) if drop_last else batch_size
-        self.shuffle, self.drop_last = shuffle, drop_last
-        self.augment = augment if augment is not None and augment.active else None
-        self.seed, self.epoch = seed, 0
-        self.device = torch.device(device)
-        self.rank, self.world = rank, world
-        self.normalize = normalize
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
+        super().__init__(data, batch_size, shuffle=shuffle, drop_last=drop_last, augment=augment, seed=seed,
+                         device=device, rank=rank, world=world, normalize=normalize, channels_last=channels_last,
+                         mean=mean, std=std)
         self.skip_bad = skip_bad
         self.skipped: list[str] = []  # files left out (data.on_bad_file: skip)
         self._sampler = _Batches(self)
