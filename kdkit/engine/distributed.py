@@ -6,7 +6,6 @@ global batch, gradients are averaged by ``DistributedDataParallel``, and only ra
 
 from __future__ import annotations
 
-import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -45,14 +44,7 @@ def init_distributed(device_pref: str) -> DistInfo:
 
 
 def shutdown() -> None:
-    """Leave the process group at the end of a run.
-
-    The run's DDP wrappers hold the group and can sit in reference cycles; they are collected first, so the
-    group's gloo threads are released here, while the interpreter is fully alive, rather than during its
-    finalization (the suspected cause of a rare abort of one rank after a finished run: "terminate called
-    without an active exception")."""
     if dist.is_available() and dist.is_initialized():
-        gc.collect()
         dist.destroy_process_group()
 
 
