@@ -19,7 +19,8 @@ from .conftest import ROOT, digits_overrides
 def _launch(out, nproc: int, args: list[str]) -> None:
     """Run `kdkit train ARGS` in `nproc` processes (torchrun when nproc > 1); on failure, show every rank's own
     output (torchrun keeps it per rank under a log dir) and whether the run got as far as its summary."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # faulthandler: a rank that aborts (SIGABRT from C++) still prints the Python stack of every thread
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "kdkit", "train", *args]
     else:
