@@ -21,14 +21,15 @@ def _launch(out, nproc: int, args: list[str]) -> None:
     output (torchrun keeps it per rank under a log dir) and whether the run got as far as its summary."""
     # faulthandler: a rank that aborts (SIGABRT from C++) still prints the Python stack of every thread
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    logs = out.parent / f"{out.name}-logs"
     if nproc == 1:
         cmd = [sys.executable, "-m", "kdkit", "train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "--log-dir", str(out.parent / f"{out.name}-logs"), "--redirects", "3", "-m", "kdkit", "train", *args]
+               "--log-dir", str(logs), "--redirects", "3", "-m", "kdkit", "train", *args]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     if p.returncode != 0:
-        ranks = sorted((out.parent / f"{out.name}-logs").rglob("std*.log"))
+        ranks = sorted(logs.rglob("std*.log"))
         shown = "\n".join(f"--- {f.relative_to(out.parent)}:\n{f.read_text(errors='replace')[-1500:]}" for f in ranks)
         pytest.fail(f"exit {p.returncode}; summary.json written: {(out / 'summary.json').exists()}\n"
                     f"{shown}\n--- launcher:\n{p.stderr[-1500:]}")
