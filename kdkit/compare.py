@@ -15,6 +15,7 @@ A spec (YAML, or a dict from Python) names the arms, the seeds and the baseline:
       kd: {command: distill, config: configs/mnist/lowlabel_kd.yaml, set: ["teacher.checkpoint={teacher}/model.pt"]}
     cells: {shots: [1, 10]}         # optional: a grid; {shots} in overrides; each cell is its own comparison
     # an arm may add `seeds: [0, 1, 2]`: it runs only those of the spec's seeds (a retired setting kept on record)
+    # and `cells: {shots: [10]}`: it runs only in the cells where each named variable takes one of those values
     contrasts: [[kd, student]]      # optional: further pairs than every arm against the baseline
 
 Pairing: the run of arm A with seed s and the run of arm B with seed s share the seed, hence (where the
@@ -54,7 +55,7 @@ from .stats import Interval, Paired, mean_ci, paired
 
 SPEC_KEYS = ("name", "out", "seeds", "metric", "baseline", "set", "arms_set", "prepare", "arms", "cells", "contrasts",
              "level", "base")
-RUN_KEYS = ("command", "config", "set", "dir", "seeds")
+RUN_KEYS = ("command", "config", "set", "dir", "seeds", "cells")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -68,6 +69,11 @@ class RunSpec:
     overrides: list[str]
     dir: str | None = None  # prepare runs: a folder of their own, shared by the specs that name it
     seeds: list[int] | None = None  # arms: a subset of the spec's seeds (e.g. a retired arm kept for the record)
+    cells: dict[str, list[Any]] | None = None  # arms: the cells they run in (values of some cell variables)
+
+    def runs_in(self, cell: dict[str, Any]) -> bool:
+        """Whether this arm runs in ``cell`` (every restricted variable takes one of the arm's values there)."""
+        return all(cell.get(k) in v for k, v in (self.cells or {}).items())
 
 
 @dataclass
@@ -140,7 +146,14 @@ def _run_spec(name: str, data: Any, where: str) -> RunSpec:
                               or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         raise ConfigError(f"{where}.seeds: an arm may run a subset of the spec's seeds, given as a non-empty list "
                           f"of integers (prepare runs have no seed), got {seeds!r}")
-    return RunSpec(name, command, config, _as_list(data.get("set"), f"{where}.set"), data.get("dir"), seeds)
+    cells = data.get("cells")
+    if cells is not None and (where.startswith("prepare.") or not isinstance(cells, dict) or not cells
+                              or not all(isinstance(v, list) and v for v in cells.values())):
+        raise ConfigError(f"{where}.cells: an arm may run in some of the spec's cells, given as a mapping of cell "
+                          f"variables to non-empty lists of their values, e.g. {{shots: [10]}} (prepare runs have "
+                          f"no cell), got {cells!r}")
+    return RunSpec(name, command, config, _as_list(data.get("set"), f"{where}.set"), data.get("dir"), seeds,
+                   {str(k): v for k, v in cells.items()} if cells is not None else None)
 
 
 def _with_base(spec: str | os.PathLike | dict[str, Any], seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -205,6 +218,15 @@ def load_spec(spec: str | os.PathLike | dict[str, Any]) -> Spec:
     cells = raw.get("cells") or {}
     if not isinstance(cells, dict) or not all(isinstance(v, list) and v for v in cells.values()):
         raise ConfigError("compare spec: 'cells' maps a name to a non-empty list of values, e.g. {shots: [1, 10]}")
+    for a, rs in arms.items():
+        for k, values in (rs.cells or {}).items():
+            if k not in cells:
+                raise ConfigError(f"compare spec: arms.{a}.cells names {k!r}, which is not a cell variable of the "
+                                  f"spec{did_you_mean(k, cells) if cells else ' (it has no cells)'}")
+            unknown = [v for v in values if v not in cells[k]]
+            if unknown:
+                raise ConfigError(f"compare spec: arms.{a}.cells.{k} {unknown} are not among the spec's values "
+                                  f"{cells[k]}")
     contrasts = []
     for c in raw.get("contrasts") or []:
         if not (isinstance(c, list) and len(c) == 2 and all(x in arms for x in c)):
@@ -250,7 +272,7 @@ def plan(spec: Spec) -> list[Run]:
             label = _cell_label(cell)
             values = base_values | {k: v for k, v in cell.items()} | {"seed": seed}
             for a, rs in spec.arms.items():
-                if rs.seeds is not None and seed not in rs.seeds:
+                if (rs.seeds is not None and seed not in rs.seeds) or not rs.runs_in(cell):
                     continue
                 where = f"arms.{a}"
                 argv = [*([_fill(rs.config, values, where)] if rs.config else []),
@@ -640,7 +662,7 @@ def _across_cells(spec: Spec, results: dict[str, dict[str, ArmResult]]) -> dict[
     """Robustness over a grid: per arm and seed, the mean, the worst and the spread (sd) of the metric over the
     cells; their intervals over seeds, and the paired differences against the baseline (only seeds finished in
     every cell count)."""
-    arms = {a for cell in results.values() for a in cell}
+    arms = set.intersection(*(set(cell) for cell in results.values()))  # an arm restricted to some cells is left out
     per: dict[str, dict[str, dict[int, float]]] = {}
     for a in sorted(arms):
         seeds = set.intersection(*(set(cell[a].values) if a in cell else set() for cell in results.values()))

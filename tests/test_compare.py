@@ -65,6 +65,14 @@ def test_intervals_match_a_hand_computation():
                                                                    r"spec's seeds \[0, 1\]"),
     ({"arms": {"student": {"command": "train", "seeds": 2}}}, r"arms.student.seeds: .*a non-empty list"),
     ({"prepare": {"teacher": {"command": "train", "seeds": [0]}}}, r"prepare.teacher.seeds: .*prepare runs have no"),
+    ({"arms": {"student": {"command": "train", "cells": {"hiden": [16]}}}, "cells": {"hidden": [16, 32]}},
+     r"arms.student.cells names 'hiden', which is not a cell variable of the spec \(did you mean 'hidden'\?\)"),
+    ({"arms": {"student": {"command": "train", "cells": {"hidden": [16, 64]}}}, "cells": {"hidden": [16, 32]}},
+     r"arms.student.cells.hidden \[64\] are not among the spec's values \[16, 32\]"),
+    ({"arms": {"student": {"command": "train", "cells": {"hidden": []}}}, "cells": {"hidden": [16]}},
+     r"arms.student.cells: .*non-empty lists"),
+    ({"prepare": {"teacher": {"command": "train", "cells": {"hidden": [16]}}}, "cells": {"hidden": [16]}},
+     r"prepare.teacher.cells: .*prepare runs have no cell"),
 ])
 def test_spec_mistakes_are_one_clear_error(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
@@ -97,6 +105,27 @@ def test_an_arm_may_run_a_subset_of_the_seeds(tmp_path):
     keys = [r.key for r in plan(load_spec(spec))]
     assert keys == ["prepare/teacher", "all/student/seed0", "all/kd/seed0", "all/student/seed1", "all/student/seed2",
                     "all/kd/seed2"]
+
+
+def test_an_arm_may_run_in_some_cells_only_and_the_report_leaves_it_out_elsewhere(tmp_path):
+    from kdkit.compare import ArmResult, markdown, summarize
+
+    raw = _spec(tmp_path / "out", seeds=2, cells={"hidden": [16, 32], "lr": [0.1, 0.2]})
+    raw["arms"]["kd"]["cells"] = {"hidden": [32], "lr": [0.1]}
+    spec = load_spec(raw)
+    keys = [r.key for r in plan(spec)]
+    assert [k for k in keys if "/kd/" in k] == ["hidden=32,lr=0.1/kd/seed0", "hidden=32,lr=0.1/kd/seed1"]
+    assert sum("/student/" in k for k in keys) == 2 * 4
+    # the report: kd is compared with the student in its one cell, and absent (not an error) elsewhere
+    student = {c: ArmResult(values={0: 0.8, 1: 0.7}) for c in ("hidden=16,lr=0.1", "hidden=32,lr=0.1")}
+    results = {c: {"student": r} for c, r in student.items()}
+    results["hidden=32,lr=0.1"]["kd"] = ArmResult(values={0: 0.85, 1: 0.78})
+    report = summarize(spec, results)
+    (pair,) = report["cells"]["hidden=32,lr=0.1"]["pairs"]
+    assert pair["arm"] == "kd" and pair["diff"]["mean"] == pytest.approx(0.065)
+    assert report["cells"]["hidden=16,lr=0.1"]["pairs"] == []
+    assert "kd" not in report["across_cells"]["arms"] and "student" in report["across_cells"]["arms"]
+    assert "kd" in markdown(report)
 
 
 def test_the_queue_resumes_where_it_stopped_and_reports_paired_differences(tmp_path):
