@@ -148,10 +148,11 @@ def main() -> None:
         return
     if a.extra and not a.label:
         p.error("--set changes the recipe: give the rows a --label")
-    if NEEDS_BN & set(a.methods) and not a.grid and a.teacher_bn is None:
-        p.error(f"{', '.join(sorted(NEEDS_BN & set(a.methods)))} needs --teacher-bn (a LeNet-5 with BatchNorm)")
-    missing = [SETTINGS[st].format(m=m) for m in a.methods for st in a.settings
-               if not (REPO / SETTINGS[st].format(m=m)).is_file()]
+    bn = sorted(NEEDS_BN & set(a.methods))
+    if bn and not a.grid and a.teacher_bn is None:
+        p.error(f"{', '.join(bn)} needs --teacher-bn (a LeNet-5 with BatchNorm)")
+    recipes = [SETTINGS[st].format(m=m) for m in a.methods for st in a.settings]
+    missing = [r for r in recipes if not (REPO / r).is_file()]
     if missing and not a.grid:
         p.error(f"no recipe {', '.join(missing)}: leave that setting out (--settings cpu)")
     base = REPO / a.runs / time.strftime("%Y%m%d-%H%M%S")

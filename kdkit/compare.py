@@ -665,7 +665,7 @@ def _across_cells(spec: Spec, results: dict[str, dict[str, ArmResult]]) -> dict[
     arms = set.intersection(*(set(cell) for cell in results.values()))  # an arm restricted to some cells is left out
     per: dict[str, dict[str, dict[int, float]]] = {}
     for a in sorted(arms):
-        seeds = set.intersection(*(set(cell[a].values) if a in cell else set() for cell in results.values()))
+        seeds = set.intersection(*(set(cell[a].values) for cell in results.values()))
         vals = {s: [cell[a].values[s] for cell in results.values()] for s in seeds}
         per[a] = {"mean": {s: sum(v) / len(v) for s, v in vals.items()},
                   "worst": {s: min(v) for s, v in vals.items()},
