@@ -14,6 +14,7 @@ import torch
 
 from kdkit.config import load_config
 from kdkit.errors import ConfigError, DataError, ModelError
+from kdkit.losses.fgd import FGDLoss, fgd_masks
 from kdkit.losses.imitation import box_imitation, imitation_mask, masked_imitation
 from kdkit.run import execute
 from kdkit.tasks.detection import coco_map, decode, encode, focal_loss, gaussian_radius, heatmap_kd
@@ -118,6 +119,50 @@ def test_feature_and_box_imitation_against_the_formulas():
     assert box_imitation(sb, tb, heat).item() == pytest.approx(4.0)  # every cell differs by 4: any weighting
     sb[0, :, 0, 1] = 1.0  # the second cell now agrees: 4 * (1/2) / (1/2 + 3/4)
     assert box_imitation(sb, tb, heat).item() == pytest.approx(4 * 0.5 / 1.25, rel=1e-5)
+
+
+def _wave(shape: tuple[int, ...], phase: float, scale: float = 0.5) -> torch.Tensor:
+    """A fixed tensor (no random generator): scale * sin(0.37 k + phase) over its flattened index k."""
+    n = math.prod(shape)
+    return (torch.sin(torch.arange(n, dtype=torch.float64) * 0.37 + phase) * scale).reshape(shape).float()
+
+
+def test_fgd_masks_follow_the_authors_rule():
+    """On a 10 x 10 grid, a box over x in [0.12, 0.38] covers columns floor(1.2) = 1 .. ceil(3.8) = 4 inclusive,
+    rows floor(2.1) = 2 .. ceil(4.9) = 5: 16 cells of weight 1/16; a smaller box inside it wins where they overlap;
+    the background's weights are 1 / (cells outside every box)."""
+    boxes = torch.tensor([[[0.12, 0.21, 0.38, 0.49, 0.0], [0.21, 0.31, 0.29, 0.39, 1.0], [-1, -1, -1, -1, -1]]])
+    fg, bg = fgd_masks(boxes, 10, 10)
+    big = torch.zeros(10, 10)
+    big[2:6, 1:5] = 1 / 16
+    big[3:5, 2:4] = 1 / 4  # rows 3..4, columns 2..3: the small box's 2 x 2 cells
+    assert torch.allclose(fg[0], big)
+    assert torch.allclose(bg[0], (big == 0).float() / 84) and bg.sum().item() == pytest.approx(1.0)
+    empty = fgd_masks(torch.full((1, 1, 5), -1.0), 4, 4)
+    assert empty[0].sum() == 0 and torch.allclose(empty[1], torch.full((1, 4, 4), 1 / 16))
+
+
+def test_fgd_against_the_authors_code_on_the_same_tensors():
+    """Reference values from the authors' FeatureLoss (yzd-v/FGD, mmdet/distillation/losses/fgd.py, defaults
+    T 0.5, alpha 0.001, beta 0.0005, gamma 0.001, lambda 5e-6; boxes in pixels of a 40 x 56 image), run on these
+    tensors with these parameters (each parameter set to _wave(shape, 0.1 i, 0.15), i its rank in kdkit's sorted
+    names, the authors' same-named modules given the same values): fg 2.27428675, bg 1.55525017, mask
+    6.55087614, relation 69.5523605, total 0.00995055027."""
+    fs, ft = _wave((2, 4, 5, 7), 1.0), _wave((2, 6, 5, 7), 2.0, 0.75)
+    boxes = torch.tensor([[[0.12, 0.21, 0.55, 0.63, 1], [0.40, 0.05, 0.93, 0.44, 0], [-1, -1, -1, -1, -1]],
+                          [[0.31, 0.33, 0.71, 0.86, 2], [-1, -1, -1, -1, -1], [-1, -1, -1, -1, -1]]])
+    loss = FGDLoss(4, 6)
+    with torch.no_grad():
+        for i, (_, p) in enumerate(sorted(loss.named_parameters())):
+            p.copy_(_wave(tuple(p.shape), 0.1 * i, 0.15))
+    terms = loss.terms(fs, ft, boxes)
+    want = {"fg": 2.2742867, "bg": 1.5552502, "attention": 6.5508761, "global": 69.552361}
+    assert {k: v.item() for k, v in terms.items()} == pytest.approx(want, rel=1e-5)
+    assert loss(fs, ft, boxes).item() == pytest.approx(0.0099505503, rel=1e-5)
+    fresh = FGDLoss(6, 6)  # GcBlocks start as the identity (their last conv is zero): global = plain squared error
+    assert isinstance(fresh.align, torch.nn.Identity)
+    assert fresh.terms(ft, ft * 0.5, boxes)["global"].item() == pytest.approx(((ft * 0.5) ** 2).sum().item() / 2,
+                                                                              rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -248,7 +293,8 @@ def det_teacher(tmp_path_factory, digit_idx) -> Path:
 @pytest.mark.parametrize("method,extra", [
     ("kd", {}),
     ("feature_imitation", {"method.warmup_steps": 1}),
-    ("adaptive", {"method.paths": "[soft_target,boxes,imitation,attention]", "method.weighting": "dwa"}),
+    ("fgd", {}),
+    ("adaptive", {"method.paths": "[soft_target,boxes,imitation,attention,fgd]", "method.weighting": "dwa"}),
 ])
 def test_detection_distillation_end_to_end(tmp_path, det_teacher, digit_idx, method, extra):
     r = _run("distill", tmp_path / method, digit_idx, **{"teacher.checkpoint": str(det_teacher),

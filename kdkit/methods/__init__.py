@@ -38,6 +38,7 @@ from . import (  # noqa: E402,F401
     embedding_kd,
     fast_dfkd,
     feature_imitation,
+    fgd,
     fitnets,
     kd,
     netgraft,

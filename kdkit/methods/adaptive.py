@@ -26,6 +26,8 @@ Knowledge flows along several paths at once, each one loss ``L_i`` between the s
 ``boxes``              detection: L1 between the box outputs, where the teacher sees objects
 ``imitation``          detection: feature imitation near the ground-truth objects, on adapted layer pairs
                        (Wang et al., CVPR 2019; kdkit.losses.imitation)
+``fgd``                detection: focal (box-masked, attention-weighted) and global (GcBlock) feature
+                       distillation, on layer pairs, with the authors' term weights    (Yang et al., CVPR 2022)
 ``ce``                 CE(z_s, y), when labels are to be weighted like a path
 =====================  =============================================================================
 
@@ -66,6 +68,7 @@ from ..losses import Adapter, AttentionLoss, GramLoss, NSTLoss, PairwiseLoss, So
 from ..losses.adapters import AdapterKind, needs_resize
 from ..losses.dist import dist_loss
 from ..losses.dkd import dkd_loss
+from ..losses.fgd import FGDLoss
 from ..losses.imitation import box_imitation, imitation_mask, masked_imitation
 from ..losses.regression import feature_map_loss, logit_regression
 from ..losses.rkd import RKDLoss
@@ -81,13 +84,14 @@ from .pairs import matched_stages
 
 PathKind = Literal["soft_target", "logits", "hint", "attention", "gram", "nst_mmd", "feature_map",
                    "softmax_regression", "ce", "cwd", "pairwise", "boxes", "imitation", "nst", "dkd",
-                   "dist", "sp", "pkt", "rkd"]
-FEATURE_PATHS = ("hint", "attention", "gram", "nst_mmd", "feature_map", "pairwise", "imitation", "sp", "pkt", "rkd")
+                   "dist", "sp", "pkt", "rkd", "fgd"]
+FEATURE_PATHS = ("hint", "attention", "gram", "nst_mmd", "feature_map", "pairwise", "imitation", "sp", "pkt", "rkd",
+                 "fgd")
 RAW_PATHS = ("attention", "nst_mmd", "pairwise", "sp", "pkt", "rkd")  # feature paths on raw student maps (no adapter)
 ADAPTED = ("hint", "gram", "feature_map", "imitation")  # paths that compare adapted student features
-MAP_PATHS = ("attention", "gram", "nst_mmd", "pairwise", "imitation")  # paths that need [B, C, H, W] maps
+MAP_PATHS = ("attention", "gram", "nst_mmd", "pairwise", "imitation", "fgd")  # paths that need [B, C, H, W] maps
 DENSE_PATHS = ("cwd",)  # paths that need dense outputs [B, K, H, W]
-DETECTION_PATHS = ("boxes", "imitation")  # paths that read a detector's boxes
+DETECTION_PATHS = ("boxes", "imitation", "fgd")  # paths that read a detector's boxes
 #: the s_i's optimizer in the authors' code (their CIFAR schedule: SGD 0.1, momentum 0.9, weight decay 1e-4)
 AUTHORS_WEIGHTS_OPTIMIZER = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4}
 
@@ -123,6 +127,7 @@ class AdaptiveOptions(SoftTargets):
     pairwise_scale: float = opt(0.5, "pairwise path: node size as a fraction of the map", gt=0, le=1)
     dkd_beta: float = opt(8.0, "dkd path: weight of the non-target-class term (TCKD's is 1)", ge=0)
     dist_temperature: float = opt(1.0, "dist path: softmax temperature tau", gt=0)
+    fgd_temperature: float = opt(0.5, "fgd path: temperature of its spatial and channel attention", gt=0)
     weights_optimizer: dict[str, Any] = opt(
         AUTHORS_WEIGHTS_OPTIMIZER, "uncertainty: optimizer settings of the s_i (train-section keys; the authors' "
         "SGD by default; {} trains them with the student's optimizer, without weight decay)")
@@ -200,6 +205,7 @@ class Adaptive(Distiller):
             resolve(self.student, self.shared_layer)
         self.paths: list[_Path] = []
         self.pair_index: dict[tuple[str, str], int] = {}
+        self.fgd_index: dict[tuple[str, str], int] = {}  # the FGD loss module (alignment, GcBlocks) of each pair
         self.adapters = nn.ModuleDict()
         self.path_losses = nn.ModuleDict()
         self.weighting: LossWeighting | None = None
@@ -268,6 +274,12 @@ class Adaptive(Distiller):
                              f"teacher {t!r} is {tuple(t_shape)}; pick convolutional layers")
         if kind in ("hint", "attention", "nst_mmd"):
             needs_resize(s_shape, t_shape, (s, t), self.opts.resize)
+        if kind == "fgd" and (s, t) not in self.fgd_index:
+            if s_shape[2:] != t_shape[2:]:
+                raise ModelError(f"path 'fgd' compares maps of one spatial size: student {s!r} is {tuple(s_shape)}, "
+                                 f"teacher {t!r} is {tuple(t_shape)}; pick other layers")
+            i = self.fgd_index[(s, t)] = len(self.fgd_index)
+            self.path_losses[f"fgd{i}"] = FGDLoss(s_shape[1], t_shape[1], self.opts.fgd_temperature).to(device)
         if kind in ADAPTED and (s, t) not in self.pair_index:
             i = self.pair_index[(s, t)] = len(self.pair_index)
             spatial = "resize" if self.opts.resize else "any"
@@ -311,16 +323,20 @@ class Adaptive(Distiller):
             return cwd_loss(self.task.class_logits(s_logits), self.task.class_logits(t_logits), self.opts.temperature)
         if k == "softmax_regression":
             return self.path_losses["softmax_regression"](self.student_taps[f"{self.s_head}:input"], t_logits)
+        if k in ("imitation", "fgd") and batch.y is None:
+            raise ModelError(f"the {k!r} path reads the ground-truth boxes; this data has no labels")
         total = s_logits.new_zeros(())
         for s, t in path.pairs:
             ft = self.teacher_taps[t].detach()
+            if k == "fgd":
+                total = total + self.path_losses[f"fgd{self.fgd_index[(s, t)]}"](self.student_taps[s], ft, batch.y)
+                continue
             if k in RAW_PATHS:  # raw student maps: channel counts may differ
                 total = total + self.path_losses[k](self.student_taps[s], ft)
                 continue
             fs = self.adapted(s, t, cache)
             if k == "imitation":
-                if batch.y is None:
-                    raise ModelError("the 'imitation' path reads the ground-truth boxes; this data has no labels")
+                assert batch.y is not None
                 mask = imitation_mask(batch.y.float(), ft.shape[-2], ft.shape[-1])
                 total = total + masked_imitation(fs, ft, mask)
             elif k == "hint":

@@ -22,7 +22,7 @@ from ..errors import ModelError
 from ..losses.imitation import imitation_mask, masked_imitation
 from ..schema import opt
 from . import register
-from .pairs import PairDistiller, PairOptions
+from .pairs import PairDistiller, PairOptions, same_grid
 
 
 @dataclass
@@ -48,9 +48,7 @@ class FeatureImitation(PairDistiller):
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
 
     def make_loss(self, s_shape: torch.Size, t_shape: torch.Size, names: tuple[str, str]) -> nn.Module:
-        if len(s_shape) != 4 or len(t_shape) != 4 or s_shape[2:] != t_shape[2:]:
-            raise ModelError(f"feature imitation compares feature maps [B, C, H, W] of one spatial size: "
-                             f"{names[0]!r} is {tuple(s_shape)}, {names[1]!r} is {tuple(t_shape)}; pick other layers")
+        same_grid(s_shape, t_shape, names, "feature imitation")
         return nn.Sequential(nn.Conv2d(s_shape[1], t_shape[1], 3, padding=1), nn.ReLU())
 
     def weight(self) -> float:

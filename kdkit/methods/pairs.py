@@ -52,6 +52,13 @@ def matched_stages(student: nn.Module, teacher: nn.Module, which: str,
     return [(s[i], partner(i)) for i in range(len(s))]
 
 
+def same_grid(s_shape: torch.Size, t_shape: torch.Size, names: tuple[str, str], what: str) -> None:
+    """Fail clearly unless both layers give feature maps ``[B, C, H, W]`` on one spatial grid."""
+    if len(s_shape) != 4 or len(t_shape) != 4 or s_shape[2:] != t_shape[2:]:
+        raise ModelError(f"{what} compares feature maps [B, C, H, W] of one spatial size: {names[0]!r} is "
+                         f"{tuple(s_shape)}, {names[1]!r} is {tuple(t_shape)}; pick other layers")
+
+
 class PairDistiller(Distiller):
     default_pairs: ClassVar[str] = "middle"
     term: ClassVar[str] = "pair"
