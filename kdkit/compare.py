@@ -46,15 +46,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, KdkitError, did_you_mean
 from .stats import Interval, Paired, mean_ci, paired
 
-SPEC_KEYS = ("name", "out", "seeds", "metric", "baseline", "set", "arms_set", "prepare", "arms", "cells", "contrasts",
-             "level", "base")
+SPEC_KEYS = ("name", "out", "seeds", "metric", "also", "baseline", "set", "arms_set", "prepare", "arms", "cells",
+             "contrasts", "level", "base")
 RUN_KEYS = ("command", "config", "set", "dir", "seeds", "cells")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -90,6 +90,8 @@ class Spec:
     cells: dict[str, list[Any]]
     contrasts: list[tuple[str, str]]
     level: float = 0.95
+    #: further metrics, each reported like the main one in compare.<metric>.md/.json/.png (not used by the queue)
+    also: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -236,9 +238,14 @@ def load_spec(spec: str | os.PathLike | dict[str, Any]) -> Spec:
     if not 0 < level < 1:
         raise ConfigError(f"compare spec: level is a confidence level in (0, 1), got {level}")
     out = Path(raw.get("out") or Path("runs") / "compare" / name)
+    also = raw.get("also") or []
+    also = [also] if isinstance(also, str) else also
+    if not isinstance(also, list) or not all(isinstance(m, str) and m for m in also):
+        raise ConfigError(f"compare spec: also is a list of further metrics (keys of summary.json, or dotted paths "
+                          f"into it such as test_metrics.eer), got {raw.get('also')!r}")
     return Spec(name, out, seeds, str(raw.get("metric", "test_accuracy")), baseline,
                 _as_list(raw.get("set"), "set"), _as_list(raw.get("arms_set"), "arms_set"), prepare, arms,
-                {str(k): v for k, v in cells.items()}, contrasts, level)
+                {str(k): v for k, v in cells.items()}, contrasts, level, also)
 
 
 def _fill(text: str, values: dict[str, Any], where: str) -> str:
@@ -514,7 +521,7 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
         s = json.loads((r.run_dir / "summary.json").read_text(encoding="utf-8"))
         if isinstance(s.get("wall_time_s"), (int, float)):
             walls.setdefault(r.arm, []).append(float(s["wall_time_s"]))
-        say(f"    {spec.metric} {_fmt(s.get(spec.metric), spec.metric)} in {attempt['wall_s']:.0f} s", flush=True)
+        say(f"    {spec.metric} {_fmt(_lookup(s, spec.metric), spec.metric)} in {attempt['wall_s']:.0f} s", flush=True)
     return _read_queue(qpath)
 
 
@@ -602,11 +609,7 @@ def collect(spec: Spec) -> dict[str, dict[str, ArmResult]]:
             (res.failed if queue.get(r.key, {}).get("status") == "failed" else res.pending).append(r.seed)
             continue
         s = json.loads((r.run_dir / "summary.json").read_text(encoding="utf-8"))
-        if spec.metric not in s or not isinstance(s[spec.metric], (int, float)):
-            numeric = sorted(k for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-            raise ConfigError(f"metric {spec.metric!r} is not a number in {r.run_dir}/summary.json; numbers there: "
-                              f"{', '.join(numeric)}")
-        res.values[r.seed] = float(s[spec.metric])
+        res.values[r.seed] = metric_value(s, spec.metric, r.run_dir / "summary.json")
         last = s.get(f"{spec.metric}_last")
         if isinstance(last, (int, float)):
             res.last[r.seed] = float(last)
@@ -618,6 +621,34 @@ def collect(spec: Spec) -> dict[str, dict[str, ArmResult]]:
         if s.get("stopped_by"):
             res.stopped[r.seed] = str(s["stopped_by"])
     return out
+
+
+def _numbers(d: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _numbers(v, f"{prefix}{k}.")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append(prefix + k)
+    return out
+
+
+def _lookup(summary: dict[str, Any], metric: str) -> Any:
+    v: Any = summary.get(metric)
+    if v is None and "." in metric:
+        v = summary
+        for part in metric.split("."):
+            v = v.get(part) if isinstance(v, dict) else None
+    return v
+
+
+def metric_value(summary: dict[str, Any], metric: str, where: Path) -> float:
+    """A number of a run's summary: a top-level key, or a dotted path into it (``test_metrics.eer``)."""
+    v = _lookup(summary, metric)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        numeric = [k for k in _numbers(summary) if not k.startswith(("report_card.", "pairing."))]
+        raise ConfigError(f"metric {metric!r} is not a number in {where}; numbers there: {', '.join(sorted(numeric))}")
+    return float(v)
 
 
 def _pair_match(a: ArmResult, b: ArmResult, seeds: list[int]) -> dict[str, int]:
@@ -794,15 +825,32 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def also_stem(metric: str) -> str:
+    """The file stem of the report on a further metric (``also``): compare.<metric, dots and slashes as _>."""
+    return "compare." + re.sub(r"[^A-Za-z0-9_-]+", "_", metric)
+
+
 def render(spec: Spec) -> dict[str, Any]:
-    """Write compare.md, compare.json and compare.png from the finished runs; return the report."""
-    report = summarize(spec, collect(spec))
+    """Write compare.md, compare.json and compare.png from the finished runs, and the same three files for each
+    further metric of ``also`` (compare.<metric>.*); return the main report (its ``also`` key: the others)."""
     spec.out.mkdir(parents=True, exist_ok=True)
-    _write_json(spec.out / "compare.json", report)
-    (spec.out / "compare.md").write_text(markdown(report), encoding="utf-8")
-    if any(a["metric"]["n"] for c in report["cells"].values() for a in c["arms"].values()):
-        plot(report, spec.out / "compare.png")
-    return report
+    reports = {}
+    for metric in [spec.metric, *spec.also]:
+        report = summarize(replace(spec, metric=metric), collect(replace(spec, metric=metric)))
+        stem = "compare" if metric == spec.metric else also_stem(metric)
+        text = markdown(report)
+        if metric == spec.metric and spec.also:
+            text += "\nThe same report on further metrics: " + ", ".join(
+                f"[{m}]({also_stem(m)}.md)" for m in spec.also) + ".\n"
+        _write_json(spec.out / f"{stem}.json", report)
+        (spec.out / f"{stem}.md").write_text(text, encoding="utf-8")
+        if any(a["metric"]["n"] for c in report["cells"].values() for a in c["arms"].values()):
+            plot(report, spec.out / f"{stem}.png")
+        reports[metric] = report
+    main = reports.pop(spec.metric)
+    if reports:
+        main["also"] = reports
+    return main
 
 
 def dry_run(spec: str | os.PathLike | dict[str, Any]) -> list[str]:

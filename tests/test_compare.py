@@ -163,6 +163,20 @@ def test_the_queue_resumes_where_it_stopped_and_reports_paired_differences(tmp_p
     assert "| kd | student | 2 |" in md and (out / "compare.png").stat().st_size > 5000
     # rendering again from the runs alone gives the same report
     assert compare(spec, run=False, echo=False) == report
+    # further metrics (a dotted path into the summary too): each its own report, the main one unchanged
+    also = compare({**spec, "also": ["test_loss", "reached.step"]}, run=False, echo=False)
+    assert {k: v for k, v in also.items() if k != "also"} == report
+    for metric, stem in (("test_loss", "compare.test_loss"), ("reached.step", "compare.reached_step")):
+        got = also["also"][metric]["cells"]["all"]["arms"]["kd"]["per_seed"]
+        for s in (0, 1):
+            summary = json.loads((out / "all" / "kd" / f"seed{s}" / "summary.json").read_text())
+            want = summary["test_loss"] if metric == "test_loss" else summary["reached"]["step"]
+            assert got[str(s)] == pytest.approx(want)
+        assert json.loads((out / f"{stem}.json").read_text())["metric"] == metric and (out / f"{stem}.md").is_file()
+    assert "[reached.step](compare.reached_step.md)" in (out / "compare.md").read_text()
+    with pytest.raises(ConfigError, match=r"'test_metrics.eer' is not a number in .*summary.json; numbers there: "
+                                          r".*reached.epoch"):
+        compare({**spec, "also": ["test_metrics.eer"]}, run=False, echo=False)
 
 
 def test_until_stops_the_queue_before_a_run_that_would_end_after_the_deadline(tmp_path, capsys):
