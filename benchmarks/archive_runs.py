@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdkit.compare import Run, Spec, load_spec, plan  # noqa: E402
+from kdkit.compare import Run, Spec, also_stem, load_spec, plan  # noqa: E402
 
 RUN_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
 REPORT_FILES = ("queue.json", "compare.json", "compare.md", "compare.png")
@@ -37,9 +37,11 @@ def archived_dir(spec: Spec, r: Run, archive: Path) -> Path:
 
 
 def _pairs(spec_path: str, archive: Path) -> list[tuple[Path, Path, tuple[str, ...]]]:
-    """(folder under runs/, its place in the archive, the files to copy) for every finished run and the report."""
+    """(folder under runs/, its place in the archive, the files to copy) for every finished run and the report
+    (with the reports on the spec's further metrics, ``also``)."""
     spec = load_spec(spec_path)
-    pairs = [(spec.out, archive / spec.name, REPORT_FILES)]
+    also = tuple(f"{also_stem(m)}.{ext}" for m in spec.also for ext in ("json", "md", "png"))
+    pairs = [(spec.out, archive / spec.name, REPORT_FILES + also)]
     for r in plan(spec):
         # a prepare run keeps its model too: it is what the arms read
         pairs.append((r.run_dir, archived_dir(spec, r, archive), (*RUN_FILES, "model.pt") if r.seed is None else
@@ -48,7 +50,7 @@ def _pairs(spec_path: str, archive: Path) -> list[tuple[Path, Path, tuple[str, .
 
 
 def _copy(src: Path, dst: Path, names: tuple[str, ...]) -> int:
-    if not (src / "summary.json").is_file() and names != REPORT_FILES:
+    if not (src / "summary.json").is_file() and "queue.json" not in names:
         return 0  # unfinished: a restored queue starts it again
     copied = 0
     for name in names:

@@ -31,8 +31,10 @@ def _finish(run_dir: Path, wall: float | None) -> None:
 
 def test_queue_status_counts_runs_and_archive_round_trips(tmp_path):
     spec_file = tmp_path / "tiny.yaml"
-    spec_file.write_text(yaml.safe_dump(_spec(tmp_path / "out")))
+    spec_file.write_text(yaml.safe_dump({**_spec(tmp_path / "out"), "also": ["reached.step"]}))
     runs = {(r.arm, r.seed): r for r in plan(load_spec(spec_file))}
+    (tmp_path / "out").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "out" / "compare.reached_step.md").write_text("the report on a further metric")
     _finish(runs["student", 0].run_dir, 120.0)  # finished in 2 minutes
     _finish(runs["student", 1].run_dir, None)  # started, not finished: a worker resumes it
     archive = tmp_path / "archive"
@@ -47,7 +49,7 @@ def test_queue_status_counts_runs_and_archive_round_trips(tmp_path):
 
     assert archive_runs.main(["save", str(spec_file), "--archive", str(archive)]) == 0
     kept = archive / "tiny" / runs["student", 0].run_dir.relative_to(tmp_path / "out") / "summary.json"
-    assert kept.is_file()
+    assert kept.is_file() and (archive / "tiny" / "compare.reached_step.md").is_file()
     assert not (archive / "tiny" / runs["student", 1].run_dir.relative_to(tmp_path / "out")).exists()
 
     shutil.rmtree(tmp_path / "out")  # a fresh checkout: only the archive is left
