@@ -240,6 +240,35 @@ def test_rdskd_generator_loss_is_the_penalised_sum(teacher_file):
     assert out["loss"].item() == pytest.approx(want, rel=1e-5)
 
 
+def test_generator_ema_follows_the_moving_average_and_makes_half_the_student_batch(teacher_file):
+    """MAD's EMA generator: after a generator step, G_ema = m G_ema + (1 - m) G (weights and BatchNorm running
+    statistics; counts copied), and the last half of each student batch is made by G_ema."""
+    torch.manual_seed(0)
+    m = _rdskd(teacher_file, generator_ema=0.9, schedule="joint")
+    assert m.generator_update(m.generator_step).after_step == m.update_ema
+    assert _rdskd(teacher_file).generator_update(None).after_step is None  # off by default
+    old = {k: v.clone() for k, v in m.generator_ema.state_dict().items()}
+    m.generator_step(None)  # moves the generator's running statistics; weights moved by hand below
+    with torch.no_grad():
+        for p in m.generator.parameters():
+            p.add_(torch.randn_like(p))
+    m.update_ema()
+    new, gen = m.generator_ema.state_dict(), m.generator.state_dict()
+    for k in old:
+        if old[k].is_floating_point():
+            assert torch.allclose(new[k], 0.9 * old[k] + 0.1 * gen[k], atol=1e-6), k
+        else:
+            assert torch.equal(new[k], gen[k]), k
+    assert any(not torch.equal(new[k], gen[k]) for k in new if new[k].is_floating_point())
+    with torch.no_grad():  # an EMA generator with zero weights makes one constant image: its half is visible
+        for p in m.generator_ema.parameters():
+            p.zero_()
+    x, t = m.student_batch()
+    assert x.shape[0] == t.shape[0] == 16
+    assert x[8:].std(0).max().item() == 0.0 and x[:8].std(0).max().item() > 0.0
+    assert torch.allclose(t[8:], m.teacher(x[8:]), atol=1e-5)
+
+
 # ------------------------------------------------------------------------------- end to end
 
 
@@ -258,6 +287,7 @@ def _datafree(out: Path, teacher: Path, method: str, **extra: object):
     ("rdskd", {"method.schedule": "joint", "method.bank_size": 128}),
     ("dafl", {}),
     ("dfad", {"method.student_steps": 2}),
+    ("dfad", {"method.student_steps": 2, "method.generator_ema": 0.9}),
 ])
 def test_generator_methods_end_to_end(tmp_path, teacher_file, method, extra):
     r = _datafree(tmp_path / "run", teacher_file, method, **extra)
@@ -388,7 +418,8 @@ def test_collapse_can_stop_training_and_restarts_are_bounded(tmp_path, teacher_f
 
 def test_datafree_resume_is_bit_identical(tmp_path, teacher_file, monkeypatch):
     extra = {"method.schedule": "joint", "method.bank_size": 96, "train.epochs": 2, "train.checkpoint_every": 3,
-             "train.deterministic": True, "method.collapse_min_diversity": 100.0}  # a collapse event per epoch
+             "train.deterministic": True, "method.collapse_min_diversity": 100.0,  # a collapse event per epoch
+             "method.generator_ema": 0.5}  # the EMA generator is checkpointed too
     full = _datafree(tmp_path / "full", teacher_file, "rdskd", **extra)
     o = {"teacher.checkpoint": str(teacher_file), "student.arch": "mlp", "student.hidden": "[32]",
          "method.name": "rdskd", "method.steps_per_epoch": 8, "data.val_split": 0, "train.select": "last",

@@ -723,6 +723,8 @@ class Engine:
                 if self.scaler is not None:
                     self.scaler.update()
                 sch.step()
+                if u.after_step is not None:
+                    u.after_step()
                 if i == 0:
                     st.steps_done += 1
             prefix = "" if len(stage.updates) == 1 else f"{u.name}/"

@@ -34,7 +34,8 @@ class Update:
     ``params`` is a list of parameters or of param-group dicts (``{"params": [...], "lr_scale": 10}``
     multiplies the learning rate of that group). ``optimizer`` overrides keys of the ``train`` section
     for this update only (``{"optimizer": "adam", "lr": 1e-3, "weight_decay": 0}``). ``repeat`` runs the
-    update that many times per batch (e.g. k student steps per generator step).
+    update that many times per batch (e.g. k student steps per generator step); ``after_step`` runs after
+    each of its optimizer steps.
     """
 
     name: str
@@ -42,6 +43,8 @@ class Update:
     loss: LossFn
     repeat: int = 1
     optimizer: dict[str, Any] = field(default_factory=dict)
+    #: called after each optimizer step of this update (e.g. to move an EMA copy of the trained module)
+    after_step: Callable[[], None] | None = None
 
     def parameters(self) -> list[nn.Parameter]:
         out: list[nn.Parameter] = []

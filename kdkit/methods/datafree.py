@@ -14,11 +14,17 @@ Compute knobs (the authors' settings are the defaults; the MNIST recipes change 
 * ``bank_size``: a replay bank holding the newest generated images with the teacher's logits on them; the
   student's batches are drawn from it, so one generated (and teacher-labelled) image serves several
   student steps. 0 (the authors'): the student sees each generated batch once (or k times for k steps);
-* ``sample_every``: with a bank, a method whose student samples fresh images does so every N steps only.
+* ``sample_every``: with a bank, a method whose student samples fresh images does so every N steps only;
+* ``generator_ema``: momentum m of an exponential moving average of the generator (weights and BatchNorm
+  statistics, ``G_ema <- m G_ema + (1 - m) G`` after every generator step), after Momentum Adversarial
+  Distillation (MAD: Do et al., NeurIPS 2022), which trains the student on samples of both G and G_ema so that
+  it does not forget what earlier generators showed it. kdkit keeps the student's batch size: half of each
+  student batch comes from G_ema. 0 (default, the authors' of every method here): no EMA copy.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -64,6 +70,8 @@ class GeneratorOptions(DataFreeOptions):
     generator_bn_eps: float = opt(0.8, "eps of the generator's middle BatchNorms (the authors' code passes 0.8)",
                                   gt=0)
     generator_lr: float = opt(1e-3, "Adam learning rate of the generator", gt=0)
+    generator_ema: float = opt(0.0, "momentum of an EMA copy of the generator that makes half of each student "
+                                    "batch (MAD, Do et al., NeurIPS 2022); 0: none", ge=0, lt=1)
 
 
 def constant_adam(lr: float) -> dict[str, Any]:
@@ -135,6 +143,10 @@ class DataFree(Distiller):
         if isinstance(opts, GeneratorOptions):
             self.generator = DAFLGenerator(self.info.input_shape, opts.latent_dim, opts.generator_width,
                                            opts.generator_bn_eps)
+        #: MAD's moving average of the generator (never trained by a gradient), or None
+        self.generator_ema: DAFLGenerator | None = None
+        if self.generator is not None and opts.generator_ema > 0:
+            self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
         self.bank = ReplayBank(opts.bank_size) if opts.bank_size else None
         self._latest: tuple[torch.Tensor, torch.Tensor] | None = None
         self.register_buffer("student_step_count", torch.zeros((), dtype=torch.long))
@@ -165,21 +177,48 @@ class DataFree(Distiller):
         if self.bank is not None:
             self.bank.add(x, logits)
 
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """G_ema <- m G_ema + (1 - m) G for the weights; BatchNorm statistics likewise (counts copied)."""
+        assert self.generator is not None and self.generator_ema is not None
+        m = self.opts.generator_ema
+        for e, g in zip(self.generator_ema.parameters(), self.generator.parameters()):
+            e.lerp_(g, 1 - m)
+        for e, g in zip(self.generator_ema.buffers(), self.generator.buffers()):
+            if e.is_floating_point():
+                e.lerp_(g, 1 - m)
+            else:
+                e.copy_(g)
+
+    @property
+    def ema_count(self) -> int:
+        """Images of each student batch that come from the EMA generator (half with ``generator_ema``)."""
+        return self.batch_size // 2 if self.generator_ema is not None else 0
+
     def student_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images, teacher logits) for one student step."""
+        """(images, teacher logits) for one student step; with ``generator_ema`` its last half is fresh images of
+        the EMA generator (in the generator's current BatchNorm mode)."""
+        x, t = self._usual_batch(self.batch_size - self.ema_count)
+        if not self.ema_count:
+            return x, t
+        assert self.generator is not None and self.generator_ema is not None
+        xe = self.generator_ema.sample(self.ema_count, batch_stats=self.generator.training)
+        return torch.cat([x, xe]), torch.cat([t, self.teacher_forward(xe)])
+
+    def _usual_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.student_data == "fresh" and (self.bank is None or len(self.bank) == 0
                                              or int(self.student_step_count) % self.opts.sample_every == 0):
-            x = self.produce(self.batch_size)
+            x = self.produce(n if self.bank is None else self.batch_size)
             t = self.teacher_forward(x)
             if self.bank is None:
                 return x, t
             self.bank.add(x, t)
         if self.bank is not None and len(self.bank) > 0:
-            return self.bank.draw(self.batch_size)
+            return self.bank.draw(n)
         if self._latest is None:  # a joint schedule's student step before any generator step
             x = self.produce(self.batch_size)
             self._latest = (x, self.teacher_forward(x))
-        return self._latest
+        return self._latest[0][:n], self._latest[1][:n]
 
     # ---- the student ------------------------------------------------------------------------
     def distill_loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -196,7 +235,8 @@ class DataFree(Distiller):
     def generator_update(self, loss: Any) -> Update:
         assert self.generator is not None
         return Update("generator", list(self.generator.parameters()), loss,
-                      optimizer=constant_adam(self.opts.generator_lr))
+                      optimizer=constant_adam(self.opts.generator_lr),
+                      after_step=self.update_ema if self.generator_ema is not None else None)
 
     def generated_stage(self, name: str, updates: list[Update], epochs: int, train: list[nn.Module],
                         diagnose: bool = True, **kw: Any) -> Stage:
@@ -251,6 +291,8 @@ class DataFree(Distiller):
         if action == "restart":
             assert self.generator is not None
             self.generator.reset()
+            if self.generator_ema is not None:  # the average of a collapsed generator is no better
+                self.generator_ema.load_state_dict(self.generator.state_dict())
             if self.forget_optimizer_state is not None:  # stale Adam moments would steer the new generator
                 self.forget_optimizer_state(list(self.generator.parameters()))
             if self.bank is not None:
