@@ -306,6 +306,9 @@ def test_detection_distillation_end_to_end(tmp_path, det_teacher, digit_idx, met
     assert (r.run_dir / "examples.png").is_file()
     lines = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("val/map" in x for x in lines if x["event"] == "epoch")
+    term = {"feature_imitation": "train/imitation", "fgd": "train/fgd", "adaptive": "train/path/fgd"}.get(method)
+    if term:  # the method's own term took part (after its warm-up), not only the detection loss
+        assert [x[term] for x in lines if x["event"] == "epoch"][-1] > 0
 
 
 def test_detectors_export_with_the_output_check(tmp_path, det_teacher):

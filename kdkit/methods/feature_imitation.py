@@ -59,8 +59,8 @@ class FeatureImitation(PairDistiller):
         if batch.y is None:
             raise ModelError("feature_imitation reads the ground-truth boxes for its mask; this data has no labels")
         on = bool(self.steps_done >= self.opts.warmup_steps)
-        if self.training:
-            self.steps_done += 1
+        if self.student.training and torch.is_grad_enabled():  # the engine puts the student (not the method)
+            self.steps_done += 1                                # in training mode: count its steps
         total = s_logits.new_zeros(())
         for (s, t), adapter in zip(self.pairs, self.pair_losses):
             ft = self.teacher_taps[t]
