@@ -595,10 +595,20 @@ class ArmResult:
     failed: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)
     stopped: dict[int, str] = field(default_factory=dict)
+    #: seed -> (where the summary was read, the summary): the values of any other metric come from these
+    summaries: dict[int, tuple[Path, dict[str, Any]]] = field(default_factory=dict, repr=False)
+
+    def with_metric(self, metric: str) -> ArmResult:
+        """The same results scored on `metric` (its values, and its last-epoch values where the summary has them)."""
+        values = {seed: metric_value(s, metric, where) for seed, (where, s) in self.summaries.items()}
+        last = {seed: float(s[f"{metric}_last"]) for seed, (_, s) in self.summaries.items()
+                if isinstance(s.get(f"{metric}_last"), (int, float))}
+        return replace(self, values=values, last=last)
 
 
 def collect(spec: Spec) -> dict[str, dict[str, ArmResult]]:
-    """cell -> arm -> the results of its finished runs (and which seeds failed or are pending)."""
+    """cell -> arm -> the results of its finished runs (and which seeds failed or are pending), scored on the
+    spec's metric; each summary is read once (``ArmResult.with_metric`` scores them on another)."""
     queue = _read_queue(spec.out / "queue.json")["runs"]
     out: dict[str, dict[str, ArmResult]] = {}
     for r in plan(spec):
@@ -609,10 +619,7 @@ def collect(spec: Spec) -> dict[str, dict[str, ArmResult]]:
             (res.failed if queue.get(r.key, {}).get("status") == "failed" else res.pending).append(r.seed)
             continue
         s = json.loads((r.run_dir / "summary.json").read_text(encoding="utf-8"))
-        res.values[r.seed] = metric_value(s, spec.metric, r.run_dir / "summary.json")
-        last = s.get(f"{spec.metric}_last")
-        if isinstance(last, (int, float)):
-            res.last[r.seed] = float(last)
+        res.summaries[r.seed] = (r.run_dir / "summary.json", s)
         attempts = queue.get(r.key, {}).get("attempts", [])
         res.wall[r.seed] = sum(a.get("wall_s", 0.0) for a in attempts) or float(s.get("wall_time_s", math.nan))
         if attempts:
@@ -620,7 +627,7 @@ def collect(spec: Spec) -> dict[str, dict[str, ArmResult]]:
         res.pairing[r.seed] = s.get("pairing") or {}
         if s.get("stopped_by"):
             res.stopped[r.seed] = str(s["stopped_by"])
-    return out
+    return {cell: {arm: res.with_metric(spec.metric) for arm, res in arms.items()} for cell, arms in out.items()}
 
 
 def _numbers(d: dict[str, Any], prefix: str = "") -> list[str]:
@@ -834,9 +841,11 @@ def render(spec: Spec) -> dict[str, Any]:
     """Write compare.md, compare.json and compare.png from the finished runs, and the same three files for each
     further metric of ``also`` (compare.<metric>.*); return the main report (its ``also`` key: the others)."""
     spec.out.mkdir(parents=True, exist_ok=True)
+    results = collect(spec)
     reports = {}
     for metric in [spec.metric, *spec.also]:
-        report = summarize(replace(spec, metric=metric), collect(replace(spec, metric=metric)))
+        scored = {cell: {arm: res.with_metric(metric) for arm, res in arms.items()} for cell, arms in results.items()}
+        report = summarize(replace(spec, metric=metric), scored)
         stem = "compare" if metric == spec.metric else also_stem(metric)
         text = markdown(report)
         if metric == spec.metric and spec.also:

@@ -80,7 +80,7 @@ from ..weighting import LossWeighting, make_weighting
 from . import register
 from .base import Stage, Update, params_of
 from .distiller import Distiller, SoftTargets
-from .pairs import matched_stages
+from .pairs import matched_stages, same_grid
 
 PathKind = Literal["soft_target", "logits", "hint", "attention", "gram", "nst_mmd", "feature_map",
                    "softmax_regression", "ce", "cwd", "pairwise", "boxes", "imitation", "nst", "dkd",
@@ -275,9 +275,7 @@ class Adaptive(Distiller):
         if kind in ("hint", "attention", "nst_mmd"):
             needs_resize(s_shape, t_shape, (s, t), self.opts.resize)
         if kind == "fgd" and (s, t) not in self.fgd_index:
-            if s_shape[2:] != t_shape[2:]:
-                raise ModelError(f"path 'fgd' compares maps of one spatial size: student {s!r} is {tuple(s_shape)}, "
-                                 f"teacher {t!r} is {tuple(t_shape)}; pick other layers")
+            same_grid(s_shape, t_shape, (s, t), "path 'fgd'")
             i = self.fgd_index[(s, t)] = len(self.fgd_index)
             self.path_losses[f"fgd{i}"] = FGDLoss(s_shape[1], t_shape[1], self.opts.fgd_temperature).to(device)
         if kind in ADAPTED and (s, t) not in self.pair_index:
