@@ -73,6 +73,7 @@ def test_intervals_match_a_hand_computation():
      r"arms.student.cells: .*non-empty lists"),
     ({"prepare": {"teacher": {"command": "train", "cells": {"hidden": [16]}}}, "cells": {"hidden": [16]}},
      r"prepare.teacher.cells: .*prepare runs have no cell"),
+    ({"also": [3]}, r"also is a list of further metrics .*got \[3\]"),
 ])
 def test_spec_mistakes_are_one_clear_error(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):

@@ -330,4 +330,11 @@ def test_detection_bad_input_is_one_line_before_any_work(tmp_path, det_teacher, 
         execute(load_config(None, digits_overrides(tmp_path / "c", **{
             "method.name": "feature_imitation", "student.arch": "mlp", "teacher.checkpoint": str(det_teacher)})),
             "distill")
-    assert not any((tmp_path / n).exists() for n in "abc")
+    with pytest.raises(ConfigError, match="method 'fgd' does not work on classification"):
+        execute(load_config(None, digits_overrides(tmp_path / "d", **{
+            "method.name": "fgd", "student.arch": "mlp", "teacher.checkpoint": str(det_teacher)})), "distill")
+    with pytest.raises(ModelError, match=r"path 'fgd' compares feature maps \[B, C, H, W\] of one spatial size"):
+        _run("distill", tmp_path / "e", digit_idx, **{
+            "teacher.checkpoint": str(det_teacher), "student.arch": "centernet_resnet8", "student.width": 0.5,
+            "method.name": "adaptive", "method.paths": "[{name: fgd, pairs: [[backbone.stages.0, neck]]}]"})
+    assert not any((tmp_path / n).exists() for n in "abcde")
