@@ -1,7 +1,9 @@
 """CPU inference latency of kdkit model files (``model.pt``) at given batch sizes, per image and per batch.
 
-Median and quartiles of timed calls after warm-up (kdkit.measure.latency_stats), the models alternating batch
-size by batch size; run it on an otherwise idle machine:
+For each batch size the models are timed in turn, round after round (``--rounds``), so that a slow spell of the
+machine falls on every model rather than on one; each round gives the median of ``--repeats`` timed calls after
+warm-up (kdkit.measure.latency_stats), and the figure reported is the median of the round medians, with their
+range. Run it on an otherwise idle machine:
 
     python benchmarks/latency.py runs/teachers/boxes_centernet_resnet20 runs/compare/.../alone/seed0 \\
         --batch 1 16 --threads 2
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -24,7 +27,8 @@ def main() -> None:
     p.add_argument("models", nargs="+", help="run folders or model.pt files")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 16])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=100, help="timed calls per model per round")
+    p.add_argument("--rounds", type=int, default=5, help="rounds over the models at each batch size")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     models = {}
@@ -33,13 +37,20 @@ def main() -> None:
         models[str(path)] = load(str(path)).eval()
     rows = {name: {"params": count_params(m), "macs": count_macs(m, m.kdkit_info.info.input_shape)}
             for name, m in models.items()}
+    if a.rounds < 1 or a.repeats < 1:
+        p.error("--rounds and --repeats must be at least 1")
     for b in a.batch:
-        for name, m in models.items():
-            st = latency_stats(m, m.kdkit_info.info.input_shape, b, repeats=a.repeats, warmup=10)
-            rows[name][f"batch{b}_ms_per_image"] = round(st["median"], 4)
-            rows[name][f"batch{b}_ms_per_batch"] = round(st["median"] * b, 3)
-            rows[name][f"batch{b}_quartiles_ms_per_image"] = [round(st["q1"], 4), round(st["q3"], 4)]
-    print(json.dumps({"threads": a.threads, "models": rows}, indent=2))
+        medians: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(a.rounds):
+            for name, m in models.items():
+                st = latency_stats(m, m.kdkit_info.info.input_shape, b, repeats=a.repeats, warmup=10)
+                medians[name].append(st["median"])
+        for name, ms in medians.items():
+            mid = statistics.median(ms)
+            rows[name][f"batch{b}_ms_per_image"] = round(mid, 4)
+            rows[name][f"batch{b}_ms_per_batch"] = round(mid * b, 3)
+            rows[name][f"batch{b}_round_medians_ms_per_image"] = [round(v, 4) for v in ms]
+    print(json.dumps({"threads": a.threads, "rounds": a.rounds, "repeats": a.repeats, "models": rows}, indent=2))
 
 
 if __name__ == "__main__":
