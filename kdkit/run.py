@@ -358,6 +358,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         teacher_test = teacher_metrics[primary]
 
     engine = Engine(method, data, cfg, run_dir=run_dir, dist=dist, device=device)
+    engine.process_start = t_start
     history = engine.fit(resume=state)
     method.finish()
     engine.release_loaders()
@@ -388,7 +389,8 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         "name": cfg.name, "command": command, "method": cfg.method.name, "seed": cfg.seed,
         f"test_{primary}": test[primary], f"val_{primary}": None if val is None else val[primary],
         "test_loss": test["loss"], "params": count_params(exported),
-        "wall_time_s": round(time.time() - t_start, 2), "train_time_s": round(engine.elapsed, 2),
+        "wall_time_s": round(engine.wall_s(), 2), "process_wall_time_s": round(time.time() - t_start, 2),
+        "train_time_s": round(engine.elapsed, 2),
         "model": student_spec.label, "model_args": student_args,
         "data": {"name": info.name, "train": 0 if data.train is None else len(data.train),
                  "val": len(data.val) if data.val is not None else 0,

@@ -57,6 +57,9 @@ def test_a_resumed_run_reports_what_an_uninterrupted_one_does(tmp_path, teacher_
     assert {k: res[k] for k in COMPARED} == {k: ref[k] for k in COMPARED}
     assert _stage_facts(res) == _stage_facts(ref)
     assert ref["stages"][0]["steps"] == 60 and ref["reached"]["epoch"] == 3 and ref["stopped_by"] is None
+    # the wall time counts the crashed process up to its last checkpoint, not only the resuming one
+    assert res["wall_time_s"] > res["process_wall_time_s"] > 0 and res["wall_time_s"] >= res["train_time_s"]
+    assert ref["wall_time_s"] == pytest.approx(ref["process_wall_time_s"], abs=0.05)
 
 
 def test_multi_stage_runs_record_each_stage_as_it_ran(tmp_path, cnn_teacher_file):

@@ -162,6 +162,10 @@ class Engine:
         self._released_skips: list[str] = []  # files skipped by loaders since released
         self.history: list[dict[str, Any]] = []
         self.elapsed_before = 0.0
+        #: wall time of the run's earlier processes (restored on --resume), and when this process started (the
+        #: caller may set it earlier than the engine's creation, to count its set-up): :meth:`wall_s`
+        self.wall_before = 0.0
+        self.process_start = time.time()
         self.global_step = 0
         self._stop_signal: int | None = None
         #: (minutes of training, state_dict of the evaluated model) taken at train.snapshot_min
@@ -213,6 +217,7 @@ class Engine:
             "rng": rng_state(),
             "metrics_lines": self.metrics.lines(),
             "elapsed": self.elapsed_before + time.time() - t0,
+            "wall": self.wall_s(),
             "history": self.history,
             "snapshots": self.snapshots, "stopped": self.stopped,
             "last_model_eval": self.last_model_eval,
@@ -310,9 +315,17 @@ class Engine:
 
         return clock
 
+    def wall_s(self) -> float:
+        """Seconds of wall time the run has taken so far, over every process that worked on it (a resumed run
+        counts its earlier processes up to their last checkpoint; older checkpoints without this record count
+        their training time instead)."""
+        return self.wall_before + time.time() - self.process_start
+
     def fit(self, resume: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         stages = self.method.stages()
         pos = self._restore(resume) if resume is not None else _Position()
+        if resume is not None:  # only here: a recovery from a fault within this process keeps its own clock
+            self.wall_before = float(resume.get("wall", resume.get("elapsed", 0.0)))
         t0 = time.time()
         self.progress.clock = self._run_clock(self._planned_steps(stages), t0, self.global_step)
         if resume is None:
