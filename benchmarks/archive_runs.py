@@ -3,7 +3,8 @@
 A queue writes under ``runs/`` (ignored by git). ``save`` copies what the report and a resumed queue need into
 ``benchmarks/results/compare/<spec name>/``: every finished run's ``summary.json``, ``config.yaml`` and
 ``metrics.jsonl`` (no checkpoints, no logs), the queue record and the report, and each prepare run (the
-teachers) with its ``model.pt``, which the arms read. ``restore`` copies them back into ``runs/``: the harness
+teachers) with the files the arms read: its ``model.pt`` and, for an embedding teacher, its ``head.pt`` (head
+sharing reads it). ``restore`` copies them back into ``runs/``: the harness
 then counts those runs as finished (it never redoes a run whose ``summary.json`` exists) and continues the queue.
 
     python benchmarks/archive_runs.py save benchmarks/compare/fashion_baselines.yaml
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from kdkit.compare import Run, Spec, also_stem, load_spec, plan  # noqa: E402
 
 RUN_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
+PREPARE_FILES = (*RUN_FILES, "model.pt", "head.pt")  # a prepare run keeps what the arms read
 REPORT_FILES = ("queue.json", "compare.json", "compare.md", "compare.png")
 ARCHIVE = Path("benchmarks/results/compare")
 
@@ -43,9 +45,7 @@ def _pairs(spec_path: str, archive: Path) -> list[tuple[Path, Path, tuple[str, .
     also = tuple(f"{also_stem(m)}.{ext}" for m in spec.also for ext in ("json", "md", "png"))
     pairs = [(spec.out, archive / spec.name, REPORT_FILES + also)]
     for r in plan(spec):
-        # a prepare run keeps its model too: it is what the arms read
-        pairs.append((r.run_dir, archived_dir(spec, r, archive), (*RUN_FILES, "model.pt") if r.seed is None else
-                      RUN_FILES))
+        pairs.append((r.run_dir, archived_dir(spec, r, archive), PREPARE_FILES if r.seed is None else RUN_FILES))
     return pairs
 
 

@@ -37,6 +37,10 @@ def test_queue_status_counts_runs_and_archive_round_trips(tmp_path):
     (tmp_path / "out" / "compare.reached_step.md").write_text("the report on a further metric")
     _finish(runs["student", 0].run_dir, 120.0)  # finished in 2 minutes
     _finish(runs["student", 1].run_dir, None)  # started, not finished: a worker resumes it
+    teacher = next(r for r in runs.values() if r.seed is None).run_dir
+    _finish(teacher, 60.0)
+    for name in ("model.pt", "head.pt", "checkpoint.pt"):  # an embedding teacher: head sharing reads head.pt
+        (teacher / name).write_bytes(name.encode())
     archive = tmp_path / "archive"
 
     def rows() -> dict[str, dict]:
@@ -57,6 +61,8 @@ def test_queue_status_counts_runs_and_archive_round_trips(tmp_path):
     assert (after["student"]["finished"], after["student"]["started"], after["student"]["pending"]) == (1, 0, 1)
     assert archive_runs.main(["restore", str(spec_file), "--archive", str(archive)]) == 0
     assert json.loads((runs["student", 0].run_dir / "summary.json").read_text()) == {"wall_time_s": 120.0}
+    assert (teacher / "model.pt").read_bytes() == b"model.pt" and (teacher / "head.pt").read_bytes() == b"head.pt"
+    assert not (teacher / "checkpoint.pt").exists()
 
 
 def test_means_table_puts_cells_side_by_side_with_the_paired_difference():
