@@ -30,6 +30,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=100, help="timed calls per model per round")
     p.add_argument("--rounds", type=int, default=5, help="rounds over the models at each batch size")
     a = p.parse_args()
+    if a.rounds < 1 or a.repeats < 1:
+        p.error("--rounds and --repeats must be at least 1")
     torch.set_num_threads(a.threads)
     models = {}
     for m in a.models:
@@ -37,8 +39,6 @@ def main() -> None:
         models[str(path)] = load(str(path)).eval()
     rows = {name: {"params": count_params(m), "macs": count_macs(m, m.kdkit_info.info.input_shape)}
             for name, m in models.items()}
-    if a.rounds < 1 or a.repeats < 1:
-        p.error("--rounds and --repeats must be at least 1")
     for b in a.batch:
         medians: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(a.rounds):
