@@ -357,8 +357,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         teacher_metrics = evaluate(teacher.to(device), _eval_loader(data, "test", cfg, device, dist), dist, task)
         teacher_test = teacher_metrics[primary]
 
-    engine = Engine(method, data, cfg, run_dir=run_dir, dist=dist, device=device)
-    engine.process_start = t_start
+    engine = Engine(method, data, cfg, run_dir=run_dir, dist=dist, device=device, process_start=t_start)
     history = engine.fit(resume=state)
     method.finish()
     engine.release_loaders()

@@ -142,7 +142,7 @@ class NonFiniteStep(TrainingError):
 
 class Engine:
     def __init__(self, method: Method, data: DataBundle, cfg: Config, *, run_dir: Path | None, dist: DistInfo,
-                 device: torch.device):
+                 device: torch.device, process_start: float | None = None):
         self.method = method
         #: the task's metric that validation selects on (accuracy, miou...)
         self.primary = method.task.primary
@@ -162,10 +162,10 @@ class Engine:
         self._released_skips: list[str] = []  # files skipped by loaders since released
         self.history: list[dict[str, Any]] = []
         self.elapsed_before = 0.0
-        #: wall time of the run's earlier processes (restored on --resume), and when this process started (the
-        #: caller may set it earlier than the engine's creation, to count its set-up): :meth:`wall_s`
+        #: wall time of the run's earlier processes (restored on --resume), and when this process started
+        #: (`process_start`, given when the caller's set-up should count; default: now): :meth:`wall_s`
         self.wall_before = 0.0
-        self.process_start = time.time()
+        self.process_start = time.time() if process_start is None else process_start
         self.global_step = 0
         self._stop_signal: int | None = None
         #: (minutes of training, state_dict of the evaluated model) taken at train.snapshot_min
