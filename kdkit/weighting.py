@@ -19,7 +19,8 @@ or detection terms) and returns one scalar. Each loss ``L_i`` has a hand-given p
   relative (g stays positive, and the learning rate does not depend on the losses' scale, which with
   plain steps on g made the weights of very unequal losses oscillate). The norms G_i cost one backward pass
   per loss down to W; ``every = k`` makes the step on g every k-th training step only (k = 1, the paper's
-  rule, updates at every step), which divides that cost by k.
+  rule, updates at every step), which divides that cost by k. Each epoch's mean G_i (before g) and r_i are
+  reported by :meth:`GradNormWeighting.epoch_stats`.
 * ``normalized``:  L = sum_i w_i L_i / sg(Lbar_i), Lbar_i the running mean of L_i (decay 0.99, the first
   value at the start): every term's value is about w_i, so its gradient no longer carries the constants that
   make one loss larger than another by accident (T^2, a feature map's size, the number of paths): the
@@ -86,6 +87,10 @@ class LossWeighting(nn.Module):
 
     def end_epoch(self) -> None:
         """Called once per epoch, after the last step (DWA updates here)."""
+
+    def epoch_stats(self) -> dict[str, float]:
+        """What the strategy measured during the epoch, for ``metrics.jsonl`` (read once per epoch, then reset)."""
+        return {}
 
     def param_groups(self) -> list[dict]:
         """Parameters to train with the model (no weight decay on them)."""
@@ -155,6 +160,11 @@ class GradNormWeighting(LossWeighting):
         self.register_buffer("initial", torch.zeros(len(self.names)))
         if every > 1:  # saved with the run, so a resumed run updates on the same steps (absent when every = 1)
             self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        # the epoch's sums of G_i (before g) and r_i over its updates, for epoch_stats (not in checkpoints: a
+        # resumed epoch reports the mean over the steps it ran)
+        self.register_buffer("norm_sums", torch.zeros(len(self.names), dtype=torch.float64), persistent=False)
+        self.register_buffer("ratio_sums", torch.zeros(len(self.names), dtype=torch.float64), persistent=False)
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long), persistent=False)
 
     def multipliers(self) -> torch.Tensor:
         return self.g
@@ -204,6 +214,23 @@ class GradNormWeighting(LossWeighting):
         grad = _all_mean(grad)
         self.g.mul_(torch.exp(-self.lr * grad))
         self.g.mul_(len(self.names) / self.g.sum())
+        self.norm_sums += norms.double()
+        self.ratio_sums += r.double()
+        self.updates += 1
+
+    def epoch_stats(self) -> dict[str, float]:
+        """Means over the epoch's updates of each loss's gradient norm on W before g (``gradnorm/grad/<name>``,
+        ||grad_W w_i L_i||) and of its relative inverse training rate (``gradnorm/r/<name>``): the two inputs
+        of GradNorm's target, so a weight that runs away can be traced to the norms or to the rates."""
+        n = int(self.updates)
+        if n == 0:
+            return {}
+        norms, ratios = (self.norm_sums / n).tolist(), (self.ratio_sums / n).tolist()
+        self.norm_sums.zero_()
+        self.ratio_sums.zero_()
+        self.updates.zero_()
+        return {**{f"gradnorm/grad/{k}": v for k, v in zip(self.names, norms)},
+                **{f"gradnorm/r/{k}": v for k, v in zip(self.names, ratios)}}
 
     def step(self, scaled: torch.Tensor) -> None:
         with torch.enable_grad():

@@ -168,6 +168,23 @@ def test_gradnorm_every_k_updates_only_on_every_kth_step_and_survives_a_state_di
         make(0)
 
 
+def test_gradnorm_epoch_stats_are_the_epoch_means_of_its_gradient_norms_and_rates_then_reset():
+    """By hand: W = w, L_a = 3 w^2 (G_a = 6w), prior-scaled L_b = 2 w (G_b = 2). At w = 2 the losses start the
+    rates (r = 1, 1); at w = 1 the ratios are 3/12 and 2/4, so r = (0.25, 0.5) / 0.375 = (2/3, 4/3)."""
+    w = nn.Parameter(torch.tensor(2.0))
+    gn = GradNormWeighting(["a", "b"], {"b": 2.0}, shared=lambda: [w])
+    assert gn.epoch_stats() == {}  # no update yet
+    for value in (2.0, 1.0):
+        with torch.no_grad():
+            w.fill_(value)
+        gn({"a": 3 * w ** 2, "b": w})
+    stats = gn.epoch_stats()
+    assert stats == pytest.approx({"gradnorm/grad/a": (12 + 6) / 2, "gradnorm/grad/b": 2.0,
+                                   "gradnorm/r/a": (1 + 2 / 3) / 2, "gradnorm/r/b": (1 + 4 / 3) / 2}, rel=1e-6)
+    assert gn.epoch_stats() == {}  # reset for the next epoch
+    assert "norm_sums" not in gn.state_dict()  # checkpoints keep their keys
+
+
 def test_normalized_divides_each_loss_by_its_running_mean():
     """L = sum_i w_i L_i / sg(mean_i): the first value starts the mean (the term is then w_i), later values move it
     by 1% per step; the gradient is the loss's divided by its mean, whatever the loss's constant factors."""
@@ -230,6 +247,12 @@ def test_all_paths_train_with_every_weighting(tmp_path, cnn_teacher_file, weight
         assert w[:2] == [1.0, 1.0]
     else:
         assert w[0] != 1.0
+    logged = {k for k in epochs[-1] if k.startswith("gradnorm/")}
+    if weighting == "gradnorm":  # each epoch logs the norms and rates its weights came from
+        assert all(e[f"gradnorm/grad/{p}"] > 0 for e in epochs for p in s["paths"])
+        assert logged == {f"gradnorm/{q}/{p}" for q in ("grad", "r") for p in s["paths"]}
+    else:
+        assert not logged
     assert s["params"] == sum(p.numel() for p in res.model.parameters())  # adapters not in the exported student
 
 

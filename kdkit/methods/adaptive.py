@@ -371,8 +371,9 @@ class Adaptive(Distiller):
     def _end_epoch(self, epoch: int) -> dict[str, float]:
         assert self.weighting is not None
         weights = self.effective_weights()  # the weights in force during the epoch that just ended
+        stats = self.weighting.epoch_stats()
         self.weighting.end_epoch()
-        return weights
+        return {**weights, **stats}
 
     def stages(self) -> list[Stage]:
         assert self.weighting is not None, "setup() must run before stages()"
