@@ -94,6 +94,16 @@ def _claims() -> list[Claim]:
             out += [Claim("Adaptive Distillation", f"adaptive beats vanilla KD ({pair})", "resnet", cell, "adaptive",
                           "kd"),
                     Claim("Head sharing", f"TH-KD beats KD ({pair})", "resnet", cell, "th_kd", "kd")]
+    for spec, task in (("scenes-segmentation", "segmentation, mnist-scenes, mIoU"),
+                       ("scenes-detection", "detection, mnist-scenes boxes, mAP@[.5:.95]")):
+        out += [Claim("Adaptive Distillation", f"adaptive (uncertainty) beats equal weights ({task})", spec, "all",
+                      "adaptive_uncertainty", "adaptive_equal"),
+                Claim("Adaptive Distillation", f"adaptive (uncertainty) beats the student alone ({task})", spec,
+                      "all", "adaptive_uncertainty", "alone")]
+    for data, where in (("mnist", "MNIST"), ("fashion-mnist", "Fashion-MNIST")):
+        task = f"unseen {where} classes as identities, TAR@FAR=1e-3"
+        out += [Claim("Head sharing", f"{name} beats the direct embedding distance ({task})", "identities-verification",
+                      f"data={data}", arm, "embedding_kd") for arm, name in (("th_kd", "TH-KD"), ("sh_kd", "SH-KD"))]
     grafting = (("mnist", "vgg8", ""), ("mnist", "resnet8", ""), ("fashion", "vgg8", ", Fashion-MNIST"),
                 ("fashion", "resnet8", ", Fashion-MNIST"))
     for data, teacher, where in grafting:
