@@ -22,7 +22,6 @@ exported program ``model.pt2`` at the end of training, and every export of the r
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import KdkitError, ModelError
+from .jsonfile import write_json
 from .modelfile import ModelFile, load, read_model_file
 
 FORMATS = ("pt2", "onnx", "torchscript", "state_dict")
@@ -193,6 +193,6 @@ def export(source: Any, fmt: str = "pt2", out: str | Path | None = None, *, prep
                              f"(tolerance {atol}); the export is not faithful, do not use {path}")
         result["check"] = {"batch": batch, "max_abs_diff": diff, "tolerance": atol, "passed": True}
     sidecar = path.with_name(path.name + ".json")
-    sidecar.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(sidecar, result)
     result["sidecar"] = str(sidecar)
     return result

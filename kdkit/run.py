@@ -32,6 +32,7 @@ from .engine import DistInfo, Engine, apply_speed_options, evaluate, init_distri
 from .engine.distributed import barrier, broadcast_object, shutdown
 from .engine.evaluate import agreement
 from .errors import CheckpointError, ConfigError, KdkitError, ModelError, warn
+from .jsonfile import write_json
 from .measure import count_params, model_card
 from .methods import Method, method_class
 from .modelfile import BuiltModel, build_from_config, save_model
@@ -438,7 +439,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
                    patches=method.export_patches())
         if role in models:  # another process cannot rebuild the user's class: keep the exported program
             summary["exported_program"] = _save_program(exported, info, run_dir)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_json(run_dir / "summary.json", summary)
     barrier(dist)
     return RunResult(run_dir, summary, exported, dist.is_main, method)
 
@@ -487,7 +488,7 @@ def _versus_alone(cfg: Config, result: RunResult, resume: bool, dist: DistInfo, 
               "helped": s[f"test_{p}"] > alone[f"test_{p}"]}
         s["vs_alone"] = vs
         s["report_card"]["vs_student_alone"] = vs
-        (result.run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n", encoding="utf-8")
+        write_json(result.run_dir / "summary.json", s)
     return result
 
 

@@ -144,6 +144,11 @@ def test_embedding_distillation_end_to_end(tmp_path, emb_teacher, method):
     s = r.summary
     assert 0 <= s["test_tar_far1e-2"] <= 1 and s["stages"][-1]["val_tar_far1e-2"] is not None
     assert r.model(torch.zeros(2, 1, 16, 16)).shape == (2, 16)  # the exported student gives embeddings
+    # no loss is defined on identities never trained on: it is left out, and summary.json stays standard JSON
+    strict = json.loads((r.run_dir / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert strict["test_loss"] is None
+    records = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("val/loss" not in x and "val/tar_far1e-2" in x for x in records if x["event"] == "epoch")
     if method == "th_kd":  # the teacher's margin head, read from its run folder, stays as it was
         saved = torch.load(emb_teacher.with_name("head.pt"), weights_only=True)["state_dict"]["weight"]
         assert torch.equal(r.method.teacher_margin_head.weight.cpu(), saved)

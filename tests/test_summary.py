@@ -170,3 +170,12 @@ def test_vs_alone_trains_the_student_alone_beside_and_reports_the_paired_differe
     with pytest.raises(ConfigError, match="no student-alone baseline"):
         distill_run(tmp_path / "g", teacher_file, **{"train.vs_alone": True, "method.name": "netgraft",
                                                      "data.shots_per_class": 2})
+
+
+def test_json_files_are_standard_json_with_null_for_non_finite_numbers(tmp_path):
+    from kdkit.jsonfile import write_json
+
+    f = tmp_path / "x.json"
+    write_json(f, {"a": float("nan"), "b": [1.5, float("inf"), (float("-inf"), 2)], "c": {"d": "nan", "e": 3}})
+    assert json.loads(f.read_text(), parse_constant=lambda c: pytest.fail(c)) == {
+        "a": None, "b": [1.5, None, [None, 2]], "c": {"d": "nan", "e": 3}}

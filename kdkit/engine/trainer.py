@@ -629,7 +629,9 @@ class Engine:
             with self.autocast:
                 scores = evaluate(model, self.loader("val", train=False), self.dist, self.method.task)
             st.last_val = {self.primary: scores[self.primary], "loss": scores["loss"]}
-            record = {f"val/{self.primary}": st.last_val[self.primary], "val/loss": st.last_val["loss"]}
+            record = {f"val/{self.primary}": st.last_val[self.primary]}
+            if st.last_val["loss"] == st.last_val["loss"]:  # NaN where the task has no loss on this split
+                record["val/loss"] = st.last_val["loss"]
         acc, loss = st.last_val[self.primary], st.last_val.get("loss", float("nan"))
         tie_better = acc == st.best_acc and loss == loss and loss < st.best_loss  # loss == loss: not NaN
         if (stage.select or c.select) == "best_val" and (acc > st.best_acc or tie_better):
