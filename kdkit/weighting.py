@@ -17,7 +17,10 @@ or detection terms) and returns one scalar. Each loss ``L_i`` has a hand-given p
   weight), by gradient descent on sum_i |G_i - target_i|; then sum_i g_i = number of losses. The descent
   is on u_i = log g_i with the gradient taken relative to mean(g G): the same objective, but steps are
   relative (g stays positive, and the learning rate does not depend on the losses' scale, which with
-  plain steps on g made the weights of very unequal losses oscillate). The norms G_i cost one backward pass
+  plain steps on g made the weights of very unequal losses oscillate). One consequence: a weight whose share of
+  mean(g G) has become tiny moves by a tiny step, slower than the renormalisation lowers it, so it keeps falling
+  (1e-10 in detection, where the paper's rule would hold it near its target; BENCHMARKS.md, issue 21's section,
+  and benchmarks/gradnorm_replay.py). The norms G_i cost one backward pass
   per loss down to W; ``every = k`` makes the step on g every k-th training step only (k = 1, the paper's
   rule, updates at every step), which divides that cost by k. Each epoch's mean G_i (before g) and r_i are
   reported by :meth:`GradNormWeighting.epoch_stats`.
