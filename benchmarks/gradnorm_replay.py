@@ -4,14 +4,16 @@ A run with ``method.weighting=gradnorm`` logs, each epoch, every path's mean gra
 (``gradnorm/grad/<path>``) and its relative inverse training rate (``gradnorm/r/<path>``). Held fixed, these
 decide where each update rule takes the weights:
 
-* ``kdkit``: kdkit's rule, :meth:`kdkit.weighting.GradNormWeighting.update` itself (multiplicative steps relative
-  to the mean weighted norm, then the weights renormalised to sum to the number of paths);
-* ``paper``: Adam steps on the weights themselves with the gradient of sum_i |g_i G_i - target_i| (target held
-  fixed), sign_i G_i, then clamped positive and renormalised: how the common implementations take the paper's rule.
+* ``relative``: kdkit's default rule (multiplicative steps relative to the mean weighted norm, then the weights
+  renormalised to sum to the number of paths);
+* ``adam``: the paper's rule as its common implementations take it (``method.gradnorm_rule=adam``): Adam steps on
+  the weights themselves with the gradient of sum_i |g_i G_i - target_i| (target held fixed), sign_i G_i, then
+  clamped at 0 and renormalised.
 
-Both start at g = 1 and print the final weights, the weighted norms g_i G_i and their sum, beside the sum under
-equal weights (sum_i G_i). The losses passed to kdkit's rule are the rates themselves (its r is their ratio to
-the first update's, relative to the mean), so both rules see the same r.
+Both are :meth:`kdkit.weighting.GradNormWeighting.update` itself. Both start at g = 1 and print the final
+weights, the weighted norms g_i G_i and their sum, beside the sum under equal weights (sum_i G_i). The losses
+passed are the logged rates themselves, with L(0) = 1, so the rules see the logged r (divided by its mean, which
+is 1 up to rounding).
 
     python benchmarks/gradnorm_replay.py benchmarks/results/gradnorm_detection_seed0.jsonl --epoch 1 --updates 350
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from kdkit.weighting import GradNormWeighting
+from kdkit.weighting import GRADNORM_RULES, GradNormWeighting
 
 
 def logged(path: Path, epoch: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -39,29 +41,14 @@ def logged(path: Path, epoch: int) -> tuple[list[str], torch.Tensor, torch.Tenso
     raise SystemExit(f"no epoch {epoch} in {path}")
 
 
-def kdkit_rule(names: list[str], norms: torch.Tensor, r: torch.Tensor, updates: int, alpha: float,
-               lr: float) -> torch.Tensor:
-    gn = GradNormWeighting(names, shared=list, alpha=alpha, lr=lr)
-    gn.update(torch.ones(len(names)), norms)  # the first update fixes L(0) = 1, so later ratios are r itself
-    gn.g.fill_(1.0)
+def replay(rule: str, names: list[str], norms: torch.Tensor, r: torch.Tensor, updates: int, alpha: float,
+           lr: float) -> torch.Tensor:
+    """The weights after `updates` of kdkit's GradNorm under `rule`, from g = 1, on fixed norms and rates."""
+    gn = GradNormWeighting(names, shared=list, alpha=alpha, lr=lr, rule=rule)
+    gn.initial.fill_(1.0)  # L(0) = 1, so the losses passed below are the ratios, and r their ratio to the mean
     for _ in range(updates):
         gn.update(r, norms)
     return gn.g.clone()
-
-
-def paper_rule(norms: torch.Tensor, r: torch.Tensor, updates: int, alpha: float, lr: float) -> torch.Tensor:
-    g = torch.nn.Parameter(torch.ones(len(norms)))
-    opt = torch.optim.Adam([g], lr=lr)
-    for _ in range(updates):
-        with torch.no_grad():
-            weighted = g * norms
-            target = weighted.mean() * r.pow(alpha)
-        g.grad = torch.sign(weighted - target) * norms
-        opt.step()
-        with torch.no_grad():
-            g.clamp_(min=0.0)
-            g.mul_(len(norms) / g.sum())
-    return g.detach().clone()
 
 
 def main() -> None:
@@ -75,8 +62,8 @@ def main() -> None:
     names, norms, r = logged(a.metrics, a.epoch)
     out = {"paths": names, "norms": norms.tolist(), "r": r.tolist(), "updates": a.updates,
            "equal_weights_summed_norm": float(norms.sum())}
-    for rule, g in (("kdkit", kdkit_rule(names, norms, r, a.updates, a.alpha, a.lr)),
-                    ("paper", paper_rule(norms, r, a.updates, a.alpha, a.lr))):
+    for rule in GRADNORM_RULES:
+        g = replay(rule, names, norms, r, a.updates, a.alpha, a.lr)
         out[rule] = {"weights": g.tolist(), "weighted_norms": (g * norms).tolist(),
                      "summed_norm": float((g * norms).sum())}
     print(json.dumps(out, indent=2))

@@ -20,7 +20,9 @@ or detection terms) and returns one scalar. Each loss ``L_i`` has a hand-given p
   plain steps on g made the weights of very unequal losses oscillate). One consequence: a weight whose share of
   mean(g G) has become tiny moves by a tiny step, slower than the renormalisation lowers it, so it keeps falling
   (1e-10 in detection, where the paper's rule would hold it near its target; BENCHMARKS.md, issue 21's section,
-  and benchmarks/gradnorm_replay.py). The norms G_i cost one backward pass
+  and benchmarks/gradnorm_replay.py). ``rule = "adam"`` takes the paper's rule instead, as its common
+  implementations do: Adam steps (betas 0.9, 0.999) on g itself with the gradient sign_i G_i, then g clamped
+  at 0 and renormalised. The norms G_i cost one backward pass
   per loss down to W; ``every = k`` makes the step on g every k-th training step only (k = 1, the paper's
   rule, updates at every step), which divides that cost by k. Each epoch's mean G_i (before g) and r_i are
   reported by :meth:`GradNormWeighting.epoch_stats`.
@@ -41,10 +43,12 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.adam import adam
 
 from .errors import ConfigError
 
 WEIGHTINGS = ("equal", "fixed", "uncertainty", "gradnorm", "dwa", "normalized")
+GRADNORM_RULES = ("relative", "adam")
 
 
 def _all_mean(t: torch.Tensor) -> torch.Tensor:
@@ -153,14 +157,21 @@ class GradNormWeighting(LossWeighting):
     kind = "gradnorm"
 
     def __init__(self, names: Sequence[str], priors: Mapping[str, float] | None = None, *,
-                 shared: Callable[[], list[nn.Parameter]], alpha: float = 1.5, lr: float = 0.025, every: int = 1):
+                 shared: Callable[[], list[nn.Parameter]], alpha: float = 1.5, lr: float = 0.025, every: int = 1,
+                 rule: str = "relative"):
         super().__init__(names, priors)
         if every < 1:
             raise ConfigError(f"GradNorm's update interval must be at least 1 step, got {every}")
+        if rule not in GRADNORM_RULES:
+            raise ConfigError(f"GradNorm's update rule must be one of {list(GRADNORM_RULES)}, got {rule!r}")
         self.shared = shared
-        self.alpha, self.lr, self.every = alpha, lr, every
+        self.alpha, self.lr, self.every, self.rule = alpha, lr, every, rule
         self.register_buffer("g", torch.ones(len(self.names)))
         self.register_buffer("initial", torch.zeros(len(self.names)))
+        if rule == "adam":  # Adam's moments and step count, saved with the run (absent under the relative rule)
+            self.register_buffer("adam_m", torch.zeros(len(self.names)))
+            self.register_buffer("adam_v", torch.zeros(len(self.names)))
+            self.register_buffer("adam_step", torch.zeros(()))
         if every > 1:  # saved with the run, so a resumed run updates on the same steps (absent when every = 1)
             self.register_buffer("calls", torch.zeros((), dtype=torch.long))
         # the epoch's sums of G_i (before g) and r_i over its updates, for epoch_stats (not in checkpoints: a
@@ -212,11 +223,16 @@ class GradNormWeighting(LossWeighting):
         r = ratio / ratio.mean().clamp_min(1e-12)
         weighted = self.g * norms
         target = weighted.mean() * r.pow(self.alpha)
-        # gradient of sum_j |g_j G_j - target_j| with respect to u_i = log g_i, relative to mean(g G)
-        grad = torch.sign(weighted - target) * weighted / weighted.mean().clamp_min(1e-12)
-        grad = _all_mean(grad)
-        self.g.mul_(torch.exp(-self.lr * grad))
-        self.g.mul_(len(self.names) / self.g.sum())
+        if self.rule == "relative":
+            # gradient of sum_j |g_j G_j - target_j| with respect to u_i = log g_i, relative to mean(g G)
+            grad = _all_mean(torch.sign(weighted - target) * weighted / weighted.mean().clamp_min(1e-12))
+            self.g.mul_(torch.exp(-self.lr * grad))
+        else:  # its gradient with respect to g_i itself, sign_i G_i, taken by Adam; a weight stays >= 0
+            grad = _all_mean(torch.sign(weighted - target) * norms)
+            adam([self.g], [grad], [self.adam_m], [self.adam_v], [], [self.adam_step], amsgrad=False, beta1=0.9,
+                 beta2=0.999, lr=self.lr, weight_decay=0.0, eps=1e-8, maximize=False)
+            self.g.clamp_(min=0.0)
+        self.g.mul_(len(self.names) / self.g.sum().clamp_min(1e-12))
         self.norm_sums += norms.double()
         self.ratio_sums += r.double()
         self.updates += 1
@@ -284,7 +300,7 @@ def dwa_weights(last: torch.Tensor, before: torch.Tensor, temperature: float) ->
 
 def make_weighting(kind: str, names: Sequence[str], priors: Mapping[str, float] | None = None, *,
                    shared: Callable[[], list[nn.Parameter]] | None = None, gradnorm_alpha: float = 1.5,
-                   gradnorm_lr: float = 0.025, gradnorm_every: int = 1,
+                   gradnorm_lr: float = 0.025, gradnorm_every: int = 1, gradnorm_rule: str = "relative",
                    dwa_temperature: float = 2.0) -> LossWeighting:
     if kind == "equal":
         return EqualWeighting(names, priors)
@@ -296,7 +312,7 @@ def make_weighting(kind: str, names: Sequence[str], priors: Mapping[str, float] 
         if shared is None:
             raise ConfigError("gradnorm weighting needs the shared weights W (method.gradnorm_layer)")
         return GradNormWeighting(names, priors, shared=shared, alpha=gradnorm_alpha, lr=gradnorm_lr,
-                                 every=gradnorm_every)
+                                 every=gradnorm_every, rule=gradnorm_rule)
     if kind == "dwa":
         return DWAWeighting(names, priors, temperature=dwa_temperature)
     if kind == "normalized":

@@ -185,6 +185,40 @@ def test_gradnorm_epoch_stats_are_the_epoch_means_of_its_gradient_norms_and_rate
     assert "norm_sums" not in gn.state_dict()  # checkpoints keep their keys
 
 
+def test_gradnorm_adam_rule_takes_adam_steps_on_the_weights_by_hand():
+    """G = (2, 1), equal rates: the target is mean(g G) for both, so sign = (+1, -1) and the gradient on g is
+    sign * G = (2, -1). Adam's bias-corrected step is lr * m_hat / sqrt(v_hat) = lr * sign while the gradient
+    does not change: g = (1 - 0.1, 1 + 0.1), then (0.8, 1.2) (the sum is already 2)."""
+    gn = GradNormWeighting(["a", "b"], shared=list, lr=0.1, rule="adam")
+    norms, losses = torch.tensor([2.0, 1.0]), torch.tensor([1.0, 1.0])
+    gn.update(losses, norms)
+    assert gn.g.tolist() == pytest.approx([0.9, 1.1], abs=1e-6)
+    gn.update(losses, norms)
+    assert gn.g.tolist() == pytest.approx([0.8, 1.2], abs=1e-6)
+    assert {"adam_m", "adam_v", "adam_step"} <= set(gn.state_dict()) and int(gn.adam_step) == 2
+    assert "adam_m" not in GradNormWeighting(["a", "b"], shared=list).state_dict()  # checkpoints keep their keys
+    with pytest.raises(ConfigError, match="update rule must be one of"):
+        GradNormWeighting(["a", "b"], shared=list, rule="sgd")
+
+
+def test_gradnorm_relative_rule_cannot_raise_a_tiny_weight_that_the_adam_rule_raises():
+    """Equal gradient norms; loss a learns slowest (r_a^1.5 > 4: its target cannot be met), so a takes nearly all
+    the weight. Then b becomes the slowest: c and d are below their targets all along (they should rise), but under
+    kdkit's relative rule their share of mean(g G) is tiny, so the renormalisation outpaces their own step and they
+    keep falling; under Adam they hold near their targets."""
+    norms = torch.ones(4)
+    finals = {}
+    for rule in ("relative", "adam"):
+        gn = GradNormWeighting(list("abcd"), shared=list, rule=rule)
+        gn.update(torch.ones(4), norms)  # L(0) = 1
+        for t in range(4000):
+            gn.update(torch.tensor([0.9, 0.2, 0.2, 0.2] if t < 2000 else [0.2, 0.9, 0.2, 0.2]), norms)
+        finals[rule] = gn.g.tolist()
+    assert finals["relative"][1] > 3.5 and finals["adam"][1] > 2.5  # b, now the slowest, leads under both
+    assert max(finals["relative"][2:]) < 1e-3  # c and d fell, though below their targets
+    assert min(finals["adam"][2:]) > 0.2
+
+
 def test_normalized_divides_each_loss_by_its_running_mean():
     """L = sum_i w_i L_i / sg(mean_i): the first value starts the mean (the term is then w_i), later values move it
     by 1% per step; the gradient is the loss's divided by its mean, whatever the loss's constant factors."""
@@ -230,10 +264,14 @@ def test_dwa_reproduces_its_formula():
 # ---------------------------------------------------------------------------------------- the method
 
 
-@pytest.mark.parametrize("weighting", ["equal", "fixed", "uncertainty", "gradnorm", "dwa", "normalized"])
+@pytest.mark.parametrize("weighting", ["equal", "fixed", "uncertainty", "gradnorm", "gradnorm-adam", "dwa",
+                                       "normalized"])
 def test_all_paths_train_with_every_weighting(tmp_path, cnn_teacher_file, weighting):
+    rule = {"method.gradnorm_rule": "adam"} if weighting == "gradnorm-adam" else {}
+    weighting = weighting.split("-")[0]
     res = distill_run(tmp_path / "r", cnn_teacher_file, **{
-        "method.name": "adaptive", "method.paths": ALL, "method.weighting": weighting, "train.epochs": 3, **STUDENT})
+        "method.name": "adaptive", "method.paths": ALL, "method.weighting": weighting, "train.epochs": 3, **rule,
+        **STUDENT})
     s = res.summary
     assert s["paths"] == ["soft_target", "logits", "hint", "attention", "gram", "feature_map", "softmax_regression"]
     assert s["test_accuracy"] > 0.3 and set(s["final_weights"]) == {f"weight/{p}" for p in s["paths"]}

@@ -123,6 +123,9 @@ class AdaptiveOptions(SoftTargets):
     gradnorm_every: int = opt(1, "GradNorm updates the loss weights every this many steps (1: every step, as in "
                                  "the paper; k divides the cost of its extra backward passes by k)", ge=1)
     gradnorm_layer: str | None = opt(None, "GradNorm shared weights W: a student module (default: its first stage)")
+    gradnorm_rule: Literal["relative", "adam"] = opt(
+        "relative", "GradNorm's step on the weights: relative (kdkit's: multiplicative, scale-free; a weight whose "
+        "share became tiny keeps falling) or adam (the paper's gradient on the weights themselves, by Adam)")
     dwa_temperature: float = opt(2.0, "DWA temperature T", gt=0)
     pairwise_scale: float = opt(0.5, "pairwise path: node size as a fraction of the map", gt=0, le=1)
     dkd_beta: float = opt(8.0, "dkd path: weight of the non-target-class term (TCKD's is 1)", ge=0)
@@ -263,7 +266,7 @@ class Adaptive(Distiller):
         self.weighting = make_weighting(
             self.opts.weighting, [p.label for p in self.paths], {p.label: p.weight for p in self.paths},
             shared=self._shared_params, gradnorm_alpha=self.opts.gradnorm_alpha, gradnorm_lr=self.opts.gradnorm_lr,
-            gradnorm_every=self.opts.gradnorm_every,
+            gradnorm_every=self.opts.gradnorm_every, gradnorm_rule=self.opts.gradnorm_rule,
             dwa_temperature=self.opts.dwa_temperature,
         ).to(sample.x.device)
 
