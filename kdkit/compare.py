@@ -606,6 +606,18 @@ class ArmResult:
         return replace(self, values=values, last=last)
 
 
+def run_wall(attempts: list[dict[str, Any]], summary: dict[str, Any]) -> float:
+    """A finished run's wall time (s): the larger of its queue attempts' sum and its summary's ``wall_time_s``.
+
+    Each can miss time: an attempt killed with its worker (a session's end) is not always recorded, while the
+    summary counts every process of the run up to its checkpoints (summaries written before kdkit summed resumed
+    processes count the last one only). Neither overcounts, so the larger is the closer."""
+    queued = sum(a.get("wall_s", 0.0) for a in attempts)
+    own = summary.get("wall_time_s")
+    own = float(own) if isinstance(own, (int, float)) else 0.0
+    return max(queued, own) or math.nan
+
+
 def collect(spec: Spec) -> dict[str, dict[str, ArmResult]]:
     """cell -> arm -> the results of its finished runs (and which seeds failed or are pending), scored on the
     spec's metric; each summary is read once (``ArmResult.with_metric`` scores them on another)."""
@@ -621,7 +633,7 @@ def collect(spec: Spec) -> dict[str, dict[str, ArmResult]]:
         s = json.loads((r.run_dir / "summary.json").read_text(encoding="utf-8"))
         res.summaries[r.seed] = (r.run_dir / "summary.json", s)
         attempts = queue.get(r.key, {}).get("attempts", [])
-        res.wall[r.seed] = sum(a.get("wall_s", 0.0) for a in attempts) or float(s.get("wall_time_s", math.nan))
+        res.wall[r.seed] = run_wall(attempts, s)
         if attempts:
             res.cpu[r.seed] = sum(a.get("cpu_s", 0.0) for a in attempts)
         res.pairing[r.seed] = s.get("pairing") or {}

@@ -352,3 +352,13 @@ def test_a_spec_reruns_another_specs_arms_through_base(tmp_path):
     (tmp_path / "e.yaml").write_text(yaml.safe_dump({"base": "d.yaml"}))
     with pytest.raises(ConfigError, match="names itself"):
         load_spec(tmp_path / "d.yaml")
+
+
+def test_a_runs_wall_time_is_the_larger_of_its_attempts_and_its_summary():
+    """A resumed run whose first attempt died with its worker unrecorded: the summary (summed over the run's
+    processes) knows more; an old summary that counted the last process only: the attempts know more."""
+    from kdkit.compare import run_wall
+
+    assert run_wall([{"wall_s": 1968.7}], {"wall_time_s": 2864.0}) == 2864.0
+    assert run_wall([{"wall_s": 100.0}, {"wall_s": 200.0}], {"wall_time_s": 120.0}) == 300.0
+    assert run_wall([], {"wall_time_s": 50}) == 50.0 and math.isnan(run_wall([], {}))
