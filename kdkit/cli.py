@@ -118,7 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--retry-failed", action="store_true", help="run again the runs that failed earlier")
     c.add_argument("--until", metavar="WHEN",
                    help="start no run that would end after WHEN (+90m, +2h, 17:30 or '2026-12-24 17:30'; each run "
-                        "timed by its arm's finished runs): the queue stops between runs")
+                        "timed by its arm's finished runs; a shorter run that fits goes first): the queue stops "
+                        "between runs")
 
     d = sub.add_parser("demo", help="teacher, student alone and KD on the bundled digits data (under a minute)")
     d.add_argument("--output-dir", default=None, help="where the three runs go (default runs/demo-<time>)")

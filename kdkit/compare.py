@@ -452,8 +452,9 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
     """Run what is not finished, one at a time; returns the queue record (also in ``OUT/queue.json``).
 
     With `until` (a POSIX time) no run is started that would, at the mean wall time of its arm's finished runs,
-    end after it (a run of an arm with none finished yet is started while the deadline is ahead): the queue
-    stops between runs, so nothing is killed half-way.
+    end after it (a run of an arm with none finished yet is started while the deadline is ahead); a shorter run
+    further on that still fits is started instead, so a long arm does not leave a worker idle until the
+    deadline. The queue stops between runs, so nothing is killed half-way.
 
     A run that fails after it started is recorded (``failed``), skipped from then on unless `retry_failed`
     (it resumes from its last checkpoint), and the queue goes on; one that fails before starting (a config
@@ -482,7 +483,7 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
             say(f"about {minutes:.0f} worker-minutes to go, from the wall times of each arm's finished runs" +
                 (f" (not counting {', '.join(untimed)}: no finished run to time them by)" if untimed else ""),
                 flush=True)
-    done_now = 0
+    done_now, left_for_later = 0, 0
     for r in todo:
         if max_runs is not None and done_now >= max_runs:
             say(f"stopped after {done_now} run(s) (--max-runs); run the same command to continue", flush=True)
@@ -490,10 +491,11 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
         if until is not None and not r.finished:
             need = 60 * minutes_left([r], walls)[0]  # 0 for an arm with no finished run yet
             if time.time() + need > until:
-                say(f"stopped before {r.key} (about {need / 60:.0f} min): it would end after the --until deadline "
-                    f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(until))}; run the same command to continue",
-                    flush=True)
-                break
+                if not claims.holder(r):
+                    say(f"skipped {r.key} (about {need / 60:.0f} min): it would end after the --until deadline "
+                        f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(until))}", flush=True)
+                    left_for_later += 1
+                continue  # a shorter run further on may still fit
         if r.seed is not None:  # an arm: every prepare run must be finished first, whoever makes it
             for p in (p for p in runs if p.seed is None and not p.finished):
                 if claims.holder(p) is None:
@@ -522,6 +524,9 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
         if isinstance(s.get("wall_time_s"), (int, float)):
             walls.setdefault(r.arm, []).append(float(s["wall_time_s"]))
         say(f"    {spec.metric} {_fmt(_lookup(s, spec.metric), spec.metric)} in {attempt['wall_s']:.0f} s", flush=True)
+    if left_for_later:
+        say(f"{left_for_later} run(s) left for after the --until deadline; run the same command to continue",
+            flush=True)
     return _read_queue(qpath)
 
 

@@ -190,10 +190,13 @@ def test_until_stops_the_queue_before_a_run_that_would_end_after_the_deadline(tm
     s = json.loads(summary.read_text())
     summary.write_text(json.dumps({**s, "wall_time_s": 1e6}))  # the student arm now "takes" 11 days a run
     compare(spec, until="+2h", echo=True)
-    # kd has no finished run to time it by, so it starts; student/seed1 would end after the deadline
+    # student/seed1 would end after the deadline: skipped; kd (no finished run to time it by) starts, and once
+    # timed by its seed 0, its seed 1 fits too
     assert (out / "all" / "kd" / "seed0" / "summary.json").is_file()
+    assert (out / "all" / "kd" / "seed1" / "summary.json").is_file()
     assert not (out / "all" / "student" / "seed1").exists()
-    assert "stopped before all/student/seed1 (about 16667 min)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "skipped all/student/seed1 (about 16667 min)" in printed and "1 run(s) left for after" in printed
 
 
 def test_until_accepts_durations_clock_times_and_dates():
