@@ -33,9 +33,10 @@ from kdkit.data import load_data
 
 def arm_commands(spec_file: str, cell: str) -> dict[str, list[str]]:
     """arm -> [recipe, overrides...] of the cell's seed-0 run, for every distillation arm of the cell."""
-    runs = [r for r in plan(load_spec(spec_file)) if r.cell == cell and r.seed == 0 and r.command == "distill"]
+    planned = plan(load_spec(spec_file))
+    runs = [r for r in planned if r.cell == cell and r.seed == 0 and r.command == "distill"]
     if not runs:
-        cells = sorted({r.cell for r in plan(load_spec(spec_file)) if r.seed is not None})
+        cells = sorted({r.cell for r in planned if r.seed is not None})
         raise SystemExit(f"no distillation arm runs in cell {cell!r} of {spec_file}; its cells: {cells}")
     # the thread count is this script's to set; the recipes' progress bars would only slow the timing
     return {r.arm: [a for a in r.argv if not a.startswith(("train.threads=", "seed="))] + ["train.progress=none"]
