@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, KdkitError, did_you_mean
+from .jsonfile import write_json
 from .stats import Interval, Paired, mean_ci, paired
 
 SPEC_KEYS = ("name", "out", "seeds", "metric", "also", "baseline", "set", "arms_set", "prepare", "arms", "cells",
@@ -329,13 +330,6 @@ def _read_queue(path: Path) -> dict[str, Any]:
     return {"runs": {}}
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def command_line(run: Run) -> list[str]:
     """The kdkit command that (re)starts `run`: a fresh start, or ``--resume`` when it was interrupted."""
     head = [sys.executable, "-m", "kdkit", run.command]
@@ -421,7 +415,7 @@ def _record(qpath: Path, spec_name: str, key: str, attempt: dict[str, Any], stat
         entry = queue["runs"].setdefault(key, {"attempts": []})
         entry["attempts"].append(attempt)
         entry["status"] = status
-        _write_json(qpath, queue)
+        write_json(qpath, queue)
     return queue
 
 
@@ -868,7 +862,7 @@ def render(spec: Spec) -> dict[str, Any]:
         if metric == spec.metric and spec.also:
             text += "\nThe same report on further metrics: " + ", ".join(
                 f"[{m}]({also_stem(m)}.md)" for m in spec.also) + ".\n"
-        _write_json(spec.out / f"{stem}.json", report)
+        write_json(spec.out / f"{stem}.json", report)
         (spec.out / f"{stem}.md").write_text(text, encoding="utf-8")
         if any(a["metric"]["n"] for c in report["cells"].values() for a in c["arms"].values()):
             plot(report, spec.out / f"{stem}.png")

@@ -1,11 +1,13 @@
 """JSON files that any reader can parse: ``summary.json`` and the export sidecar are read by tools other than
 Python (jq, JavaScript, spreadsheets), whose parsers reject the ``NaN`` and ``Infinity`` that Python's json
-module writes by default. A value that is not a finite number is written as ``null``."""
+module writes by default. A value that is not a finite number is written as ``null``. Files are replaced
+atomically (written beside, then renamed), so a reader never sees half a file and a crash never leaves one."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,5 +24,9 @@ def strict(obj: Any) -> Any:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write `obj` as indented, standard JSON (non-finite numbers as null)."""
-    path.write_text(json.dumps(strict(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    """Write `obj` to `path` as indented, standard JSON (non-finite numbers as null), atomically; creates the
+    parent folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(strict(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -161,6 +161,8 @@ def test_the_queue_resumes_where_it_stopped_and_reports_paired_differences(tmp_p
     d = [per_seed["kd"][s] - per_seed["student"][s] for s in (0, 1)]
     assert pair["diff"]["mean"] == pytest.approx(sum(d) / 2) and pair["same"] == {"student_init": 2, "data_order": 2}
     md = (out / "compare.md").read_text()
+    for name in ("compare.json", "queue.json"):  # standard JSON that jq and JavaScript read
+        json.loads((out / name).read_text(), parse_constant=lambda c, name=name: pytest.fail(f"{name} holds {c}"))
     assert "| kd | student | 2 |" in md and (out / "compare.png").stat().st_size > 5000
     # rendering again from the runs alone gives the same report
     assert compare(spec, run=False, echo=False) == report

@@ -175,7 +175,9 @@ def test_vs_alone_trains_the_student_alone_beside_and_reports_the_paired_differe
 def test_json_files_are_standard_json_with_null_for_non_finite_numbers(tmp_path):
     from kdkit.jsonfile import write_json
 
-    f = tmp_path / "x.json"
+    f = tmp_path / "new" / "x.json"
     write_json(f, {"a": float("nan"), "b": [1.5, float("inf"), (float("-inf"), 2)], "c": {"d": "nan", "e": 3}})
     assert json.loads(f.read_text(), parse_constant=lambda c: pytest.fail(c)) == {
         "a": None, "b": [1.5, None, [None, 2]], "c": {"d": "nan", "e": 3}}
+    write_json(f, {"a": 1})  # replaced whole, nothing left beside it
+    assert json.loads(f.read_text()) == {"a": 1} and [p.name for p in f.parent.iterdir()] == ["x.json"]
