@@ -269,8 +269,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 print("\n".join(dry_run(args.spec)))
                 return 0
-            report = compare(args.spec, run=not args.render, max_runs=args.max_runs, retry_failed=args.retry_failed,
-                             until=args.until)
+            try:
+                report = compare(args.spec, run=not args.render, max_runs=args.max_runs,
+                                 retry_failed=args.retry_failed, until=args.until)
+            except KeyboardInterrupt:
+                print("kdkit compare: stopped; the run in progress kept its checkpoint, run the same command to "
+                      "continue", file=sys.stderr)
+                return 130
             from .compare import load_spec
 
             print(f"report: {load_spec(args.spec).out / 'compare.md'}")

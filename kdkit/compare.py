@@ -42,6 +42,7 @@ import os
 import re
 import resource
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -456,7 +457,10 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
 
     Several workers may run the same spec at once on one machine (``kdkit compare SPEC`` started twice, say
     one per core): each takes the next run no other live worker holds, and waits (polling every `wait_s`
-    seconds) for prepare runs another worker is making before it starts any arm."""
+    seconds) for prepare runs another worker is making before it starts any arm.
+
+    Stopping a worker (Ctrl-C, or SIGTERM) stops its run at the next step with a checkpoint, records the
+    attempt as ``interrupted`` and raises KeyboardInterrupt; the same command continues the run from there."""
     runs = plan(spec)
     check(runs)
     qpath = spec.out / "queue.json"
@@ -565,12 +569,39 @@ def _run_one(r: Run, runs: list[Run], say: Any) -> tuple[int, dict[str, Any]]:
     with open(r.log, "a", encoding="utf-8") as log:
         log.write(f"$ {attempt['command']}\n")
         log.flush()
-        try:
-            code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-        except KeyboardInterrupt:
-            code = 130
+        # its own session: a Ctrl-C on the terminal reaches the run only through the worker, once
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        code = _wait_passing_on_stops(proc)
     attempt.update(exit_code=code, wall_s=round(time.time() - t0, 2), cpu_s=round(_cpu_seconds() - c0, 2))
     return code, attempt
+
+
+def _wait_passing_on_stops(proc: subprocess.Popen) -> int:
+    """Wait for the run `proc`; its exit code, 130 if the worker was asked to stop and the run did not finish.
+
+    SIGINT (Ctrl-C) or SIGTERM (``kill``, ``pkill -f "kdkit compare"``) to the worker is passed on to the run as
+    SIGTERM, once per signal: kdkit's trainer then checkpoints at its next step and exits, so stopping a worker
+    loses no more than a step, and the attempt's wall and CPU time are still recorded; a second signal stops the
+    run at once (its last checkpoint kept)."""
+    asked: list[int] = []
+
+    def pass_on(signum: int, frame: Any) -> None:
+        asked.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    old = {}
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old[s] = signal.signal(s, pass_on)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        code = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 130 if asked and code != 0 else code
 
 
 # ---- the report ------------------------------------------------------------------------------------

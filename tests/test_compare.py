@@ -367,3 +367,49 @@ def test_a_runs_wall_time_is_the_larger_of_its_attempts_and_its_summary():
     assert run_wall([{"wall_s": 1968.7}], {"wall_time_s": 2864.0}) == 2864.0
     assert run_wall([{"wall_s": 100.0}, {"wall_s": 200.0}], {"wall_time_s": 120.0}) == 300.0
     assert run_wall([], {"wall_time_s": 50}) == 50.0 and math.isnan(run_wall([], {}))
+
+
+def test_stopping_a_worker_checkpoints_its_run_and_records_the_attempt(tmp_path):
+    """SIGTERM to a `kdkit compare` worker (as `pkill -f "kdkit compare"` sends) is passed on to its run, which
+    checkpoints at its next step and exits; the worker records the attempt (wall and CPU time) as interrupted and
+    exits with 130, leaving no training process behind; the same command resumes the run."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    out = tmp_path / "out"
+    spec = {"name": "long", "out": str(out), "seeds": [0], "baseline": "student", "set": COMMON,
+            "arms": {"student": {"command": "train", "set": ["model.arch=mlp", "model.hidden=[32]",
+                                                             "train.epochs=100000"]}}}
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    worker = subprocess.Popen([sys.executable, "-m", "kdkit", "compare", str(spec_file)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    metrics = out / "all" / "student" / "seed0" / "metrics.jsonl"
+    t0 = time.time()
+    while not (metrics.is_file() and '"event": "epoch"' in metrics.read_text()):
+        assert worker.poll() is None and time.time() - t0 < 120, "the run did not start"
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGTERM)
+    output = worker.communicate(timeout=120)[0]
+    assert worker.returncode == 130 and "run the same command to continue" in output, output
+    (attempt,) = json.loads((out / "queue.json").read_text())["runs"]["all/student/seed0"]["attempts"]
+    assert attempt["exit_code"] == 130 and attempt["wall_s"] > 0 and attempt["cpu_s"] > 0
+    assert json.loads((out / "queue.json").read_text())["runs"]["all/student/seed0"]["status"] == "interrupted"
+    assert "stopped by signal 15" in (out / "logs" / "all" / "student" / "seed0.log").read_text()
+    assert not _processes_naming(str(metrics.parent)) and (metrics.parent / "checkpoint.pt").is_file()
+    assert any(line.startswith("resume ") and "all/student/seed0" in line for line in dry_run(spec))
+
+
+def _processes_naming(text: str) -> list[int]:
+    """The live processes whose command line contains `text`."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and text in (p / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(p.name))
+        except OSError:  # ended meanwhile
+            pass
+    return pids
