@@ -510,7 +510,7 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
         status = "finished" if r.finished else ("interrupted" if code == 130 else "failed")
         _record(qpath, spec.name, r.key, attempt, status)
         done_now += 1
-        if code == 130:
+        if code == 130 or attempt.get("stop_asked"):
             raise KeyboardInterrupt
         if not r.finished:
             tail = " | ".join(r.log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:])
@@ -571,13 +571,16 @@ def _run_one(r: Run, runs: list[Run], say: Any) -> tuple[int, dict[str, Any]]:
         log.flush()
         # its own session: a Ctrl-C on the terminal reaches the run only through the worker, once
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        code = _wait_passing_on_stops(proc)
+        code, asked = _wait_passing_on_stops(proc)
+    if asked:
+        attempt["stop_asked"] = True
     attempt.update(exit_code=code, wall_s=round(time.time() - t0, 2), cpu_s=round(_cpu_seconds() - c0, 2))
     return code, attempt
 
 
-def _wait_passing_on_stops(proc: subprocess.Popen) -> int:
-    """Wait for the run `proc`; its exit code, 130 if the worker was asked to stop and the run did not finish.
+def _wait_passing_on_stops(proc: subprocess.Popen) -> tuple[int, bool]:
+    """Wait for the run `proc`; its exit code (130 if the worker was asked to stop and the run did not finish)
+    and whether a stop was asked (the queue then ends after recording the run, even one that just finished).
 
     SIGINT (Ctrl-C) or SIGTERM (``kill``, ``pkill -f "kdkit compare"``) to the worker is passed on to the run as
     SIGTERM, once per signal: kdkit's trainer then checkpoints at its next step and exits, so stopping a worker
@@ -601,7 +604,7 @@ def _wait_passing_on_stops(proc: subprocess.Popen) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    return 130 if asked and code != 0 else code
+    return (130 if asked and code != 0 else code), bool(asked)
 
 
 # ---- the report ------------------------------------------------------------------------------------
