@@ -54,6 +54,7 @@ from typing import Any
 from .errors import ConfigError, KdkitError, did_you_mean
 from .jsonfile import write_json
 from .stats import Interval, Paired, mean_ci, paired
+from .stop_signals import on_stop_signals
 
 SPEC_KEYS = ("name", "out", "seeds", "metric", "also", "baseline", "set", "arms_set", "prepare", "arms", "cells",
              "contrasts", "level", "base")
@@ -593,17 +594,8 @@ def _wait_passing_on_stops(proc: subprocess.Popen) -> tuple[int, bool]:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
 
-    old = {}
-    try:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            old[s] = signal.signal(s, pass_on)
-    except ValueError:  # not the main thread: leave signals alone
-        pass
-    try:
+    with on_stop_signals(pass_on):
         code = proc.wait()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
     return (130 if asked and code != 0 else code), bool(asked)
 
 

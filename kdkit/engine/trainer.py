@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import itertools
 import random
-import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from ..config import Config, TrainConfig
 from ..data import BatchLoader, DataBundle, make_loader
 from ..errors import TrainingError, warn
 from ..methods.base import Method, Stage, Update
+from ..stop_signals import on_stop_signals
 from ..teacher_cache import TeacherCache
 from .checkpoint import atomic_save, load_latest
 from .distributed import DistInfo
@@ -272,20 +272,6 @@ class Engine:
         """Whether a signal asked to stop; under torchrun all ranks agree, so they stop at the same step."""
         return not self._all_ranks(self._stop_signal is None)
 
-    @contextlib.contextmanager
-    def _signals(self):
-        old = {}
-        try:
-            for s in (signal.SIGINT, signal.SIGTERM):
-                old[s] = signal.signal(s, self._on_signal)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
     # ---- the loop ---------------------------------------------------------------------------
     def _planned_steps(self, stages: list[Stage]) -> int:
         """Optimizer steps of the whole run as planned (every stage's epochs x steps per epoch)."""
@@ -330,7 +316,7 @@ class Engine:
         self.progress.clock = self._run_clock(self._planned_steps(stages), t0, self.global_step)
         if resume is None:
             self._save(pos, None, t0)  # the first "last good" checkpoint, for recovery from a fault
-        with self._signals():
+        with on_stop_signals(self._on_signal):
             while True:
                 try:
                     self._run_stages(stages, pos, resume, t0)
