@@ -120,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="start no run that would end after WHEN (+90m, +2h, 17:30 or '2026-12-24 17:30'; each run "
                         "timed by its arm's finished runs; a shorter run that fits goes first): the queue stops "
                         "between runs")
+    c.add_argument("--longest-first", action="store_true",
+                   help="take the longest runs first (arms not timed yet, then by their finished runs' wall time) "
+                        "instead of seed by seed: with --until, long runs start while they still fit")
 
     d = sub.add_parser("demo", help="teacher, student alone and KD on the bundled digits data (under a minute)")
     d.add_argument("--output-dir", default=None, help="where the three runs go (default runs/demo-<time>)")
@@ -271,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             try:
                 report = compare(args.spec, run=not args.render, max_runs=args.max_runs,
-                                 retry_failed=args.retry_failed, until=args.until)
+                                 retry_failed=args.retry_failed, until=args.until,
+                                 longest_first=args.longest_first)
             except KeyboardInterrupt:
                 print("kdkit compare: stopped; the run in progress kept its checkpoint, run the same command to "
                       "continue", file=sys.stderr)

@@ -444,13 +444,16 @@ def parse_until(text: str, now: float | None = None) -> float:
 
 
 def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = False,
-              echo: bool = True, wait_s: float = 5.0, until: float | None = None) -> dict[str, Any]:
+              echo: bool = True, wait_s: float = 5.0, until: float | None = None,
+              longest_first: bool = False) -> dict[str, Any]:
     """Run what is not finished, one at a time; returns the queue record (also in ``OUT/queue.json``).
 
     With `until` (a POSIX time) no run is started that would, at the mean wall time of its arm's finished runs,
     end after it (a run of an arm with none finished yet is started while the deadline is ahead); a shorter run
     further on that still fits is started instead, so a long arm does not leave a worker idle until the
-    deadline. The queue stops between runs, so nothing is killed half-way.
+    deadline. The queue stops between runs, so nothing is killed half-way. `longest_first` takes the runs in
+    `longest_first_order` instead of the plan's (seed by seed): with a deadline, the long runs are started
+    while they still fit and the short ones fill the end.
 
     A run that fails after it started is recorded (``failed``), skipped from then on unless `retry_failed`
     (it resumes from its last checkpoint), and the queue goes on; one that fails before starting (a config
@@ -476,6 +479,8 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
     say(f"kdkit compare {spec.name}: {len(runs) - len(todo)} of {len(runs)} runs finished, {len(todo)} to go "
         f"(results in {spec.out})", flush=True)
     walls = finished_walls(runs)  # by arm: for the estimate below and for `until`
+    if longest_first:
+        todo = longest_first_order(todo, walls)
     if todo:
         minutes, untimed = minutes_left(todo, walls)
         if len(untimed) < len({r.arm for r in todo}):
@@ -556,6 +561,17 @@ def minutes_left(todo: list[Run], walls: dict[str, list[float]]) -> tuple[float,
         elif r.arm not in untimed:
             untimed.append(r.arm)
     return total, untimed
+
+
+def longest_first_order(todo: list[Run], walls: dict[str, list[float]]) -> list[Run]:
+    """`todo` with the runs of arms not timed yet first (finishing one times its arm), then the longest by the
+    mean wall time of their arm's finished runs; the plan's order among equals (prepare runs stay ahead)."""
+    def need(r: Run) -> float:
+        if r.seed is None:
+            return math.inf  # a prepare run: every arm waits for it
+        return sum(walls[r.arm]) / len(walls[r.arm]) if walls.get(r.arm) else math.inf
+
+    return sorted(todo, key=lambda r: -need(r))
 
 
 def _run_one(r: Run, runs: list[Run], say: Any) -> tuple[int, dict[str, Any]]:
@@ -912,18 +928,21 @@ def dry_run(spec: str | os.PathLike | dict[str, Any]) -> list[str]:
 
 
 def compare(spec: str | os.PathLike | dict[str, Any], *, run: bool = True, max_runs: int | None = None,
-            retry_failed: bool = False, echo: bool = True, until: float | str | None = None) -> dict[str, Any]:
+            retry_failed: bool = False, echo: bool = True, until: float | str | None = None,
+            longest_first: bool = False) -> dict[str, Any]:
     """Run the comparison `spec` (what is not finished yet) and write its report; return the report.
 
     ``run=False`` only renders the report of the runs finished so far. `until`: start no run that would end
-    after this deadline (a POSIX time, or text for `parse_until`: ``+2h``, ``17:30``)."""
+    after this deadline (a POSIX time, or text for `parse_until`: ``+2h``, ``17:30``). `longest_first`: take
+    the longest runs first (see `run_queue`)."""
     s = load_spec(spec)
     if isinstance(until, str):
         until = parse_until(until)
     if run:
-        run_queue(s, max_runs=max_runs, retry_failed=retry_failed, echo=echo, until=until)
+        run_queue(s, max_runs=max_runs, retry_failed=retry_failed, echo=echo, until=until,
+                  longest_first=longest_first)
     return render(s)
 
 
-__all__ = ["ArmResult", "Interval", "Paired", "Run", "Spec", "compare", "dry_run", "load_spec", "parse_until", "plan",
-           "render", "run_queue"]
+__all__ = ["ArmResult", "Interval", "Paired", "Run", "Spec", "compare", "dry_run", "load_spec", "longest_first_order",
+           "parse_until", "plan", "render", "run_queue"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kdkit.compare import compare, dry_run, load_spec, parse_until, plan
+from kdkit.compare import compare, dry_run, load_spec, longest_first_order, parse_until, plan
 from kdkit.config import load_config
 from kdkit.errors import ConfigError, KdkitError
 from kdkit.stats import mean_ci, paired
@@ -199,6 +199,20 @@ def test_until_stops_the_queue_before_a_run_that_would_end_after_the_deadline(tm
     assert not (out / "all" / "student" / "seed1").exists()
     printed = capsys.readouterr().out
     assert "skipped all/student/seed1 (about 16667 min)" in printed and "1 run(s) left for after" in printed
+
+
+def test_longest_first_takes_untimed_arms_then_the_longest_keeping_the_plan_order_among_equals(tmp_path):
+    spec = _spec(tmp_path / "out", arms={
+        "student": {"command": "train", "set": ["model.arch=mlp", "model.hidden=[32]"]},
+        "kd": {"command": "distill", "set": ["student.arch=mlp", "teacher.checkpoint={teacher}/model.pt"]},
+        "kd_long": {"command": "distill", "set": ["student.arch=mlp", "teacher.checkpoint={teacher}/model.pt",
+                                                  "train.epochs=9"]}})
+    runs = plan(load_spec(spec))
+    assert [r.key for r in runs][:4] == ["prepare/teacher", "all/student/seed0", "all/kd/seed0", "all/kd_long/seed0"]
+    got = [r.key for r in longest_first_order(runs, {"student": [60.0], "kd": [300.0]})]
+    assert got == ["prepare/teacher", "all/kd_long/seed0", "all/kd_long/seed1", "all/kd/seed0", "all/kd/seed1",
+                   "all/student/seed0", "all/student/seed1"]
+    assert [r.key for r in longest_first_order(runs, {})] == [r.key for r in runs]  # nothing timed: the plan
 
 
 def test_until_accepts_durations_clock_times_and_dates():
@@ -413,3 +427,19 @@ def _processes_naming(text: str) -> list[int]:
         except OSError:  # ended meanwhile
             pass
     return pids
+
+
+def test_the_command_line_passes_its_queue_options_on(monkeypatch, tmp_path):
+    import sys
+
+    import yaml
+
+    from kdkit.cli import main
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_spec(tmp_path / "out")))
+    seen = {}
+    monkeypatch.setattr(sys.modules["kdkit.compare"], "compare", lambda spec, **kw: seen.update(spec=spec, **kw) or 1)
+    assert main(["compare", str(path), "--until", "+2h", "--longest-first", "--max-runs", "3"]) == 0
+    assert seen == {"spec": str(path), "run": True, "max_runs": 3, "retry_failed": False, "until": "+2h",
+                    "longest_first": True}
