@@ -493,6 +493,7 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
             say(f"stopped after {done_now} run(s) (--max-runs); run the same command to continue", flush=True)
             break
         if until is not None and not r.finished:
+            walls = finished_walls(runs)  # other workers may have timed an arm since this one started
             need = 60 * minutes_left([r], walls)[0]  # 0 for an arm with no finished run yet
             if time.time() + need > until:
                 if not claims.holder(r):
@@ -525,8 +526,6 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
             say(f"    failed (exit {code}): {tail[-300:]}", flush=True)
             continue
         s = json.loads((r.run_dir / "summary.json").read_text(encoding="utf-8"))
-        if isinstance(s.get("wall_time_s"), (int, float)):
-            walls.setdefault(r.arm, []).append(float(s["wall_time_s"]))
         say(f"    {spec.metric} {_fmt(_lookup(s, spec.metric), spec.metric)} in {attempt['wall_s']:.0f} s", flush=True)
     if left_for_later:
         say(f"{left_for_later} run(s) left for after the --until deadline; run the same command to continue",

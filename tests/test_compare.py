@@ -201,6 +201,30 @@ def test_until_stops_the_queue_before_a_run_that_would_end_after_the_deadline(tm
     assert "skipped all/student/seed1 (about 16667 min)" in printed and "1 run(s) left for after" in printed
 
 
+def test_until_times_an_arm_by_the_runs_another_worker_finished_meanwhile(tmp_path, monkeypatch):
+    import sys
+
+    queue = sys.modules["kdkit.compare"]
+    spec = _spec(tmp_path / "out", arms={"student": _spec(tmp_path)["arms"]["student"],
+                                         "kd": _spec(tmp_path)["arms"]["kd"]}, seeds=[0, 1, 2])
+    out = tmp_path / "out"
+    compare(spec, max_runs=1, echo=False)  # the teacher: no arm is timed when the next worker starts
+    run_one = queue._run_one
+
+    def and_another_worker_finishes_kd_seed0(r, runs, say):
+        if r.key == "all/student/seed0":  # meanwhile another worker finished kd/seed0: 11 days
+            (out / "all" / "kd" / "seed0").mkdir(parents=True)
+            summary = {"wall_time_s": 1e6, "test_accuracy": 0.5}
+            (out / "all" / "kd" / "seed0" / "summary.json").write_text(json.dumps(summary))
+        return run_one(r, runs, say)
+
+    monkeypatch.setattr(queue, "_run_one", and_another_worker_finishes_kd_seed0)
+    compare(spec, until="+2h", echo=False)
+    # kd/seed1 and 2 would end after the deadline by the other worker's kd run: skipped; the students run
+    assert not (out / "all" / "kd" / "seed1").exists() and not (out / "all" / "kd" / "seed2").exists()
+    assert all((out / "all" / "student" / f"seed{s}" / "summary.json").is_file() for s in (1, 2))
+
+
 def test_longest_first_takes_untimed_arms_then_the_longest_keeping_the_plan_order_among_equals(tmp_path):
     spec = _spec(tmp_path / "out", arms={
         "student": {"command": "train", "set": ["model.arch=mlp", "model.hidden=[32]"]},
