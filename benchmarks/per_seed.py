@@ -55,6 +55,9 @@ def means_table(report: dict, decimals: int = 2, *, cells: list[str] | None = No
     unknown = [c for c in cells if c not in report["cells"]]
     if unknown:
         raise SystemExit(f"no cell {', '.join(unknown)} in the report; its cells: {', '.join(report['cells'])}")
+    unknown = [a for a in (arms or []) + against if a not in _arms(report)]
+    if unknown:
+        raise SystemExit(f"no arm {', '.join(unknown)} in the report; its arms: {', '.join(_arms(report))}")
     group = ["{c}"] + [f"vs {b}" for b in against] + (["min per run"] if wall else [])
     head = [h.format(c=c) for c in cells for h in group]
     lines = [f"| arm | {' | '.join(head)} |", "|---|" + "---|" * len(head)]

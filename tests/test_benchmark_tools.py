@@ -79,12 +79,14 @@ def test_means_table_puts_cells_side_by_side_with_the_paired_difference():
     assert rows[3] == "| kd | 90.00 +- 1.00 (3) | -0.50 [-0.70, -0.30] (3) | not run yet |  |"
     # one cell, differences against several arms, the wall time; only the arms asked for, in that order
     report["cells"]["data=a"]["arms"]["kd"]["wall_s"] = {"n": 3, "mean": 390.0}
-    rows = per_seed.means_table(report, 1, cells=["data=a"], arms=["kd", "alone"], against=["alone", "dkd"],
+    rows = per_seed.means_table(report, 1, cells=["data=a"], arms=["kd", "alone"], against=["alone", "kd"],
                                 wall=True).splitlines()
-    assert rows[0].endswith("against alone, dkd: paired difference in points [95% interval] (paired seeds); "
+    assert rows[0].endswith("against alone, kd: paired difference in points [95% interval] (paired seeds); "
                             "wall time of a run (min)")
-    assert rows[2] == "| arm | data=a | vs alone | vs dkd | min per run |"
+    assert rows[2] == "| arm | data=a | vs alone | vs kd | min per run |"
     assert rows[4:] == ["| kd | 90.0 +- 1.0 (3) | -0.5 [-0.7, -0.3] (3) |  | 6.5 |",
                         "| alone | 90.0 +- 1.0 (3) |  |  |  |"]
     with pytest.raises(SystemExit, match="no cell data=c in the report; its cells: data=a, data=b"):
         per_seed.means_table(report, cells=["data=c"])
+    with pytest.raises(SystemExit, match="no arm dist in the report; its arms: alone, kd"):
+        per_seed.means_table(report, against=["dist"])
