@@ -493,7 +493,8 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
             say(f"stopped after {done_now} run(s) (--max-runs); run the same command to continue", flush=True)
             break
         if until is not None and not r.finished:
-            walls = finished_walls(runs)  # other workers may have timed an arm since this one started
+            # other workers may have timed the arm since this one started: read its finished runs again
+            walls[r.arm] = finished_walls([p for p in runs if p.arm == r.arm]).get(r.arm, [])
             need = 60 * minutes_left([r], walls)[0]  # 0 for an arm with no finished run yet
             if time.time() + need > until:
                 if not claims.holder(r):
@@ -566,9 +567,8 @@ def longest_first_order(todo: list[Run], walls: dict[str, list[float]]) -> list[
     """`todo` with the runs of arms not timed yet first (finishing one times its arm), then the longest by the
     mean wall time of their arm's finished runs; the plan's order among equals (prepare runs stay ahead)."""
     def need(r: Run) -> float:
-        if r.seed is None:
-            return math.inf  # a prepare run: every arm waits for it
-        return sum(walls[r.arm]) / len(walls[r.arm]) if walls.get(r.arm) else math.inf
+        minutes, untimed = minutes_left([r], walls)
+        return math.inf if r.seed is None or untimed else minutes  # a prepare run: every arm waits for it
 
     return sorted(todo, key=lambda r: -need(r))
 

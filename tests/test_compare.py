@@ -205,8 +205,7 @@ def test_until_times_an_arm_by_the_runs_another_worker_finished_meanwhile(tmp_pa
     import sys
 
     queue = sys.modules["kdkit.compare"]
-    spec = _spec(tmp_path / "out", arms={"student": _spec(tmp_path)["arms"]["student"],
-                                         "kd": _spec(tmp_path)["arms"]["kd"]}, seeds=[0, 1, 2])
+    spec = _spec(tmp_path / "out", seeds=[0, 1, 2])
     out = tmp_path / "out"
     compare(spec, max_runs=1, echo=False)  # the teacher: no arm is timed when the next worker starts
     run_one = queue._run_one
