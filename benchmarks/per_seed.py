@@ -45,6 +45,13 @@ def _arms(report: dict) -> list[str]:
     return arms
 
 
+def _check_known(kind: str, asked: list[str], known: list[str]) -> None:
+    """A clear error for any of `asked` not among the report's `known` cells or arms, naming those it has."""
+    unknown = [a for a in asked if a not in known]
+    if unknown:
+        raise SystemExit(f"no {kind} {', '.join(unknown)} in the report; its {kind}s: {', '.join(known)}")
+
+
 def means_table(report: dict, decimals: int = 2, *, cells: list[str] | None = None, arms: list[str] | None = None,
                 against: list[str] | None = None, wall: bool = False) -> str:
     """Per arm (rows) and cell (column groups): mean +- 95% half-width (seeds), then for each arm of `against`
@@ -52,12 +59,8 @@ def means_table(report: dict, decimals: int = 2, *, cells: list[str] | None = No
     `wall`, the mean wall time of a run in minutes as well. `cells`, `arms`: only these, in this order."""
     cells = cells or list(report["cells"])
     against = against or [report["baseline"]]
-    unknown = [c for c in cells if c not in report["cells"]]
-    if unknown:
-        raise SystemExit(f"no cell {', '.join(unknown)} in the report; its cells: {', '.join(report['cells'])}")
-    unknown = [a for a in (arms or []) + against if a not in _arms(report)]
-    if unknown:
-        raise SystemExit(f"no arm {', '.join(unknown)} in the report; its arms: {', '.join(_arms(report))}")
+    _check_known("cell", cells, list(report["cells"]))
+    _check_known("arm", (arms or []) + against, _arms(report))
     group = ["{c}"] + [f"vs {b}" for b in against] + (["min per run"] if wall else [])
     head = [h.format(c=c) for c in cells for h in group]
     lines = [f"| arm | {' | '.join(head)} |", "|---|" + "---|" * len(head)]
