@@ -294,23 +294,29 @@ def plan(spec: Spec) -> list[Run]:
     return runs
 
 
+def run_config(r: Run) -> Any:
+    """The validated config `r` runs with (its recipe and overrides), or a ConfigError naming the run."""
+    from .config import load_config
+
+    cfg_path = r.argv[0] if r.argv and "=" not in r.argv[0] else None
+    if cfg_path is not None and not Path(cfg_path).is_file():
+        raise ConfigError(f"run {r.key}: config {cfg_path!r} not found (paths are relative to {os.getcwd()})")
+    overrides = [a for a in r.argv if a is not cfg_path] + [f"output_dir={r.run_dir}", "train.progress=lines"]
+    try:
+        return load_config(cfg_path, overrides, default_method="supervised" if r.command == "train" else "kd")
+    except KdkitError as e:
+        raise ConfigError(f"run {r.key} ({r.command}): {e}") from None
+
+
 def check(runs: list[Run]) -> None:
     """Validate every run's config (recipe, overrides, method options) before any work starts. A prepare run
     whose folder already holds a run must hold this very run (its saved config equal to the planned one)."""
     import yaml
 
-    from .config import load_config
     from .run import config_differences, named_for_data
 
     for r in runs:
-        cfg_path = r.argv[0] if r.argv and "=" not in r.argv[0] else None
-        if cfg_path is not None and not Path(cfg_path).is_file():
-            raise ConfigError(f"run {r.key}: config {cfg_path!r} not found (paths are relative to {os.getcwd()})")
-        overrides = [a for a in r.argv if a is not cfg_path] + [f"output_dir={r.run_dir}", "train.progress=lines"]
-        try:
-            cfg = load_config(cfg_path, overrides, default_method="supervised" if r.command == "train" else "kd")
-        except KdkitError as e:
-            raise ConfigError(f"run {r.key} ({r.command}): {e}") from None
+        cfg = run_config(r)
         if r.started:
             saved = yaml.safe_load((r.run_dir / "config.yaml").read_text(encoding="utf-8"))
             diff = config_differences(saved, named_for_data(cfg))
@@ -449,7 +455,8 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
     """Run what is not finished, one at a time; returns the queue record (also in ``OUT/queue.json``).
 
     With `until` (a POSIX time) no run is started that would, at the mean wall time of its arm's finished runs,
-    end after it (a run of an arm with none finished yet is started while the deadline is ahead); a shorter run
+    end after it (a run of an arm with none finished yet: at its `train.time_budget_min` plus
+    `BUDGET_MARGIN`, or, without a budget, started while the deadline is ahead); a shorter run
     further on that still fits is started instead, so a long arm does not leave a worker idle until the
     deadline. The queue stops between runs, so nothing is killed half-way. `longest_first` takes the runs in
     `longest_first_order` instead of the plan's (seed by seed): with a deadline, the long runs are started
@@ -496,6 +503,8 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
             # other workers may have timed the arm since this one started: read its finished runs again
             walls[r.arm] = finished_walls([p for p in runs if p.arm == r.arm]).get(r.arm, [])
             need = 60 * minutes_left([r], walls)[0]  # 0 for an arm with no finished run yet
+            if not walls.get(r.arm):
+                need = budget_estimate_s(r)
             if time.time() + need > until:
                 if not claims.holder(r):
                     say(f"skipped {r.key} (about {need / 60:.0f} min): it would end after the --until deadline "
@@ -532,6 +541,19 @@ def run_queue(spec: Spec, *, max_runs: int | None = None, retry_failed: bool = F
         say(f"{left_for_later} run(s) left for after the --until deadline; run the same command to continue",
             flush=True)
     return _read_queue(qpath)
+
+
+BUDGET_MARGIN = (1.05, 60.0)  # a budget-stopped run: its budget x 1.05 + 60 s (start-up, the final evaluation)
+
+
+def budget_estimate_s(r: Run) -> float:
+    """How long `r` should take by its own config when nothing has timed its arm yet: its
+    ``train.time_budget_min`` plus `BUDGET_MARGIN`, or 0 when it has no budget (nothing known)."""
+    budget = run_config(r).train.time_budget_min
+    if budget is None:
+        return 0.0
+    scale, extra = BUDGET_MARGIN
+    return 60 * budget * scale + extra
 
 
 def finished_walls(runs: list[Run], summary_of: Callable[[Run], Path | None] | None = None
@@ -943,5 +965,5 @@ def compare(spec: str | os.PathLike | dict[str, Any], *, run: bool = True, max_r
     return render(s)
 
 
-__all__ = ["ArmResult", "Interval", "Paired", "Run", "Spec", "compare", "dry_run", "load_spec", "longest_first_order",
-           "parse_until", "plan", "render", "run_queue"]
+__all__ = ["ArmResult", "Interval", "Paired", "Run", "Spec", "budget_estimate_s", "compare", "dry_run", "load_spec",
+           "longest_first_order", "parse_until", "plan", "render", "run_config", "run_queue"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kdkit.compare import compare, dry_run, load_spec, longest_first_order, parse_until, plan
+from kdkit.compare import budget_estimate_s, compare, dry_run, load_spec, longest_first_order, parse_until, plan
 from kdkit.config import load_config
 from kdkit.errors import ConfigError, KdkitError
 from kdkit.stats import mean_ci, paired
@@ -199,6 +199,21 @@ def test_until_stops_the_queue_before_a_run_that_would_end_after_the_deadline(tm
     assert not (out / "all" / "student" / "seed1").exists()
     printed = capsys.readouterr().out
     assert "skipped all/student/seed1 (about 16667 min)" in printed and "1 run(s) left for after" in printed
+
+
+def test_until_times_an_untimed_arm_by_its_time_budget(tmp_path, capsys):
+    spec = _spec(tmp_path / "out")
+    spec["arms"]["kd"]["set"] = [*spec["arms"]["kd"]["set"], "train.time_budget_min=180"]
+    runs = {r.key: r for r in plan(load_spec(spec))}
+    assert budget_estimate_s(runs["all/kd/seed0"]) == pytest.approx(60 * 180 * 1.05 + 60)
+    assert budget_estimate_s(runs["all/student/seed0"]) == 0.0  # no budget: nothing known
+    out = tmp_path / "out"
+    compare(spec, until="+2h", echo=True)
+    # kd has no finished run, but its 3-hour budget ends after the deadline: never started; the students run
+    assert not (out / "all" / "kd").exists()
+    assert all((out / "all" / "student" / f"seed{s}" / "summary.json").is_file() for s in (0, 1))
+    printed = capsys.readouterr().out
+    assert "skipped all/kd/seed0 (about 190 min)" in printed and "2 run(s) left for after" in printed
 
 
 def test_until_times_an_arm_by_the_runs_another_worker_finished_meanwhile(tmp_path, monkeypatch):
