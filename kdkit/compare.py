@@ -668,6 +668,13 @@ class ArmResult:
         return replace(self, values=values, last=last)
 
 
+def since_fresh_start(attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The attempts that made the run as it stands: from its last fresh start (``resumed`` false) on. Earlier
+    ones belong to a run folder that was removed and started again, and their work is not in the result."""
+    fresh = [i for i, a in enumerate(attempts) if a.get("resumed") is False]
+    return attempts[fresh[-1]:] if fresh else attempts
+
+
 def run_wall(attempts: list[dict[str, Any]], summary: dict[str, Any]) -> float:
     """A finished run's wall time (s): the larger of its queue attempts' sum and its summary's ``wall_time_s``.
 
@@ -694,7 +701,7 @@ def collect(spec: Spec) -> dict[str, dict[str, ArmResult]]:
             continue
         s = json.loads((r.run_dir / "summary.json").read_text(encoding="utf-8"))
         res.summaries[r.seed] = (r.run_dir / "summary.json", s)
-        attempts = queue.get(r.key, {}).get("attempts", [])
+        attempts = since_fresh_start(queue.get(r.key, {}).get("attempts", []))
         res.wall[r.seed] = run_wall(attempts, s)
         if attempts:
             res.cpu[r.seed] = sum(a.get("cpu_s", 0.0) for a in attempts)

@@ -421,6 +421,16 @@ def test_a_runs_wall_time_is_the_larger_of_its_attempts_and_its_summary():
     assert run_wall([], {"wall_time_s": 50}) == 50.0 and math.isnan(run_wall([], {}))
 
 
+def test_attempts_before_a_fresh_start_do_not_count():
+    """An interrupted run whose folder was removed and started again: its earlier attempts' work is gone."""
+    from kdkit.compare import since_fresh_start
+
+    a = [{"wall_s": 570.0, "resumed": False}, {"wall_s": 10.0, "resumed": True},
+         {"wall_s": 906.0, "resumed": False}, {"wall_s": 30.0, "resumed": True}]
+    assert since_fresh_start(a) == a[2:]
+    assert since_fresh_start(a[:2]) == a[:2] and since_fresh_start([{"wall_s": 5.0}]) == [{"wall_s": 5.0}]
+
+
 def test_stopping_a_worker_checkpoints_its_run_and_records_the_attempt(tmp_path):
     """SIGTERM to a `kdkit compare` worker (as `pkill -f "kdkit compare"` sends) is passed on to its run, which
     checkpoints at its next step and exits; the worker records the attempt (wall and CPU time) as interrupted and
