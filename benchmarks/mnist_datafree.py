@@ -58,6 +58,7 @@ def measured(r: dict[str, Any]) -> dict[str, Any]:
     return r | {"snapshots": s.get("snapshots", []), "collapse_events": s.get("collapse_events", []),
                 "final_diagnostics": s.get("final_diagnostics", {}), "train_time_s": s.get("train_time_s"),
                 "stopped_by_time_budget": s.get("stopped_by_time_budget", False),
+                "synthetic_images": s.get("synthetic_images"),
                 "teacher_test_accuracy": s.get("teacher_test_accuracy")}
 
 
@@ -82,6 +83,16 @@ def render(result: dict[str, Any]) -> str:
         collapses = sum(len(r["collapse_events"]) for r in runs)
         lines.append(f"| {e['method']} | {e['setting']} | {len(runs)} | " +
                      " | ".join(cell(at(runs, m)) for m in MARKS) + f" | {cell(finals)} | {collapses} |")
+    paced = [e for e in result.get("rows", {}).values() if all(r.get("synthetic_images") for r in e["runs"])]
+    if paced:  # what the compute bought: images per second of training, and in all
+        lines += ["", "| method | settings | synthesised / s | distilled / s | distilled in all (M) |",
+                  "|---|---|---|---|---|"]
+        for e in paced:
+            rate = {k: [r["synthetic_images"][k] / r["train_time_s"] for r in e["runs"]]
+                    for k in ("synthesised", "distilled")}
+            total = statistics.mean(r["synthetic_images"]["distilled"] for r in e["runs"]) / 1e6
+            lines.append(f"| {e['method']} | {e['setting']} | {statistics.mean(rate['synthesised']):.0f} | "
+                         f"{statistics.mean(rate['distilled']):.0f} | {total:.2f} |")
     grid = result.get("grid", {})
     if grid:
         lines += ["", "| method | setting | test accuracy |", "|---|---|---|"]

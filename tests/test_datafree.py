@@ -303,6 +303,20 @@ def test_generator_methods_end_to_end(tmp_path, teacher_file, method, extra):
     assert gen.sample(4).shape == (4, 1, 16, 16) and meta["method"] == method
 
 
+@pytest.mark.parametrize("method,extra,made,seen", [
+    # two epochs of 8 steps at batch 32; DFAD: 2 student steps per step, each on a fresh batch
+    ("dfad", {"method.student_steps": 2}, 2 * 8 * 2 * 32, 2 * 8 * 2 * 32),
+    # joint RDSKD: one generator batch per step, kept in the bank; the student takes 2 steps from the bank
+    ("rdskd", {"method.schedule": "joint", "method.bank_size": 128, "method.student_steps": 2}, 2 * 8 * 32,
+     2 * 8 * 2 * 32),
+])
+def test_runs_count_the_synthetic_images_made_and_distilled(tmp_path, teacher_file, method, extra, made, seen):
+    r = _datafree(tmp_path / "run", teacher_file, method, **{"train.epochs": 2, **extra})
+    assert r.summary["synthetic_images"] == {"synthesised": made, "distilled": seen}
+    epochs = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["images/distilled"] for e in epochs if e["event"] == "epoch"] == [seen // 2, seen]
+
+
 def test_datafree_runs_never_open_the_training_set(tmp_path, monkeypatch):
     """A dataset whose training files are missing: a data-free run reads the test files only."""
     from kdkit.data import idx
@@ -434,6 +448,7 @@ def test_datafree_resume_is_bit_identical(tmp_path, teacher_file, monkeypatch):
     assert len(full.summary["collapse_events"]) == 2
     assert resumed.summary["collapse_events"] == full.summary["collapse_events"]
     assert resumed.summary["final_diagnostics"] == full.summary["final_diagnostics"]
+    assert resumed.summary["synthetic_images"] == full.summary["synthetic_images"]
 
 
 def test_kdkit_sample_cli(tmp_path, teacher_file, capsys):
@@ -599,6 +614,7 @@ def test_fast_dfkd_end_to_end(tmp_path, cnn_teacher_file):
     epochs = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [e for e in epochs if e["event"] == "epoch"]
     assert [e["pool_images"] for e in epochs] == [96, 128, 160, 192] and all("synthesis_adv" in e for e in epochs)
+    assert s["synthetic_images"] == {"synthesised": 6 * 32, "distilled": 4 * 8 * 32}  # 8 student steps an epoch
     gen, meta = load_generator(r.run_dir / "generator.pt")
     assert gen.sample(4, batch_stats=True).shape == (4, 1, 16, 16) and meta["batch_stats"] is True
 

@@ -152,13 +152,22 @@ class DataFree(Distiller):
         self.register_buffer("student_step_count", torch.zeros((), dtype=torch.long))
         self.collapses: list[dict[str, Any]] = []
         self.last_diagnostics: dict[str, Any] = {}
+        #: what the compute bought (this process): synthetic images labelled by the teacher for the student
+        #: ("synthesised": a generator's batches, optimised or synthesised batches) and images the student
+        #: trained on ("distilled": every student step's batch, repeats counted)
+        self.image_counts = {"synthesised": 0, "distilled": 0}
 
     def run_state(self) -> dict[str, Any]:
-        return {"collapses": self.collapses, "last_diagnostics": self.last_diagnostics}
+        return {"collapses": self.collapses, "last_diagnostics": self.last_diagnostics, "images": self.image_counts}
 
     def load_run_state(self, state: dict[str, Any]) -> None:
         self.collapses = list(state.get("collapses", []))
         self.last_diagnostics = dict(state.get("last_diagnostics", {}))
+        self.image_counts = {"synthesised": 0, "distilled": 0, **state.get("images", {})}
+
+    def count_synthesised(self, n: int) -> None:
+        """Count `n` new synthetic images made for the student (``images.synthesised``)."""
+        self.image_counts["synthesised"] += int(n)
 
     # ---- where images come from -------------------------------------------------------------
     @property
@@ -174,6 +183,7 @@ class DataFree(Distiller):
     def remember(self, x: torch.Tensor, logits: torch.Tensor) -> None:
         """A generator step's batch (and the teacher's logits on it), for the student's next steps."""
         self._latest = (x.detach(), logits.detach())
+        self.count_synthesised(len(x))
         if self.bank is not None:
             self.bank.add(x, logits)
 
@@ -203,12 +213,14 @@ class DataFree(Distiller):
             return x, t
         assert self.generator is not None and self.generator_ema is not None
         xe = self.generator_ema.sample(self.ema_count, batch_stats=self.generator.training)
+        self.count_synthesised(len(xe))
         return torch.cat([x, xe]), torch.cat([t, self.teacher_forward(xe)])
 
     def _usual_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.student_data == "fresh" and (self.bank is None or len(self.bank) == 0
                                              or int(self.student_step_count) % self.opts.sample_every == 0):
             x = self.produce(n if self.bank is None else self.batch_size)
+            self.count_synthesised(len(x))
             t = self.teacher_forward(x)
             if self.bank is None:
                 return x, t
@@ -217,6 +229,7 @@ class DataFree(Distiller):
             return self.bank.draw(n)
         if self._latest is None:  # a joint schedule's student step before any generator step
             x = self.produce(self.batch_size)
+            self.count_synthesised(len(x))
             self._latest = (x, self.teacher_forward(x))
         return self._latest[0][:n], self._latest[1][:n]
 
@@ -227,6 +240,7 @@ class DataFree(Distiller):
     def student_step(self, batch: Any) -> dict[str, torch.Tensor]:
         x, t = self.student_batch()
         self.student_step_count += 1
+        self.image_counts["distilled"] += len(x)
         return self.distill_loss(self.student(x), t)
 
     def student_update(self, repeat: int = 1) -> Update:
@@ -267,6 +281,7 @@ class DataFree(Distiller):
         record: dict[str, Any] = {f"gen/{k}": d[k] for k in ("class_entropy", "class_max_fraction", "diversity",
                                                              "class_histogram")}
         record["gen/collapse"] = float(bool(d["collapse"]))
+        record.update({f"images/{k}": v for k, v in self.image_counts.items()})
         if d["collapse"]:
             record["gen/collapse_reasons"] = d["collapse"]
         if d["collapse"]:
@@ -334,7 +349,8 @@ class DataFree(Distiller):
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"collapse_events": self.collapses, "final_diagnostics": self.last_diagnostics,
-                               "collapsed_at_end": bool(self.last_diagnostics.get("collapse"))}
+                               "collapsed_at_end": bool(self.last_diagnostics.get("collapse")),
+                               "synthetic_images": dict(self.image_counts)}
         if self.generator is not None:
             out["generator_params"] = sum(p.numel() for p in self.generator.parameters())
             if self.run_dir is not None:

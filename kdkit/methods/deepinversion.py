@@ -134,6 +134,7 @@ class DeepInversion(DataFree):
         if self.opts.keep == "last":
             self.best[b].copy_(self.images[b].detach())
         self.done.fill_(b + 1)
+        self.count_synthesised(len(self.best[b]))
 
     def stages(self) -> list[Stage]:
         o = self.opts

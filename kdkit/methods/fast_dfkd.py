@@ -189,6 +189,7 @@ class FastDFKD(DataFree):
             self.bn.update_momentum()
         assert best is not None
         self.pool.add(best, best.new_zeros(len(best), 0))
+        self.count_synthesised(len(best))
         terms_out = {f"synthesis_{k}": float(torch.as_tensor(v).detach()) for k, v in terms.items()}
         self.last_synthesis = {"synthesis_loss": best_cost, **terms_out}
         return self.last_synthesis
