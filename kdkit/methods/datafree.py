@@ -166,7 +166,7 @@ class DataFree(Distiller):
         self.image_counts = {"synthesised": 0, "distilled": 0, **state.get("images", {})}
 
     def count_synthesised(self, n: int) -> None:
-        """Count `n` new synthetic images made for the student (``images.synthesised``)."""
+        """Count `n` new synthetic images made for the student (summary: ``synthetic_images.synthesised``)."""
         self.image_counts["synthesised"] += int(n)
 
     # ---- where images come from -------------------------------------------------------------
