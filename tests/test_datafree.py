@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +270,44 @@ def test_generator_ema_follows_the_moving_average_and_makes_half_the_student_bat
     assert torch.allclose(t[8:], m.teacher(x[8:]), atol=1e-5)
 
 
+def test_a_student_that_gives_one_class_to_every_image_is_reported_once(teacher_file):
+    """The student's watch: epochs count only when the student trained; one class for every image while the
+    teacher gives several, STUCK_EPOCHS epochs in a row, warns once (naming the option to act on) and is kept
+    in the summary; an epoch with several classes resets the count; a teacher giving one class never counts."""
+    m = _rdskd(teacher_file)
+    x = torch.randn(8, 1, 16, 16)
+    several = torch.eye(10)[torch.arange(8) % 3]  # the teacher's logits: classes 0, 1, 2
+    stuck_student = m.student[1]
+    with torch.no_grad():
+        stuck_student.weight.zero_()
+        stuck_student.bias.copy_(torch.eye(10)[7])  # class 7 for every image
+
+    def epoch(e: int, teacher_logits: torch.Tensor = several, trained: bool = True) -> dict:
+        m.image_counts["distilled"] += 32 if trained else 0
+        return m.watch_student("distill", e, x, teacher_logits)
+
+    assert epoch(0) == {"student/agreement": 0.0, "student/classes": 1}
+    epoch(1, trained=False)  # no student step this epoch (e.g. an inversion phase): not counted
+    epoch(2, teacher_logits=torch.eye(10)[torch.zeros(8, dtype=torch.long)])  # the teacher too: not a symptom
+    assert m.student_watch["single_class_epochs"] == 0
+    epoch(3)
+    with torch.no_grad():
+        stuck_student.weight.normal_()  # the student moves again: the count starts over
+    assert epoch(4)["student/classes"] > 1 and m.student_watch["single_class_epochs"] == 0
+    with torch.no_grad():
+        stuck_student.weight.zero_()
+    epoch(5)
+    epoch(6)
+    with pytest.warns(RunWarning, match=r"epoch 8: the student is not learning: it has given class 7 to every "
+                                        r"generated image for 3 epochs while the teacher gives 3 classes.*train.lr"):
+        epoch(7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        epoch(8)
+    assert m.summary()["student_stuck"] == {"stage": "distill", "epoch": 8, "class": 7, "epochs": 3}
+    assert m.student.training  # the watch puts the student back in the mode it found
+
+
 # ------------------------------------------------------------------------------- end to end
 
 
@@ -299,6 +338,8 @@ def test_generator_methods_end_to_end(tmp_path, teacher_file, method, extra):
     epochs = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [e for e in epochs if e["event"] == "epoch"]
     assert all(sum(e["gen/class_histogram"]) == 64 and 0 <= e["gen/class_entropy"] <= 1 for e in epochs)
+    assert all(0 <= e["student/agreement"] <= 1 and e["student/classes"] >= 1 for e in epochs)
+    assert s["student_stuck"] is None
     gen, meta = load_generator(r.run_dir / "generator.pt")
     assert gen.sample(4).shape == (4, 1, 16, 16) and meta["method"] == method
 

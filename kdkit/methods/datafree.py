@@ -136,6 +136,9 @@ class DataFree(Distiller):
     #: what the student distills on: the generator step's own batch ("generator_batch", joint schedules)
     #: or a fresh batch made for each student step ("fresh")
     student_data: Literal["generator_batch", "fresh"] = "fresh"
+    #: epochs in a row (in which the student trained) that the student may give one class to every diagnostic
+    #: image, while the teacher gives several, before the run warns that the student is not learning
+    STUCK_EPOCHS: ClassVar[int] = 3
 
     def __init__(self, opts: Any, **kw: Any):
         super().__init__(opts, **kw)
@@ -156,14 +159,19 @@ class DataFree(Distiller):
         #: ("synthesised": a generator's batches, optimised or synthesised batches) and images the student
         #: trained on ("distilled": every student step's batch, repeats counted)
         self.image_counts = {"synthesised": 0, "distilled": 0}
+        #: the student's watch (:meth:`watch_student`): epochs in a row it gave one class to every diagnostic
+        #: image, the distilled count at the last look, and the warning's event (None: it learns)
+        self.student_watch: dict[str, Any] = {"single_class_epochs": 0, "distilled": 0, "stuck": None}
 
     def run_state(self) -> dict[str, Any]:
-        return {"collapses": self.collapses, "last_diagnostics": self.last_diagnostics, "images": self.image_counts}
+        return {"collapses": self.collapses, "last_diagnostics": self.last_diagnostics, "images": self.image_counts,
+                "student_watch": self.student_watch}
 
     def load_run_state(self, state: dict[str, Any]) -> None:
         self.collapses = list(state.get("collapses", []))
         self.last_diagnostics = dict(state.get("last_diagnostics", {}))
         self.image_counts = {"synthesised": 0, "distilled": 0, **state.get("images", {})}
+        self.student_watch = {**self.student_watch, **state.get("student_watch", {})}
 
     def count_synthesised(self, n: int) -> None:
         """Count `n` new synthetic images made for the student (summary: ``synthetic_images.synthesised``)."""
@@ -284,9 +292,39 @@ class DataFree(Distiller):
         record.update({f"images/{k}": v for k, v in self.image_counts.items()})
         if d["collapse"]:
             record["gen/collapse_reasons"] = d["collapse"]
+        record.update(self.watch_student(stage, epoch, x, logits))
         if d["collapse"]:
             self._handle_collapse(stage, epoch, d["collapse"])
         return record
+
+    @torch.no_grad()
+    def watch_student(self, stage: str, epoch: int, x: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, Any]:
+        """The student on the diagnostic images: its top-1 agreement with the teacher and how many classes it
+        gives (``student/agreement``, ``student/classes`` in metrics.jsonl). A data-free run has no labelled
+        image to show that its student is not learning, so when the student gives one class to every image for
+        :attr:`STUCK_EPOCHS` epochs in a row in which it trained, while the teacher gives several, the run
+        warns once and records it (summary ``student_stuck``): seen on MNIST with FastDFKD, a student whose
+        units died in its first steps at learning rate 0.2 and never moved again."""
+        was_training = self.student.training
+        self.student.eval()
+        pred = self.student(x).argmax(1)
+        self.student.train(was_training)
+        teacher_pred = teacher_logits.argmax(1)
+        w = self.student_watch
+        distilled = self.image_counts["distilled"]
+        if distilled > w["distilled"]:  # only epochs in which the student trained count (not an inversion phase)
+            single = pred.unique().numel() == 1 and teacher_pred.unique().numel() > 1
+            w["single_class_epochs"] = w["single_class_epochs"] + 1 if single else 0
+        w["distilled"] = distilled
+        if w["single_class_epochs"] >= self.STUCK_EPOCHS and w["stuck"] is None:
+            w["stuck"] = {"stage": stage, "epoch": epoch + 1, "class": int(pred[0]),
+                          "epochs": w["single_class_epochs"]}
+            warn(f"{self.run_dir or 'this run'}: [{stage}] epoch {epoch + 1}: the student is not learning: it has "
+                 f"given class {int(pred[0])} to every generated image for {w['single_class_epochs']} epochs while "
+                 f"the teacher gives {teacher_pred.unique().numel()} classes; its units may have died in its "
+                 f"first steps: lower train.lr, set train.warmup_epochs, or change the seed")
+        return {"student/agreement": float((pred == teacher_pred).float().mean()),
+                "student/classes": int(pred.unique().numel())}
 
     def _handle_collapse(self, stage: str, epoch: int, reasons: list[str]) -> None:
         """Record a collapse, act on it as ``on_collapse`` says, and warn with what was done."""
@@ -350,7 +388,8 @@ class DataFree(Distiller):
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"collapse_events": self.collapses, "final_diagnostics": self.last_diagnostics,
                                "collapsed_at_end": bool(self.last_diagnostics.get("collapse")),
-                               "synthetic_images": dict(self.image_counts)}
+                               "synthetic_images": dict(self.image_counts),
+                               "student_stuck": self.student_watch["stuck"]}
         if self.generator is not None:
             out["generator_params"] = sum(p.numel() for p in self.generator.parameters())
             if self.run_dir is not None:
