@@ -310,21 +310,21 @@ class DataFree(Distiller):
         pred = self.student(x).argmax(1)
         self.student.train(was_training)
         teacher_pred = teacher_logits.argmax(1)
+        classes, teacher_classes = pred.unique().numel(), teacher_pred.unique().numel()
         w = self.student_watch
         distilled = self.image_counts["distilled"]
         if distilled > w["distilled"]:  # only epochs in which the student trained count (not an inversion phase)
-            single = pred.unique().numel() == 1 and teacher_pred.unique().numel() > 1
+            single = classes == 1 and teacher_classes > 1
             w["single_class_epochs"] = w["single_class_epochs"] + 1 if single else 0
         w["distilled"] = distilled
         if w["single_class_epochs"] >= self.STUCK_EPOCHS and w["stuck"] is None:
             w["stuck"] = {"stage": stage, "epoch": epoch + 1, "class": int(pred[0]),
                           "epochs": w["single_class_epochs"]}
             warn(f"{self.run_dir or 'this run'}: [{stage}] epoch {epoch + 1}: the student is not learning: it has "
-                 f"given class {int(pred[0])} to every generated image for {w['single_class_epochs']} epochs while "
-                 f"the teacher gives {teacher_pred.unique().numel()} classes; its units may have died in its "
+                 f"given class {w['stuck']['class']} to every generated image for {w['single_class_epochs']} "
+                 f"epochs while the teacher gives {teacher_classes} classes; its units may have died in its "
                  f"first steps: lower train.lr, set train.warmup_epochs, or change the seed")
-        return {"student/agreement": float((pred == teacher_pred).float().mean()),
-                "student/classes": int(pred.unique().numel())}
+        return {"student/agreement": float((pred == teacher_pred).float().mean()), "student/classes": classes}
 
     def _handle_collapse(self, stage: str, epoch: int, reasons: list[str]) -> None:
         """Record a collapse, act on it as ``on_collapse`` says, and warn with what was done."""
