@@ -194,6 +194,11 @@ class TrainConfig:
                                               "validation loss), or last")
     eval_every: int = opt(1, "evaluate on the validation split every N epochs", ge=1)
     checkpoint_every: int = opt(0, "also checkpoint every N steps inside an epoch (0: per epoch only)", ge=0)
+    checkpoint_min: float = opt(0.0, "write the end-of-epoch checkpoint only when this many minutes passed since the "
+                                "last one (0: after every epoch); for epochs of seconds whose state is large, e.g. "
+                                "FastDFKD's memory of images. The last epoch of a stage, a stop signal, the time "
+                                "budget and an early stop always write one; a crash loses at most this much work",
+                                ge=0)
     log_every: int = opt(50, "log training losses every N steps", ge=1)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     threads: int | None = opt(None, "CPU threads for torch (default: torch's choice)", gt=0)

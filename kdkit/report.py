@@ -255,11 +255,31 @@ def card_lines(card: dict[str, Any]) -> list[str]:
         what = "test images (top-1)" if "top1_agreement" in card else "labelled test pixels (per-pixel class)"
         out += ["", f"Student and teacher agree on {_pct(agree)} of the {what}. "
                 f"The student is {c['params']:.1f}x smaller in parameters, {c['macs']:.1f}x in MACs and {speed}."]
+    out += _data_free_lines(card)
     if card.get("latency_note"):
         timed = any(card[r]["cpu_latency_ms_batch1"] is not None for r in roles)
         advice = "; time the models on a quiet machine" if timed else ""
         out += ["", f"Latency: {card['latency_note']}{advice}."]
     return out
+
+
+def _data_free_lines(card: dict[str, Any]) -> list[str]:
+    """What a data-free run's card says about its generator (collapses and their handling) and its student."""
+    out: list[str] = []
+    gc = card.get("generator_collapse")
+    if gc is not None:
+        if gc["events"]:
+            acts = "; ".join(a for a in gc["actions"] if a) or "none"
+            end = "still collapsed at the end" if gc["collapsed_at_end"] else "not collapsed at the end"
+            out.append(f"The generator collapsed {gc['events']} time(s) (method.on_collapse={gc['handling']}; "
+                       f"done: {acts}); {end}.")
+        else:
+            out.append(f"The generator never collapsed (method.on_collapse={gc['handling']}).")
+    stuck = card.get("student_stuck")
+    if stuck:
+        out.append(f"The student was not learning: it gave class {stuck['class']} to every generated image for "
+                   f"{stuck['epochs']} epochs ([{stuck['stage']}] epoch {stuck['epoch']}).")
+    return ["", *out] if out else []
 
 
 def _summary(d: Path) -> dict[str, Any]:

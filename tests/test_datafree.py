@@ -452,6 +452,14 @@ def test_restart_on_collapse_reinitialises_and_reports(tmp_path, teacher_file, m
     assert "near-identical" in s["collapse_events"][0]["reasons"][0]
     card = s["report_card"]["generator_collapse"]
     assert card["events"] == 2 and card["handling"] == "restart" and card["collapsed_at_end"]
+    assert s["report_card"]["student_stuck"] is None
+    from kdkit.report import card_lines
+    text = "\n".join(card_lines(s["report_card"]))
+    assert ("The generator collapsed 2 time(s) (method.on_collapse=restart; done: generator re-initialised "
+            "(method.on_collapse=restart)); still collapsed at the end.") in text
+    assert "not learning" not in text
+    stuck = {**s["report_card"], "student_stuck": {"stage": "distill", "epoch": 8, "class": 7, "epochs": 3}}
+    assert "gave class 7 to every generated image for 3 epochs ([distill] epoch 8)" in "\n".join(card_lines(stuck))
 
 
 def test_collapse_can_stop_training_and_restarts_are_bounded(tmp_path, teacher_file):
@@ -675,3 +683,31 @@ def test_fast_dfkd_resume_is_bit_identical(tmp_path, cnn_teacher_file, monkeypat
     a, b = full.method.state_dict(), resumed.method.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("teacher."))
     assert resumed.summary["test_accuracy"] == full.summary["test_accuracy"]
+
+
+def test_the_replay_bank_checkpoints_only_its_filled_rows():
+    """A memory sized for a whole schedule is mostly empty early on: its checkpoint carries the filled rows only
+    (not a view of the whole storage), and loading gives back the ring buffer at full capacity."""
+    import io
+
+    from kdkit.methods.datafree import ReplayBank
+
+    torch.manual_seed(0)
+    bank = ReplayBank(1000)
+    bank.add(torch.randn(30, 1, 4, 4), torch.randn(30, 10))
+    state = bank.state_dict()
+    assert state["images"].shape == (30, 1, 4, 4) and state["logits"].shape == (30, 10)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    assert len(buf.getvalue()) < 4 * 30 * (16 + 10) + 4000  # the 1,000-row storage would be 104,000 bytes
+    back = ReplayBank(1000)
+    back.load_state_dict(state)
+    assert back.images.shape == (1000, 1, 4, 4) and back.logits.shape == (1000, 10) and len(back) == 30
+    assert torch.equal(back.images, bank.images) and torch.equal(back.logits, bank.logits)
+    more = torch.randn(5, 1, 4, 4), torch.randn(5, 10)
+    bank.add(*more)
+    back.add(*more)
+    assert torch.equal(back.newest(35), bank.newest(35))
+    full = ReplayBank(20)  # a wrapped ring keeps every row
+    full.add(torch.randn(30, 1, 4, 4), torch.randn(30, 10))
+    assert full.state_dict()["images"].shape == (20, 1, 4, 4)

@@ -368,3 +368,25 @@ def test_relative_clipping_cuts_spikes_against_the_running_mean_whatever_the_sca
         mean_before_spike = (NORM_DECAY * (NORM_DECAY * 1.0 + 1.0) + 1.2) / (NORM_DECAY * (NORM_DECAY + 1) + 1)
         assert kept[:3] == pytest.approx([1.0, 1.0, 1.2]) and kept[4] == pytest.approx(1.0)
         assert kept[3] == pytest.approx(3.0 * mean_before_spike, rel=1e-5)  # the spike, cut to 3x the mean
+
+
+def test_checkpoint_min_skips_epoch_checkpoints_but_keeps_the_last(tmp_path, monkeypatch):
+    """train.checkpoint_min: epochs of seconds with a large state need not write a checkpoint each; the start,
+    the stage's last epoch and the stage's end are always written."""
+    from kdkit.engine import trainer
+
+    written: list[dict[str, int]] = []
+    real = trainer.atomic_save
+
+    def record(state, path, keep_previous=False):
+        written.append(dict(state["position"]))
+        real(state, path, keep_previous)
+
+    monkeypatch.setattr(trainer, "atomic_save", record)
+    train_run(tmp_path / "every", **{"train.epochs": 3})
+    every = list(written)
+    assert [(p["stage"], p["epoch"]) for p in every] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
+    written.clear()
+    res = train_run(tmp_path / "sparse", **{"train.epochs": 3, "train.checkpoint_min": 60})
+    assert written == [every[0], every[3], every[4]]
+    assert (res.run_dir / "model.pt").is_file() and res.summary["stages"][0]["reached"]["epoch"] == 3

@@ -155,6 +155,7 @@ class Engine:
         main = dist.is_main and run_dir is not None
         self.metrics = MetricsLog(run_dir / "metrics.jsonl" if main else None, cfg.logging.tensorboard)
         self.ckpt_path = run_dir / "checkpoint.pt" if main else None
+        self.ckpt_written = 0.0  # time.time() of the last checkpoint written (train.checkpoint_min)
         self.progress = Progress(cfg.train.progress, dist.is_main)
         self.autocast = autocast_for(device, cfg.train.amp)
         self.scaler = torch.amp.GradScaler("cuda") if (cfg.train.amp and device.type == "cuda") else None
@@ -237,6 +238,7 @@ class Engine:
                 state["stage_state"]["scaler"] = self.scaler.state_dict()
         try:
             atomic_save(state, self.ckpt_path, keep_previous=True)
+            self.ckpt_written = time.time()
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as either
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             fault = {"kind": "checkpoint write failed", "error": first, "global_step": self.global_step,
@@ -444,7 +446,10 @@ class Engine:
         self.metrics.write(event="epoch", stage=stage.name, epoch=epoch + 1, global_step=self.global_step, **record)
         shown = {k.replace("train/", ""): v for k, v in record.items() if k != "epoch_time_s"}
         self.progress.end_epoch(f"{desc}  {fmt(shown)}  ({record['epoch_time_s']:.1f}s)")
-        self._save(_Position(si, epoch + 1, 0), st, t0)
+        every_min = self.train_cfg.checkpoint_min
+        if (not every_min or epoch + 1 == stage.epochs or self.stopped
+                or time.time() - self.ckpt_written >= every_min * 60):
+            self._save(_Position(si, epoch + 1, 0), st, t0)
 
     def _teacher_cache(self, stage: Stage, loader: BatchLoader | None) -> TeacherCache | None:
         """A teacher cache for this stage when its images repeat exactly and the method takes it.

@@ -95,11 +95,25 @@ class ReplayBank(nn.Module):
     def __len__(self) -> int:
         return min(int(self.count), self.capacity)
 
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        """Only the filled rows: a memory sized for a whole schedule (FastDFKD's) is mostly empty early on,
+        and a checkpoint written every few seconds should not carry the empty part (a clone, because
+        ``torch.save`` writes a view's whole storage)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if 0 < len(self) < len(self.images):
+            for name in ("images", "logits"):
+                destination[prefix + name] = destination[prefix + name][:len(self)].clone()
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         for name in ("images", "logits"):  # the buffers grow on first use: take the checkpoint's shapes
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args)
+        filled = len(self.images)
+        if 0 < filled < self.capacity:  # saved without its empty rows: give the ring buffer back its capacity
+            for name in ("images", "logits"):
+                kept = getattr(self, name)
+                setattr(self, name, torch.cat([kept, kept.new_zeros((self.capacity - filled, *kept.shape[1:]))]))
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, logits: torch.Tensor) -> None:
@@ -371,7 +385,8 @@ class DataFree(Distiller):
     def card_fields(self) -> dict[str, Any]:
         return {"generator_collapse": {"events": len(self.collapses), "handling": self.opts.on_collapse,
                                        "collapsed_at_end": bool(self.last_diagnostics.get("collapse")),
-                                       "actions": sorted({e.get("action", "") for e in self.collapses})}}
+                                       "actions": sorted({e.get("action", "") for e in self.collapses})},
+                "student_stuck": self.student_watch["stuck"]}
 
     # ---- results ----------------------------------------------------------------------------
     def finish(self) -> None:
