@@ -57,7 +57,7 @@ def measured(r: dict[str, Any]) -> dict[str, Any]:
     s = r.pop("summary")
     return r | {"snapshots": s.get("snapshots", []), "collapse_events": s.get("collapse_events", []),
                 "final_diagnostics": s.get("final_diagnostics", {}), "train_time_s": s.get("train_time_s"),
-                "stopped_by_time_budget": s.get("stopped_by_time_budget", False),
+                "stopped_by_time_budget": s.get("stopped_by_time_budget", False), "cpu_steal": s.get("cpu_steal"),
                 "synthetic_images": s.get("synthetic_images"),
                 "teacher_test_accuracy": s.get("teacher_test_accuracy")}
 
@@ -74,15 +74,24 @@ def cell(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} +- {100 * sd:.2f}"
 
 
+def steal(runs: list[dict[str, Any]]) -> str:
+    """The largest share of CPU time the host took from a run of the row (summary ``cpu_steal``; older runs
+    did not record it): a timed row counts only from a quiet host."""
+    seen = [r["cpu_steal"] for r in runs if r.get("cpu_steal") is not None]
+    return f"{100 * max(seen):.0f}%" if seen else "not recorded"
+
+
 def render(result: dict[str, Any]) -> str:
     lines = ["| method | settings | seeds | " + " | ".join(f"{m} min" for m in MARKS) +
-             " | final | collapse warnings |", "|---|---|---|" + "---|" * len(MARKS) + "---|---|"]
+             " | final | collapse warnings | CPU steal (most) |",
+             "|---|---|---|" + "---|" * len(MARKS) + "---|---|---|"]
     for e in result.get("rows", {}).values():
         runs = e["runs"]
         finals = [r["test_accuracy"] for r in runs if r["test_accuracy"] is not None]
         collapses = sum(len(r["collapse_events"]) for r in runs)
         lines.append(f"| {e['method']} | {e['setting']} | {len(runs)} | " +
-                     " | ".join(cell(at(runs, m)) for m in MARKS) + f" | {cell(finals)} | {collapses} |")
+                     " | ".join(cell(at(runs, m)) for m in MARKS) +
+                     f" | {cell(finals)} | {collapses} | {steal(runs)} |")
     paced = [e for e in result.get("rows", {}).values() if all(r.get("synthetic_images") for r in e["runs"])]
     if paced:  # what the compute bought: images per second of training, and in all
         lines += ["", "| method | settings | synthesised / s | distilled / s | distilled in all (M) |",
@@ -195,7 +204,8 @@ def main() -> None:
                                      [*overrides(a, method, seed, a.budget), *a.extra],
                                      base / f"{method}-{setting}-s{seed}"))
                     e["runs"].append(r)
-                    print(f"[{key}] seed {seed}: test {r['test_accuracy']} after {r['train_time_s']} s", flush=True)
+                    print(f"[{key}] seed {seed}: test {r['test_accuracy']} after {r['train_time_s']} s "
+                          f"(CPU steal {steal([r])})", flush=True)
                     out.write_text(json.dumps(result, indent=2) + "\n")
         plot(result, out.with_suffix(".png"))
     print(render(result))

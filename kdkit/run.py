@@ -27,6 +27,7 @@ from torch import nn
 
 from . import __version__
 from .config import Config, ModelConfig
+from .cpu_steal import STEAL_WARN, StealMeter
 from .data import Batch, DataBundle, DataInfo, load_data, make_loader
 from .engine import DistInfo, Engine, apply_speed_options, evaluate, init_distributed, load_latest
 from .engine.distributed import barrier, broadcast_object, shutdown
@@ -359,7 +360,13 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         teacher_test = teacher_metrics[primary]
 
     engine = Engine(method, data, cfg, run_dir=run_dir, dist=dist, device=device, process_start=t_start)
+    steal = StealMeter()
     history = engine.fit(resume=state)
+    cpu_steal = steal.fraction()
+    if cpu_steal is not None and cpu_steal >= STEAL_WARN and dist.is_main:
+        warn(f"{run_dir}: the host took {100 * cpu_steal:.0f}% of this machine's CPU time while it trained (steal, "
+             "in summary.json: cpu_steal): its wall time, speed and any result under train.time_budget_min are "
+             "not those of an idle machine; compare them only with runs that report a like cpu_steal")
     method.finish()
     engine.release_loaders()
     evals: dict[str, Any] = {}
@@ -390,7 +397,7 @@ def _execute(cfg: Config, command: str, resume: bool, dist: DistInfo, t_start: f
         f"test_{primary}": test[primary], f"val_{primary}": None if val is None else val[primary],
         "test_loss": test["loss"], "params": count_params(exported),
         "wall_time_s": round(engine.wall_s(), 2), "process_wall_time_s": round(time.time() - t_start, 2),
-        "train_time_s": round(engine.elapsed, 2),
+        "train_time_s": round(engine.elapsed, 2), "cpu_steal": cpu_steal,
         "model": student_spec.label, "model_args": student_args,
         "data": {"name": info.name, "train": 0 if data.train is None else len(data.train),
                  "val": len(data.val) if data.val is not None else 0,
