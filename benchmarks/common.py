@@ -64,6 +64,27 @@ def run(command: str, recipe: str, overrides: list[str], out: Path) -> dict[str,
                      "wall_time_s": round(time.time() - t, 1), "summary": s}
 
 
+def quiet_host(max_steal: float, probe_s: float = 10.0, wait_s: float = 60.0, give_up_min: float = 120.0
+               ) -> float | None:
+    """Wait until the host of this virtual machine takes at most ``max_steal`` of the CPU time this machine asks
+    for (``kdkit.cpu_steal``), probed by keeping torch's threads busy for ``probe_s`` seconds (an idle guest
+    shows no steal); give up after ``give_up_min``. The last probe's steal (None without ``/proc/stat``)."""
+    import torch
+
+    from kdkit.cpu_steal import StealMeter
+
+    deadline = time.time() + give_up_min * 60
+    while True:
+        meter, a, end = StealMeter(), torch.randn(256, 256), time.time() + probe_s
+        while time.time() < end:
+            a = torch.tanh(a @ a)
+        steal = meter.fraction()
+        if steal is None or steal <= max_steal or time.time() > deadline:
+            return steal
+        print(f"  the host is busy (CPU steal {100 * steal:.0f}%): probing again in {wait_s:.0f} s", flush=True)
+        time.sleep(wait_s)
+
+
 def aggregate(runs: list[dict[str, Any]], key: str = "test_accuracy") -> dict[str, Any]:
     """Mean and std over the runs that finished; `diverged` counts those stopped by a non-finite loss."""
     values = [r[key] for r in runs if r.get(key) is not None]

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, machine, run
+from common import REPO, machine, quiet_host, run
 
 METHODS = ["rdskd", "dafl", "dfad", "deepinversion", "fast_dfkd"]
 #: methods that read the teacher's BatchNorm statistics: they invert the LeNet-5 with BatchNorm (--teacher-bn)
@@ -157,6 +157,11 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "mnist_datafree.json"))
     p.add_argument("--runs", default="runs/bench-datafree")
     p.add_argument("--render", action="store_true", help="print the tables (and redraw the plot) and exit")
+    p.add_argument("--max-steal", type=float, default=None, metavar="FRACTION",
+                   help="timed runs only from a quiet host: before each run wait until the CPU steal is at most "
+                        "this (e.g. 0.05), and run a seed again (at most --retries times) when the host took "
+                        "more during it; the runs set aside are kept under 'set_aside' with their steal")
+    p.add_argument("--retries", type=int, default=2)
     a = p.parse_args()
     out = Path(a.out)
     result: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {
@@ -200,9 +205,18 @@ def main() -> None:
                 for seed in a.seeds:
                     if any(r["seed"] == seed for r in e["runs"]):
                         continue
-                    r = measured(run("distill", SETTINGS[setting].format(m=method),
-                                     [*overrides(a, method, seed, a.budget), *a.extra],
-                                     base / f"{method}-{setting}-s{seed}"))
+                    for attempt in range(a.retries + 1):
+                        if a.max_steal is not None:
+                            quiet_host(a.max_steal)
+                        r = measured(run("distill", SETTINGS[setting].format(m=method),
+                                         [*overrides(a, method, seed, a.budget), *a.extra],
+                                         base / (f"{method}-{setting}-s{seed}" + (f"-{attempt}" if attempt else ""))))
+                        noisy = a.max_steal is not None and (r.get("cpu_steal") or 0.0) > a.max_steal
+                        if not noisy or attempt == a.retries:
+                            break
+                        e.setdefault("set_aside", []).append(r)  # the host, not the method, decided its time
+                        print(f"[{key}] seed {seed}: set aside, the host took {steal([r])} of the CPU "
+                              f"(test {r['test_accuracy']})", flush=True)
                     e["runs"].append(r)
                     print(f"[{key}] seed {seed}: test {r['test_accuracy']} after {r['train_time_s']} s "
                           f"(CPU steal {steal([r])})", flush=True)

@@ -90,3 +90,18 @@ def test_means_table_puts_cells_side_by_side_with_the_paired_difference():
         per_seed.means_table(report, cells=["data=c"])
     with pytest.raises(SystemExit, match="no arm dist in the report; its arms: alone, kd"):
         per_seed.means_table(report, against=["dist"])
+
+
+def test_quiet_host_waits_until_the_host_takes_little_cpu(monkeypatch, capsys):
+    import common
+
+    from kdkit import cpu_steal
+
+    probes = iter([0.5, 0.3, 0.02])  # two busy probes, then a quiet one
+    monkeypatch.setattr(cpu_steal.StealMeter, "fraction", lambda self: next(probes))
+    waits: list[float] = []
+    monkeypatch.setattr(common.time, "sleep", waits.append)
+    assert common.quiet_host(0.05, probe_s=0.01, wait_s=7.0) == 0.02
+    assert waits == [7.0, 7.0] and "CPU steal 50%" in capsys.readouterr().out
+    monkeypatch.setattr(cpu_steal.StealMeter, "fraction", lambda self: None)  # no /proc/stat: nothing to wait for
+    assert common.quiet_host(0.05, probe_s=0.01) is None
