@@ -471,12 +471,85 @@ def test_collapse_can_stop_training_and_restarts_are_bounded(tmp_path, teacher_f
     s = r.summary
     assert s["stopped_by"].startswith("generator collapse") and s["reached"]["epoch"] == 1
     assert s["stages"][0]["completed"] is False and len(s["collapse_events"]) == 1
+    assert s["selected"]["epoch"] == 0  # the collapse came in the first epoch: the model before training
     with pytest.warns(RunWarning, match="re-initialised 2 time"):
         r = _datafree(tmp_path / "bounded", teacher_file, "dafl", **base,
                       **{"method.on_collapse": "restart", "method.collapse_restarts": 2})
     s = r.summary
     assert [e["action"].split(" ")[0] for e in s["collapse_events"]] == ["generator", "generator", "training"]
     assert s["reached"]["epoch"] == 3 and s["stopped_by"].startswith("generator collapse")
+    assert s["selected"]["epoch"] == 2
+
+
+def test_a_collapsed_epoch_resumed_mid_way_is_kept_and_said(tmp_path, teacher_file, monkeypatch):
+    """Resumed from a checkpoint inside the epoch that collapses, the state before that epoch is not known:
+    the run keeps the epoch and says so, instead of putting back something else."""
+    _collapse_at(2, monkeypatch)
+    o = {"teacher.checkpoint": str(teacher_file), "student.arch": "mlp", "student.hidden": "[32]",
+         "method.name": "dafl", "method.steps_per_epoch": 8, "data.val_split": 0, "train.select": "last",
+         "train.batch_size": 32, "method.diagnostics_samples": 64, "method.grid_images": 0,
+         "method.generator_width": 16, "method.latent_dim": 16, "train.epochs": 3, "train.checkpoint_every": 3,
+         "method.on_collapse": "stop"}
+    cfg = load_config(None, digits_overrides(tmp_path / "cut", **o))
+    crash_at(cfg, 14, monkeypatch)  # in epoch 2 (global steps 8-15), after a checkpoint inside it
+    with pytest.warns(RunWarning) as caught:
+        s = execute(cfg, "distill", resume=True).summary
+    said = [str(w.message) for w in caught]
+    assert any("epoch 2: the generated images collapsed" in m for m in said)
+    assert any("epoch 2 is kept although training stopped because of it (generator collapse at joint epoch 2): it "
+               "was resumed from a checkpoint within it" in m for m in said)
+    assert s["selected"]["epoch"] == 2 and s["reached"]["epoch"] == 2 and "discarded_epoch" not in s["stages"][0]
+    assert s["collapse_events"][0]["action"] == "training stopped" and s["collapsed_at_end"]
+
+
+def _collapse_at(epoch: int, monkeypatch) -> dict[int, dict[str, torch.Tensor]]:
+    """Make the generated images look collapsed at `epoch` (1-based) only; returns the method's trainable
+    state at the end of every epoch (before a collapse is acted on), filled as the run goes."""
+    from kdkit.methods import datafree
+
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    real_diagnose, real_inspect = datafree.DataFree.diagnose, datafree.inspect_samples
+
+    def diagnose(self, stage, e):
+        seen[e + 1] = {k: v.detach().clone() for k, v in self.checkpoint_state().items()}
+        return real_diagnose(self, stage, e)
+
+    def inspect(images, logits, **kw):
+        d = real_inspect(images, logits, **kw)
+        return {**d, "collapse": ["forced by the test"]} if max(seen) == epoch else d
+
+    monkeypatch.setattr(datafree.DataFree, "diagnose", diagnose)
+    monkeypatch.setattr(datafree, "inspect_samples", inspect)
+    return seen
+
+
+def test_stop_on_collapse_discards_the_collapsed_epoch(tmp_path, teacher_file, monkeypatch):
+    """on_collapse=stop puts the student and generator back as they were after the epoch before the collapse:
+    the summary keeps that epoch (its validation accuracy), and the test accuracy is that model's."""
+    seen = _collapse_at(3, monkeypatch)
+    with pytest.warns(RunWarning, match="epoch 3: the generated images collapsed.*put back as they were"):
+        r = _datafree(tmp_path / "run", teacher_file, "dafl", **{"train.epochs": 5, "data.val_split": 200,
+                                                                 "method.on_collapse": "stop"})
+    assert sorted(seen) == [1, 2, 3]
+    state = r.method.checkpoint_state()
+    assert all(torch.equal(state[k], seen[2][k]) for k in seen[2])
+    assert not all(torch.equal(seen[3][k], seen[2][k]) for k in seen[2])  # epoch 3 did train
+    s, st = r.summary, r.summary["stages"][0]
+    epochs = [x for x in map(json.loads, (r.run_dir / "metrics.jsonl").read_text().splitlines())
+              if x["event"] == "epoch"]
+    assert [e.get("discarded") for e in epochs] == [None, None, True]
+    assert st["reached"]["epoch"] == 3 and st["discarded_epoch"] == 3 and st["selected_epoch"] == 2
+    assert st["val_accuracy"] == epochs[1]["val/accuracy"] != epochs[2]["val/accuracy"]
+    assert s["reached"]["epoch"] == 3 and s["selected"]["epoch"] == 2
+    assert s["stopped_by"] == "generator collapse at joint epoch 3"
+    assert s["collapse_events"][0]["action"] == "training stopped; the collapsed epoch discarded"
+    assert not s["collapsed_at_end"] and s["final_diagnostics"]["epoch"] == 2
+    saved = torch.load(r.run_dir / "generator.pt", weights_only=False)
+    assert all(torch.equal(v, seen[2][f"generator.{k}"]) for k, v in saved["state_dict"].items())
+    from kdkit.modelfile import load
+
+    exported = load(r.run_dir / "model.pt").state_dict()  # the model file, scored for test_accuracy, is epoch 2's
+    assert all(torch.equal(v, seen[2][f"student.{k}"]) for k, v in exported.items())
 
 
 def test_datafree_resume_is_bit_identical(tmp_path, teacher_file, monkeypatch):

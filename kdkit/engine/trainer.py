@@ -431,6 +431,7 @@ class Engine:
         if first_step == 0:
             st.meter = Meter()
         epoch_t = time.time()
+        undo = self._epoch_start(st) if first_step == 0 and self.method.may_discard_epoch() else None
         desc = f"[{tag}] epoch {epoch + 1}/{stage.epochs}"
         self._train_epoch(si, stage, st, stepper, loader, steps, epoch, first_step, desc, t0)
         record: dict[str, Any] = {f"train/{k}": v for k, v in st.meter.means().items()}
@@ -442,6 +443,8 @@ class Engine:
             self.stopped = {"by": self.method.stop_request, "stage": stage.name, "epoch": epoch + 1, "step": steps,
                             "steps_per_epoch": steps}
             self.progress.say(f"[{tag}] training stops after epoch {epoch + 1}: {self.method.stop_request}")
+            if self.method.stop_discards_epoch:
+                record["discarded"] = self._discard_epoch(st, undo, epoch, tag)
         record["epoch_time_s"] = round(time.time() - epoch_t, 3)
         self.metrics.write(event="epoch", stage=stage.name, epoch=epoch + 1, global_step=self.global_step, **record)
         shown = {k.replace("train/", ""): v for k, v in record.items() if k != "epoch_time_s"}
@@ -450,6 +453,29 @@ class Engine:
         if (not every_min or epoch + 1 == stage.epochs or self.stopped
                 or time.time() - self.ckpt_written >= every_min * 60):
             self._save(_Position(si, epoch + 1, 0), st, t0)
+
+    def _epoch_start(self, st: _StageState) -> dict[str, Any]:
+        """What :meth:`_discard_epoch` puts back: the trainable state and what validation knew before the epoch."""
+        return {"state": {k: v.detach().clone() for k, v in self.method.checkpoint_state().items()},
+                "val": (dict(st.last_val), st.best_acc, st.best_loss, st.best_epoch, st.best_state)}
+
+    def _discard_epoch(self, st: _StageState, undo: dict[str, Any] | None, epoch: int, tag: str) -> bool:
+        """Undo the epoch that made the method stop: restore the state from before it (the optimizers' state
+        is not restored: training ends here). Not possible for an epoch resumed from a mid-epoch checkpoint."""
+        assert self.stopped is not None
+        if undo is None:
+            warn(f"{self.run_dir or 'this run'}: [{tag}] epoch {epoch + 1} is kept although training stopped "
+                 f"because of it ({self.stopped['by']}): it was resumed from a checkpoint within it, so the state "
+                 f"before it is not known")
+            return False
+        self.method.load_checkpoint_state(undo["state"])
+        last_val, st.best_acc, st.best_loss, st.best_epoch, st.best_state = undo["val"]
+        st.last_val = last_val
+        self.stopped["kept_epoch"] = epoch
+        self.method.on_epoch_discarded()
+        before = f"after epoch {epoch}" if epoch else "before training (the stop came in the first epoch)"
+        self.progress.say(f"[{tag}] epoch {epoch + 1} is discarded: the model is as it was {before}")
+        return True
 
     def _teacher_cache(self, stage: Stage, loader: BatchLoader | None) -> TeacherCache | None:
         """A teacher cache for this stage when its images repeat exactly and the method takes it.
@@ -654,11 +680,15 @@ class Engine:
         key, what = (("monitor", "monitor") if stage.monitor is not None
                      else (f"val_{self.primary}", f"validation {self.primary}"))
         select = stage.select or self.train_cfg.select
-        last_epoch = reached["epoch"]
+        discarded = stop is not None and "kept_epoch" in stop  # the last epoch was undone (_discard_epoch)
+        last_epoch = stop["kept_epoch"] if discarded else reached["epoch"]
+        if discarded:
+            result["discarded_epoch"] = reached["epoch"]
         if select == "best_val" and st.best_state is not None:
-            kept_last = st.best_epoch + 1 == last_epoch and reached["step"] == steps
+            kept_last = st.best_epoch + 1 == last_epoch and (discarded or reached["step"] == steps)
             if final and not kept_last:
-                self.last_model_eval = self._score_last(stage, st, reached)
+                last = {"epoch": last_epoch, "step": steps} if discarded else reached
+                self.last_model_eval = self._score_last(stage, st, last)
             elif final:
                 self.last_model_eval = None
             self.method.load_checkpoint_state(st.best_state)

@@ -182,6 +182,20 @@ class Method(nn.Module):
     #: skipped and the summary records the reason as ``stopped_by``
     stop_request: str | None = None
 
+    #: set by a method together with ``stop_request`` when the epoch just trained must not be kept (it trained
+    #: on something that taught the student nothing good, e.g. a collapsed generator's images): the engine
+    #: restores the state the stage had before that epoch, and the summary keeps the epoch before it
+    stop_discards_epoch: bool = False
+
+    def may_discard_epoch(self) -> bool:
+        """Whether this method may set ``stop_discards_epoch``; the engine then keeps a copy of the trainable
+        state at the start of every epoch (one more copy of the student, and of a generator, in memory)."""
+        return False
+
+    def on_epoch_discarded(self) -> None:
+        """Called after the engine restored the state from before the epoch that ``stop_discards_epoch``
+        discarded, for a method to put back its own bookkeeping of that epoch."""
+
     #: set by the engine for the running stage: forget_optimizer_state(params) drops the optimizers' state
     #: (e.g. Adam's moments) of `params`, for a method that re-initialises them mid-stage
     forget_optimizer_state: Callable[[list[nn.Parameter]], None] | None = None

@@ -58,8 +58,8 @@ class DataFreeOptions:
     collapse_min_diversity: float = opt(0.1, "collapse when the samples' diversity falls below this", ge=0)
     on_collapse: Literal["continue", "restart", "stop"] = opt(
         "restart", "when the generated images collapse (one class, or no diversity): re-initialise the generator "
-        "and its optimizer state ('restart'), end training keeping the model selected so far ('stop'), or only "
-        "warn ('continue')")
+        "and its optimizer state ('restart'), end training with the student and generator of the epoch before "
+        "('stop'; the collapsed epoch is discarded), or only warn ('continue')")
     collapse_restarts: int = opt(3, "on_collapse=restart: re-initialise at most this many times, then stop", ge=0)
 
 
@@ -169,6 +169,7 @@ class DataFree(Distiller):
         self.register_buffer("student_step_count", torch.zeros((), dtype=torch.long))
         self.collapses: list[dict[str, Any]] = []
         self.last_diagnostics: dict[str, Any] = {}
+        self._diagnostics_before: dict[str, Any] = {}  # the epoch before's, for on_epoch_discarded
         #: what the compute bought (this process): synthetic images labelled by the teacher for the student
         #: ("synthesised": a generator's batches, optimised or synthesised batches) and images the student
         #: trained on ("distilled": every student step's batch, repeats counted)
@@ -295,6 +296,7 @@ class DataFree(Distiller):
         d = inspect_samples(x, logits, max_class_fraction=collapse_threshold(o.collapse_class_fraction,
                                                                                self.info.num_classes),
                             min_diversity=o.collapse_min_diversity)
+        self._diagnostics_before = self.last_diagnostics
         self.last_diagnostics = {"stage": stage, "epoch": epoch + 1, **d}
         if self.run_dir is not None and o.grid_images:
             shown = x[:o.grid_images]
@@ -370,13 +372,24 @@ class DataFree(Distiller):
         elif action == "stop":
             event["action"] = "training stopped"
             self.stop_request = f"generator collapse at {stage} epoch {epoch + 1}"
-            msg += "; training stops here and keeps the model selected so far; try a lower method.generator_lr"
+            self.stop_discards_epoch = True
+            msg += ("; training stops here, and the student and generator are put back as they were before this "
+                    "epoch (it trained on collapsed images); try a lower method.generator_lr")
         else:
             event["action"] = "none"
             msg += ("; a collapsed generator teaches the student nothing: set method.on_collapse=restart or stop, "
                     "or lower method.generator_lr")
         self.collapses.append(event)
         warn(msg)
+
+    def may_discard_epoch(self) -> bool:
+        return self.opts.on_collapse != "continue"  # restart turns into stop after collapse_restarts
+
+    def on_epoch_discarded(self) -> None:
+        """The collapsed epoch was undone: the kept generator is the one before it, and so are its diagnostics."""
+        self.last_diagnostics = self._diagnostics_before
+        if self.collapses and self.collapses[-1].get("action") == "training stopped":
+            self.collapses[-1]["action"] = "training stopped; the collapsed epoch discarded"
 
     def trains_generator(self) -> bool:
         """Whether the current stage trains the generator (so that a collapse can restart it)."""
