@@ -542,8 +542,12 @@ def test_stop_on_collapse_discards_the_collapsed_epoch(tmp_path, teacher_file, m
     assert st["val_accuracy"] == epochs[1]["val/accuracy"] != epochs[2]["val/accuracy"]
     assert s["reached"]["epoch"] == 3 and s["selected"]["epoch"] == 2
     assert s["stopped_by"] == "generator collapse at joint epoch 3"
-    assert s["collapse_events"][0]["action"] == "training stopped; the collapsed epoch discarded"
+    assert s["collapse_events"][0]["action"] == "training stopped, the collapsed epoch discarded"
     assert not s["collapsed_at_end"] and s["final_diagnostics"]["epoch"] == 2
+    from kdkit.report import card_lines
+
+    assert ("The generator collapsed 1 time(s) (method.on_collapse=stop; done: training stopped, the collapsed "
+            "epoch discarded); not collapsed at the end.") in card_lines(s["report_card"])
     saved = torch.load(r.run_dir / "generator.pt", weights_only=False)
     assert all(torch.equal(v, seen[2][f"generator.{k}"]) for k, v in saved["state_dict"].items())
     from kdkit.modelfile import load

@@ -389,7 +389,7 @@ class DataFree(Distiller):
         """The collapsed epoch was undone: the kept generator is the one before it, and so are its diagnostics."""
         self.last_diagnostics = self._diagnostics_before
         if self.collapses and self.collapses[-1].get("action") == "training stopped":
-            self.collapses[-1]["action"] = "training stopped; the collapsed epoch discarded"
+            self.collapses[-1]["action"] = "training stopped, the collapsed epoch discarded"
 
     def trains_generator(self) -> bool:
         """Whether the current stage trains the generator (so that a collapse can restart it)."""
