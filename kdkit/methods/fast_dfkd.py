@@ -71,7 +71,8 @@ class FastDFKDOptions(DataFreeOptions):
     on_collapse: Literal["continue", "restart", "stop"] = opt(
         "continue", "when the newest synthesised images collapse (one class, or no diversity): only warn "
         "('continue': early syntheses of a few steps often are one class, and the memory keeps the earlier "
-        "ones), re-initialise the meta generator ('restart'), or end training ('stop')")
+        "ones), re-initialise the meta generator ('restart'), or end training with the model of the epoch before "
+        "('stop')")
 
 
 @register
