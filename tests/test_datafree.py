@@ -312,13 +312,18 @@ def test_a_student_that_gives_one_class_to_every_image_is_reported_once(teacher_
 
 
 def _datafree(out: Path, teacher: Path, method: str, **extra: object):
+    return execute(_datafree_config(out, teacher, method, **extra), "distill")
+
+
+def _datafree_config(out: Path, teacher: Path, method: str, **extra: object):
+    """A tiny data-free run's config on the digits: an MLP student, 8 steps an epoch, no validation split."""
     o = {"teacher.checkpoint": str(teacher), "student.arch": "mlp", "student.hidden": "[32]", "method.name": method,
          "method.steps_per_epoch": 8, "data.val_split": 0, "train.select": "last", "train.batch_size": 32,
          "method.diagnostics_samples": 64, "method.grid_images": 16}
     if method != "deepinversion":
         o.update({"method.generator_width": 16, "method.latent_dim": 16})
     o.update(extra)
-    return execute(load_config(None, digits_overrides(out, **o)), "distill")
+    return load_config(None, digits_overrides(out, **o))
 
 
 @pytest.mark.parametrize("method,extra", [
@@ -485,12 +490,8 @@ def test_a_collapsed_epoch_resumed_mid_way_is_kept_and_said(tmp_path, teacher_fi
     """Resumed from a checkpoint inside the epoch that collapses, the state before that epoch is not known:
     the run keeps the epoch and says so, instead of putting back something else."""
     _collapse_at(2, monkeypatch)
-    o = {"teacher.checkpoint": str(teacher_file), "student.arch": "mlp", "student.hidden": "[32]",
-         "method.name": "dafl", "method.steps_per_epoch": 8, "data.val_split": 0, "train.select": "last",
-         "train.batch_size": 32, "method.diagnostics_samples": 64, "method.grid_images": 0,
-         "method.generator_width": 16, "method.latent_dim": 16, "train.epochs": 3, "train.checkpoint_every": 3,
-         "method.on_collapse": "stop"}
-    cfg = load_config(None, digits_overrides(tmp_path / "cut", **o))
+    cfg = _datafree_config(tmp_path / "cut", teacher_file, "dafl", **{
+        "method.grid_images": 0, "train.epochs": 3, "train.checkpoint_every": 3, "method.on_collapse": "stop"})
     crash_at(cfg, 14, monkeypatch)  # in epoch 2 (global steps 8-15), after a checkpoint inside it
     with pytest.warns(RunWarning) as caught:
         s = execute(cfg, "distill", resume=True).summary
@@ -561,11 +562,7 @@ def test_datafree_resume_is_bit_identical(tmp_path, teacher_file, monkeypatch):
              "train.deterministic": True, "method.collapse_min_diversity": 100.0,  # a collapse event per epoch
              "method.generator_ema": 0.5}  # the EMA generator is checkpointed too
     full = _datafree(tmp_path / "full", teacher_file, "rdskd", **extra)
-    o = {"teacher.checkpoint": str(teacher_file), "student.arch": "mlp", "student.hidden": "[32]",
-         "method.name": "rdskd", "method.steps_per_epoch": 8, "data.val_split": 0, "train.select": "last",
-         "train.batch_size": 32, "method.diagnostics_samples": 64, "method.grid_images": 16,
-         "method.generator_width": 16, "method.latent_dim": 16, **extra}
-    cfg = load_config(None, digits_overrides(tmp_path / "cut", **o))
+    cfg = _datafree_config(tmp_path / "cut", teacher_file, "rdskd", **extra)
     crash_at(cfg, 11, monkeypatch)
     resumed = execute(cfg, "distill", resume=True)
     a, b = full.method.state_dict(), resumed.method.state_dict()

@@ -456,8 +456,12 @@ class Engine:
 
     def _epoch_start(self, st: _StageState) -> dict[str, Any]:
         """What :meth:`_discard_epoch` puts back: the trainable state and what validation knew before the epoch."""
-        return {"state": {k: v.detach().clone() for k, v in self.method.checkpoint_state().items()},
-                "val": (dict(st.last_val), st.best_acc, st.best_loss, st.best_epoch, st.best_state)}
+        return {"state": self._state_copy(),
+                "val": (st.last_val, st.best_acc, st.best_loss, st.best_epoch, st.best_state)}
+
+    def _state_copy(self) -> dict[str, torch.Tensor]:
+        """A copy of the method's trainable state (what a checkpoint holds), to put back later."""
+        return {k: v.detach().clone() for k, v in self.method.checkpoint_state().items()}
 
     def _discard_epoch(self, st: _StageState, undo: dict[str, Any] | None, epoch: int, tag: str) -> bool:
         """Undo the epoch that made the method stop: restore the state from before it (the optimizers' state
@@ -469,8 +473,7 @@ class Engine:
                  f"before it is not known")
             return False
         self.method.load_checkpoint_state(undo["state"])
-        last_val, st.best_acc, st.best_loss, st.best_epoch, st.best_state = undo["val"]
-        st.last_val = last_val
+        st.last_val, st.best_acc, st.best_loss, st.best_epoch, st.best_state = undo["val"]
         self.stopped["kept_epoch"] = epoch
         self.method.on_epoch_discarded()
         before = f"after epoch {epoch}" if epoch else "before training (the stop came in the first epoch)"
@@ -653,7 +656,7 @@ class Engine:
         tie_better = acc == st.best_acc and loss == loss and loss < st.best_loss  # loss == loss: not NaN
         if (stage.select or c.select) == "best_val" and (acc > st.best_acc or tie_better):
             st.best_acc, st.best_loss, st.best_epoch = acc, (loss if loss == loss else float("inf")), epoch
-            st.best_state = {k: v.detach().clone() for k, v in self.method.checkpoint_state().items()}
+            st.best_state = self._state_copy()
         return record
 
     def _end_stage(self, stage: Stage, st: _StageState, tag: str, cache: TeacherCache | None,
